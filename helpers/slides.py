@@ -1,0 +1,521 @@
+"""Slides, masks and dataset folders: reading what a WSI holds without holding a whole level.
+
+- :class:`Slide` opens anything OpenSlide reads (``.svs``, ``.tif``, ``.ndpi``, ...) and also
+  plain PNG/JPEG/TIFF images as single-level slides; it reads regions at any downscale factor
+  from the best pyramid level.
+- :class:`Mask` reads a binary mask (level-0 size, or a known downsample of it) window by
+  window, checks its values and its size against the slide.
+- :func:`list_cases` lists a dataset folder laid out like PAIP 2019.
+
+Used by notebooks 01 and 02 (and every later one through ``patches``). No torch here.
+"""
+
+import csv
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import InputError
+
+#: Suffixes opened through OpenSlide (tried first) or, failing that, as plain images.
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
+                  ".svslide", ".dcm", ".png", ".jpg", ".jpeg")
+#: Name endings of PAIP 2019 mask files, which are never taken for slides.
+MASK_KINDS = ("whole", "viable")
+
+Image.MAX_IMAGE_PIXELS = None  # plain-image slides can be large; they are the user's own files
+
+
+class SlideWarning(UserWarning):
+    """Something about a slide or mask that the run can go on with (no mpp, a suspect mask)."""
+
+
+def _import_openslide():
+    try:
+        import openslide
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise InputError(
+            "openslide could not be imported; install it with `pip install openslide-python "
+            f"openslide-bin` ({exc})") from exc
+    return openslide
+
+
+class Slide:
+    """A whole-slide image (or a plain image) with level-0 coordinates throughout.
+
+    Args:
+        path: the slide file.
+
+    Attributes:
+        path, name: the file and its stem (the case id in PAIP naming).
+        dimensions: level-0 ``(width, height)``.
+        level_dimensions, level_downsamples: the pyramid.
+        mpp: ``(x, y)`` micrometres per pixel, or ``None`` when the file does not say.
+        objective_power: the scanner's objective (e.g. 20 or 40), or ``None``.
+        vendor: the format OpenSlide detected (``aperio``, ``generic-tiff``, ...) or ``image``.
+
+    Example:
+        >>> with Slide("data/demo/demo_01.svs") as s:          # doctest: +SKIP
+        ...     patch = s.read_region(0, 0, 224, 224, downsample=16)
+    """
+
+    def __init__(self, path):
+        openslide = _import_openslide()
+        self.path = Path(path)
+        self.name = self.path.stem
+        if not self.path.exists():
+            raise InputError(f"{self.path}: no such slide file; check the path (or data_dir)")
+        if self.path.is_dir():
+            raise InputError(f"{self.path}: is a folder, not a slide file")
+        try:
+            fmt = openslide.OpenSlide.detect_format(str(self.path))
+        except Exception:
+            fmt = None
+        try:
+            if fmt is not None:
+                self._osr = openslide.OpenSlide(str(self.path))
+                self.vendor = fmt
+            else:
+                img = Image.open(self.path)
+                img.load()
+                self._osr = openslide.ImageSlide(img)
+                self.vendor = "image"
+        except (openslide.OpenSlideError, OSError, ValueError, SyntaxError) as exc:
+            if fmt is None and self.path.suffix.lower() not in SLIDE_SUFFIXES:
+                raise InputError(f"{self.path}: not a slide nor an image that can be read "
+                                 f"(OpenSlide does not recognise it: {exc}); pass a .svs/.tif/"
+                                 ".ndpi/... slide or a PNG/JPEG/TIFF image") from None
+            raise InputError(f"{self.path}: cannot be read ({type(exc).__name__}: {exc}); the file "
+                             "may be truncated or damaged: copy it again") from None
+        self.dimensions = tuple(int(v) for v in self._osr.dimensions)
+        self.level_count = int(self._osr.level_count)
+        self.level_dimensions = [tuple(int(v) for v in d) for d in self._osr.level_dimensions]
+        self.level_downsamples = [float(d) for d in self._osr.level_downsamples]
+        props = dict(self._osr.properties)
+        self.properties = props
+        try:
+            self.mpp = (float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"]))
+        except (KeyError, ValueError):
+            self.mpp = None
+            warnings.warn(f"{self.path.name}: the file gives no microns per pixel (mpp); sizes in "
+                          "micrometres are unknown, pixel-based processing goes on", SlideWarning,
+                          stacklevel=2)
+        try:
+            self.objective_power = float(props["openslide.objective-power"])
+        except (KeyError, ValueError):
+            self.objective_power = None
+        # A truncated file often opens fine and fails on its last tiles: the smallest level is
+        # usually written last, so decoding it all is a cheap and telling check.
+        try:
+            lw, lh = self.level_dimensions[-1]
+            if lw * lh <= 4096 * 4096:
+                self._osr.read_region((0, 0), self.level_count - 1, (lw, lh))
+        except openslide.OpenSlideError as exc:
+            self.close()
+            raise InputError(f"{self.path}: cannot be decoded ({exc}); the file is probably "
+                             "truncated or damaged: copy it again") from None
+
+    # -- context manager ---------------------------------------------------------------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        """Release the file handle."""
+        osr = getattr(self, "_osr", None)
+        if osr is not None:
+            osr.close()
+            self._osr = None
+
+    def __repr__(self):
+        w, h = self.dimensions
+        return f"Slide({self.name!r}, {w}x{h}, levels={self.level_count}, vendor={self.vendor!r})"
+
+    # -- metadata ----------------------------------------------------------------------------
+    def info(self):
+        """A flat dict of what a reader wants to know first (used in notebook 01's table)."""
+        w, h = self.dimensions
+        return {"case": self.name, "vendor": self.vendor, "width": w, "height": h,
+                "levels": self.level_count,
+                "downsamples": ", ".join(f"{d:g}" for d in self.level_downsamples),
+                "mpp": None if self.mpp is None else round(self.mpp[0], 4),
+                "objective": self.objective_power,
+                "file_MB": round(self.path.stat().st_size / 2 ** 20, 1)}
+
+    def best_level(self, downsample):
+        """The pyramid level to read for ``downsample``: the coarsest that is not coarser.
+
+        Args:
+            downsample: the wanted downscale factor relative to level 0 (>= 1).
+        """
+        downsample = float(downsample)
+        best = 0
+        for i, d in enumerate(self.level_downsamples):
+            if d <= downsample * (1 + 1e-6):
+                best = i
+        return best
+
+    # -- pixels ------------------------------------------------------------------------------
+    def read_region(self, x, y, width, height, downsample=1.0):
+        """Read an RGB region at a downscale factor.
+
+        Pixels outside the slide come back white (glass).
+
+        Args:
+            x, y: top-left corner in level-0 pixels.
+            width, height: size of the returned image, in pixels *at the downsample*.
+            downsample: factor relative to level 0 (1 = full resolution; 4, 16, 64 = the
+                paper's classification scales). Read from the best pyramid level and, where the
+                level is finer than asked, reduced with a box filter.
+
+        Returns:
+            A ``(height, width, 3)`` uint8 array.
+        """
+        if self._osr is None:
+            raise InputError(f"{self.path}: slide is closed")
+        if not (isinstance(downsample, (int, float)) and downsample >= 1):
+            raise InputError(f"downsample must be a number >= 1, got {downsample!r}")
+        width, height = int(width), int(height)
+        level = self.best_level(downsample)
+        f = downsample / self.level_downsamples[level]
+        lw, lh = math.ceil(width * f - 1e-6), math.ceil(height * f - 1e-6)
+        img = self._osr.read_region((int(x), int(y)), level, (lw, lh))
+        if (lw, lh) != (width, height):
+            k = round(f)
+            if abs(f - k) < 1e-6 and lw == width * k and lh == height * k:
+                img = img.reduce(k)
+            else:
+                img = img.resize((width, height), Image.BOX)
+        return rgba_to_rgb(np.asarray(img))
+
+    def thumbnail(self, max_size=1024):
+        """An RGB thumbnail whose longer side is at most ``max_size`` pixels.
+
+        Returns:
+            ``(image, downsample)``: the uint8 array and its downsample relative to level 0.
+        """
+        w, h = self.dimensions
+        ds = max(w, h) / max_size
+        ds = max(ds, 1.0)
+        return self.read_region(0, 0, max(1, int(w / ds)), max(1, int(h / ds)), downsample=ds), ds
+
+
+def rgba_to_rgb(arr):
+    """RGBA from OpenSlide to RGB, with transparent pixels (outside the slide) made white."""
+    if arr.ndim == 2:
+        return np.repeat(arr[..., None], 3, axis=2)
+    if arr.shape[2] == 3:
+        return arr
+    rgb = np.ascontiguousarray(arr[..., :3])
+    alpha = arr[..., 3]
+    if alpha.min() < 255:
+        # OpenSlide returns premultiplied pixels: composite on white.
+        rgb = (rgb.astype(np.uint16) + (255 - alpha[..., None].astype(np.uint16))).clip(0, 255).astype(np.uint8)
+    return rgb
+
+
+def open_slide(path):
+    """Open a slide (see :class:`Slide`); a clear :class:`InputError` for anything unreadable."""
+    return Slide(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks
+# ---------------------------------------------------------------------------------------------
+
+class Mask:
+    """A binary mask aligned to a slide, read window by window.
+
+    PAIP 2019 masks are uint8 TIFFs at level-0 size with values 0/1; 0/255 and masks at a
+    known downsample of the slide (e.g. a PNG drawn on a thumbnail) are accepted too.
+
+    Args:
+        path: the mask file (TIFF read lazily through tifffile/zarr; PNG/JPEG loaded whole).
+        slide_dimensions: the slide's level-0 ``(width, height)``.
+
+    Attributes:
+        downsample: level-0 pixels per mask pixel (1.0 for a level-0 mask).
+    """
+
+    def __init__(self, path, slide_dimensions):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"{self.path}: no such mask file")
+        self._arr = None
+        self._store = None
+        suffix = self.path.suffix.lower()
+        try:
+            if suffix in (".tif", ".tiff"):
+                import tifffile
+                import zarr
+
+                self._store = tifffile.imread(self.path, aszarr=True, level=0)
+                z = zarr.open(self._store, mode="r")
+                if hasattr(z, "keys") and not hasattr(z, "shape"):  # a pyramid: take level 0
+                    z = z[sorted(z.keys())[0]]
+                self._arr = z
+            else:
+                self._arr = np.asarray(Image.open(self.path))
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{self.path}: cannot be read as a mask ({type(exc).__name__}: {exc})") from None
+        shape = tuple(self._arr.shape)
+        if len(shape) == 3 and shape[2] in (1, 3, 4):
+            self._channels = shape[2]
+            shape = shape[:2]
+        elif len(shape) == 2:
+            self._channels = 0
+        else:
+            raise InputError(f"{self.path}: a mask must be a single-channel image, got shape {shape}")
+        self.height, self.width = int(shape[0]), int(shape[1])
+        W, H = slide_dimensions
+        if (self.width, self.height) == (W, H):
+            self.downsample = 1.0
+        else:
+            d = W / self.width
+            if not (d > 1 and abs(W / d - self.width) <= 1 and abs(H / d - self.height) <= 1.0 + H * 1e-3 / d):
+                raise InputError(
+                    f"{self.path}: mask is {self.width}x{self.height} but the slide is {W}x{H}; a "
+                    "mask must be level-0 size or an exact downsample of it (same aspect ratio). "
+                    "Check that the mask belongs to this slide")
+            self.downsample = float(d)
+
+    def __repr__(self):
+        return f"Mask({self.path.name!r}, {self.width}x{self.height}, downsample={self.downsample:g})"
+
+    def close(self):
+        """Release the file handle."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def read_native(self, x0, y0, x1, y1):
+        """Mask pixels of a window in the mask's own pixel grid, as 0/1 uint8 (values checked).
+
+        Raises:
+            InputError: when the window holds values other than 0/1 or 0/255.
+        """
+        x0, y0 = max(0, int(x0)), max(0, int(y0))
+        x1, y1 = min(self.width, int(x1)), min(self.height, int(y1))
+        if x1 <= x0 or y1 <= y0:
+            return np.zeros((max(0, y1 - y0), max(0, x1 - x0)), np.uint8)
+        a = np.asarray(self._arr[y0:y1, x0:x1])
+        if self._channels:
+            if self._channels >= 3 and not (np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2])):
+                raise InputError(f"{self.path}: mask has colour channels that differ; save it as a "
+                                 "single-channel 0/1 image")
+            a = a[..., 0]
+        if a.dtype == bool:
+            return a.view(np.uint8)
+        m = a.max() if a.size else 0
+        if m > 1:
+            if m != 255 or np.any((a != 0) & (a != 255)):
+                bad = np.unique(a)[:8].tolist()
+                raise InputError(f"{self.path}: mask values must be 0/1 (or 0/255), found {bad} in "
+                                 f"rows {y0}-{y1}; binarise the mask first")
+            a = (a > 0).view(np.uint8) if a.dtype == np.uint8 else (a > 0).astype(np.uint8)
+        return a.astype(np.uint8, copy=False)
+
+    def read(self, x, y, width, height, downsample=1.0):
+        """The mask over a level-0 region, at ``downsample``, as 0/1 uint8 (nearest sampling).
+
+        Args:
+            x, y: top-left corner in level-0 pixels.
+            width, height: output size in pixels at ``downsample``.
+            downsample: as :meth:`Slide.read_region`.
+        """
+        d = self.downsample
+        x0, y0 = int(x / d), int(y / d)
+        x1 = int(math.ceil((x + width * downsample) / d))
+        y1 = int(math.ceil((y + height * downsample) / d))
+        native = self.read_native(x0, y0, x1, y1)
+        # Nearest sample at the centre of each output pixel.
+        ys = ((y + (np.arange(height) + 0.5) * downsample) / d).astype(np.int64) - y0
+        xs = ((x + (np.arange(width) + 0.5) * downsample) / d).astype(np.int64) - x0
+        out = np.zeros((height, width), np.uint8)
+        oky = (ys >= 0) & (ys < native.shape[0])
+        okx = (xs >= 0) & (xs < native.shape[1])
+        if oky.any() and okx.any():
+            out[np.ix_(oky, okx)] = native[np.ix_(ys[oky], xs[okx])]
+        return out
+
+    def window_fractions(self, y, xs, footprint, max_pixels=2 ** 25):
+        """Fraction of mask pixels inside square windows along one row.
+
+        Reads the mask band ``[y, y + footprint)`` in chunks of at most ``max_pixels`` pixels,
+        so a 64x patch row of a 50,000 px slide (a 14,336 px high band) is never in memory.
+
+        Args:
+            y: level-0 top of the windows.
+            xs: level-0 left edges of the windows (any spacing; overlap allowed).
+            footprint: level-0 side of each window.
+            max_pixels: the largest chunk read at once.
+
+        Returns:
+            A float array, one fraction per window.
+        """
+        d = self.downsample
+        xs = np.asarray(xs, dtype=np.float64)
+        r0, r1 = int(y / d), min(self.height, int(math.ceil((y + footprint) / d)))
+        colsum = np.zeros(self.width, np.int64)
+        step = max(1, max_pixels // max(1, self.width))
+        for r in range(r0, r1, step):
+            colsum += self.read_native(0, r, self.width, min(r1, r + step)).sum(axis=0, dtype=np.int64)
+        cs = np.concatenate([[0], np.cumsum(colsum)])
+        c0 = np.clip((xs / d).astype(np.int64), 0, self.width)
+        c1 = np.clip(np.ceil((xs + footprint) / d).astype(np.int64), 0, self.width)
+        area = np.maximum(1, (c1 - c0)) * max(1, int(math.ceil(footprint / d)))
+        return (cs[c1] - cs[c0]) / area
+
+    def count(self, step=1, max_pixels=2 ** 25):
+        """Number of mask pixels (every ``step``-th row and column), read in chunks."""
+        n = 0
+        rows = max(step, (max_pixels // max(1, self.width)) // step * step)
+        for r in range(0, self.height, rows):
+            n += int(self.read_native(0, r, self.width, min(self.height, r + rows))[::step, ::step].sum())
+        return n
+
+
+def check_viable_inside_whole(whole, viable, step=4, tolerance=0.01, max_pixels=2 ** 25):
+    """Check that the viable-tumour mask lies inside the whole-tumour mask.
+
+    PAIP 2019 has one training case (01_01_0107) whose two files are swapped; this catches it.
+    Reads both masks in chunks, every ``step``-th pixel.
+
+    Args:
+        whole, viable: :class:`Mask` objects of one slide.
+        step: sampling step in mask pixels (1 = every pixel).
+        tolerance: the largest fraction of viable pixels allowed outside whole.
+
+    Returns:
+        A dict: ``whole_px``, ``viable_px`` (sampled counts), ``viable_outside`` (fraction of
+        viable pixels outside whole), ``ok`` and ``swapped`` (whole looks inside viable).
+        Warns with :class:`SlideWarning` when not ok.
+    """
+    if (whole.width, whole.height) != (viable.width, viable.height):
+        raise InputError(f"{whole.path.name} is {whole.width}x{whole.height} but {viable.path.name} is "
+                         f"{viable.width}x{viable.height}; the two masks of a case must match")
+    rows = max(step, (max_pixels // max(1, whole.width)) // step * step)
+    nw = nv = outside = whole_outside = 0
+    for r in range(0, whole.height, rows):
+        r1 = min(whole.height, r + rows)
+        w = whole.read_native(0, r, whole.width, r1)[::step, ::step].astype(bool)
+        v = viable.read_native(0, r, viable.width, r1)[::step, ::step].astype(bool)
+        nw += int(w.sum())
+        nv += int(v.sum())
+        outside += int((v & ~w).sum())
+        whole_outside += int((w & ~v).sum())
+    frac = outside / nv if nv else 0.0
+    ok = frac <= tolerance
+    swapped = (not ok) and nw > 0 and whole_outside / nw <= tolerance
+    result = {"whole_px": nw, "viable_px": nv, "viable_outside": round(frac, 4), "ok": ok, "swapped": swapped}
+    if not ok:
+        hint = ("the two files look swapped (as PAIP 2019 case 01_01_0107): swap them or pass "
+                "label_mask accordingly" if swapped else "check the annotation")
+        warnings.warn(f"{viable.path.name}: {frac:.1%} of viable-tumour pixels lie outside "
+                      f"{whole.path.name}; {hint}", SlideWarning, stacklevel=2)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset folders
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    """One case of a dataset folder: its slide, its masks (if any) and its slide label."""
+
+    case_id: str
+    slide: Path
+    whole: Path = None
+    viable: Path = None
+    label: int = None
+
+    def mask_path(self, kind):
+        """The ``whole`` or ``viable`` mask path (``None`` if the case has none)."""
+        if kind not in MASK_KINDS:
+            raise InputError(f"mask kind must be one of {MASK_KINDS}, got {kind!r}")
+        return getattr(self, kind)
+
+
+def _find_mask(folder, case_id, kind):
+    for suf in (".tif", ".tiff", ".png"):
+        p = folder / f"{case_id}_{kind}{suf}"
+        if p.exists():
+            return p
+    return None
+
+
+def read_labels(path):
+    """Read a ``labels.csv`` (columns ``case_id,label``; label 0/1 or normal/tumor).
+
+    Returns:
+        ``{case_id: 0 or 1}``.
+    """
+    names = {"0": 0, "1": 1, "normal": 0, "non-tumor": 0, "tumor": 1, "tumour": 1, "cancer": 1}
+    out = {}
+    with open(path, newline="") as f:
+        rd = csv.DictReader(f)
+        if rd.fieldnames is None or not {"case_id", "label"} <= set(rd.fieldnames):
+            raise InputError(f"{path}: needs the columns case_id,label (got {rd.fieldnames})")
+        for i, row in enumerate(rd, start=2):
+            v = str(row["label"]).strip().lower()
+            if v not in names:
+                raise InputError(f"{path}, line {i}: label {row['label']!r} is not 0/1 (or normal/tumor)")
+            out[row["case_id"].strip()] = names[v]
+    return out
+
+
+def list_cases(data_dir):
+    """List the cases of a dataset folder laid out like PAIP 2019.
+
+    The folder holds ``<id>.svs`` (or any slide format, or a PNG/JPEG/TIFF image), with
+    optional ``<id>_whole.tif`` and ``<id>_viable.tif`` masks, and an optional ``labels.csv``
+    (``case_id,label``). Files whose stem ends in ``_whole`` or ``_viable`` are masks, never
+    slides.
+
+    Args:
+        data_dir: the folder.
+
+    Returns:
+        A list of :class:`Case`, sorted by id.
+    """
+    folder = Path(data_dir)
+    if not folder.exists():
+        raise InputError(f"data_dir {folder}: no such folder; point data_dir at a folder of slides "
+                         "(or leave it empty for the built-in demo data)")
+    if not folder.is_dir():
+        raise InputError(f"data_dir {folder}: is a file, not a folder of slides")
+    labels = {}
+    if (folder / "labels.csv").exists():
+        labels = read_labels(folder / "labels.csv")
+    cases = []
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.name.startswith(".") or p.suffix.lower() not in SLIDE_SUFFIXES:
+            continue
+        if any(p.stem.endswith("_" + k) for k in MASK_KINDS):
+            continue
+        cid = p.stem
+        cases.append(Case(cid, p, _find_mask(folder, cid, "whole"), _find_mask(folder, cid, "viable"),
+                          labels.get(cid)))
+    if not cases:
+        raise InputError(f"data_dir {folder}: holds no slides ({', '.join(SLIDE_SUFFIXES[:4])}, ...); "
+                         "put the slides (and their _whole/_viable masks) there")
+    unknown = sorted(set(labels) - {c.case_id for c in cases})
+    if unknown:
+        warnings.warn(f"{folder / 'labels.csv'}: labels for cases with no slide: {unknown[:5]}", SlideWarning,
+                      stacklevel=2)
+    return cases
