@@ -185,14 +185,46 @@ class Slide:
         level = self.best_level(downsample)
         f = downsample / self.level_downsamples[level]
         lw, lh = math.ceil(width * f - 1e-6), math.ceil(height * f - 1e-6)
+        k = round(f)
+        integral = abs(f - k) < 1e-6 and lw == width * k and lh == height * k
+        raw = self._read_raw(int(x), int(y), level, lw, lh) if self.vendor != "image" else None
+        if raw is not None:
+            rgb = raw
+            if (lw, lh) != (width, height):
+                if integral:
+                    rgb = box_reduce(rgb, k)
+                else:
+                    rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((width, height), Image.BOX))
+            return rgb
         img = self._osr.read_region((int(x), int(y)), level, (lw, lh))
         if (lw, lh) != (width, height):
-            k = round(f)
-            if abs(f - k) < 1e-6 and lw == width * k and lh == height * k:
-                img = img.reduce(k)
-            else:
-                img = img.resize((width, height), Image.BOX)
+            img = img.reduce(k) if integral else img.resize((width, height), Image.BOX)
         return rgba_to_rgb(np.asarray(img))
+
+    def _read_raw(self, x, y, level, w, h):
+        """OpenSlide's premultiplied ARGB straight into numpy, skipping PIL (about 1.5x faster).
+
+        Returns an ``(h, w, 3)`` RGB *view* (channels reversed from the BGRA bytes), or ``None``
+        where this path is not available (then the public API is used).
+        """
+        try:
+            import ctypes
+
+            from openslide import lowlevel
+
+            handle = self._osr._osr
+        except (ImportError, AttributeError):
+            return None
+        if w <= 0 or h <= 0 or np.little_endian is False:
+            return None
+        buf = np.empty((h, w), np.uint32)
+        lowlevel._read_region(handle, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), x, y, level, w, h)
+        bgra = buf.view(np.uint8).reshape(h, w, 4)
+        alpha = bgra[..., 3]
+        rgb = bgra[..., 2::-1]
+        if alpha.min() < 255:  # outside the slide: premultiplied, so composite on white
+            rgb = (rgb.astype(np.uint16) + (255 - alpha[..., None].astype(np.uint16))).clip(0, 255).astype(np.uint8)
+        return rgb
 
     def thumbnail(self, max_size=1024):
         """An RGB thumbnail whose longer side is at most ``max_size`` pixels.
@@ -204,6 +236,13 @@ class Slide:
         ds = max(w, h) / max_size
         ds = max(ds, 1.0)
         return self.read_region(0, 0, max(1, int(w / ds)), max(1, int(h / ds)), downsample=ds), ds
+
+
+def box_reduce(rgb, k):
+    """Box-average an ``(h, w, c)`` uint8 image by an integer factor ``k`` (h, w multiples of k)."""
+    h, w, c = rgb.shape[0] // k, rgb.shape[1] // k, rgb.shape[2]
+    s = rgb[:h * k, :w * k].reshape(h, k, w, k, c).sum(axis=(1, 3), dtype=np.uint32)
+    return ((s + k * k // 2) // (k * k)).astype(np.uint8)
 
 
 def rgba_to_rgb(arr):
@@ -229,6 +268,63 @@ def open_slide(path):
 # Masks
 # ---------------------------------------------------------------------------------------------
 
+class _TiffWindows:
+    """Window reads of a TIFF's first page, decoding only the tiles (or strips) they touch.
+
+    Keeps the most recently decoded tiles (about two rows of them), since neighbouring patch
+    rows share tile rows. Indexing ``reader[y0:y1, x0:x1]`` returns a numpy array.
+    """
+
+    def __init__(self, path):
+        import tifffile
+
+        self.tif = tifffile.TiffFile(path)
+        self.page = page = self.tif.pages[0]
+        self.shape = tuple(page.shape)
+        self.dtype = page.dtype
+        ch = page.chunks
+        self.th, self.tw = int(ch[0]), int(ch[1]) if len(ch) > 1 and page.is_tiled else self.shape[1]
+        if not page.is_tiled:
+            self.th, self.tw = int(page.rowsperstrip or self.shape[0]), self.shape[1]
+        self.ntx = -(-self.shape[1] // self.tw)
+        self.samples = int(page.samplesperpixel)
+        self._cache = {}
+        self._cap = 2 * self.ntx + 4
+
+    def close(self):
+        self.tif.close()
+
+    def _tile(self, ty, tx):
+        idx = ty * self.ntx + tx
+        t = self._cache.get(idx)
+        if t is None:
+            n = self.page.databytecounts[idx]
+            if n == 0:
+                t = np.zeros((self.th, self.tw, self.samples), self.dtype)
+            else:
+                fh = self.tif.filehandle
+                fh.seek(self.page.dataoffsets[idx])
+                seg, _, _ = self.page.decode(fh.read(n), idx, jpegtables=self.page.jpegtables)
+                t = np.asarray(seg).reshape(-1, self.tw, self.samples)
+            if len(self._cache) >= self._cap:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[idx] = t
+        return t
+
+    def __getitem__(self, key):
+        ys, xs = key
+        y0, y1, x0, x1 = ys.start, ys.stop, xs.start, xs.stop
+        out = np.empty((y1 - y0, x1 - x0, self.samples), self.dtype)
+        for ty in range(y0 // self.th, (y1 - 1) // self.th + 1):
+            for tx in range(x0 // self.tw, (x1 - 1) // self.tw + 1):
+                t = self._tile(ty, tx)
+                ty0, tx0 = ty * self.th, tx * self.tw
+                a0, a1 = max(y0, ty0), min(y1, ty0 + t.shape[0])
+                b0, b1 = max(x0, tx0), min(x1, tx0 + self.tw)
+                out[a0 - y0:a1 - y0, b0 - x0:b1 - x0] = t[a0 - ty0:a1 - ty0, b0 - tx0:b1 - tx0]
+        return out[..., 0] if self.samples == 1 else out
+
+
 class Mask:
     """A binary mask aligned to a slide, read window by window.
 
@@ -236,7 +332,7 @@ class Mask:
     known downsample of the slide (e.g. a PNG drawn on a thumbnail) are accepted too.
 
     Args:
-        path: the mask file (TIFF read lazily through tifffile/zarr; PNG/JPEG loaded whole).
+        path: the mask file (TIFF: read lazily, tile by tile; PNG/JPEG: loaded whole).
         slide_dimensions: the slide's level-0 ``(width, height)``.
 
     Attributes:
@@ -252,14 +348,7 @@ class Mask:
         suffix = self.path.suffix.lower()
         try:
             if suffix in (".tif", ".tiff"):
-                import tifffile
-                import zarr
-
-                self._store = tifffile.imread(self.path, aszarr=True, level=0)
-                z = zarr.open(self._store, mode="r")
-                if hasattr(z, "keys") and not hasattr(z, "shape"):  # a pyramid: take level 0
-                    z = z[sorted(z.keys())[0]]
-                self._arr = z
+                self._store = self._arr = _TiffWindows(self.path)
             else:
                 self._arr = np.asarray(Image.open(self.path))
         except InputError:
@@ -342,6 +431,10 @@ class Mask:
         x1 = int(math.ceil((x + width * downsample) / d))
         y1 = int(math.ceil((y + height * downsample) / d))
         native = self.read_native(x0, y0, x1, y1)
+        k = downsample / d
+        if k == int(k) and x0 * d == x and y0 * d == y and native.shape == (height * int(k), width * int(k)):
+            k = int(k)
+            return np.ascontiguousarray(native[k // 2::k, k // 2::k]) if k > 1 else native
         # Nearest sample at the centre of each output pixel.
         ys = ((y + (np.arange(height) + 0.5) * downsample) / d).astype(np.int64) - y0
         xs = ((x + (np.arange(width) + 0.5) * downsample) / d).astype(np.int64) - x0

@@ -31,7 +31,7 @@ from .atomic import atomic_dir, atomic_path, remove_stale_temporaries
 from .errors import InputError
 
 #: Bump when the drawing changes, so cached demo data is regenerated.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 
 #: Micrometres per pixel and objective power written into every demo slide (PAIP 2019 slides
 #: were scanned at 20x, about 0.5 um per pixel).
@@ -110,9 +110,9 @@ class _Scene:
         tum = np.zeros((gh, gw), np.float32)
         if spec.tumor:
             warp = 0.35 * _smooth_noise(rng, (gh, gw), sigma=max(gh, gw) / 30)
-            for _ in range(int(rng.integers(1, 4))):
+            for _ in range(int(rng.integers(2, 4))):
                 cy, cx = rng.uniform(0.3, 0.7, 2)
-                ry, rx = rng.uniform(0.11, 0.22, 2)
+                ry, rx = rng.uniform(0.15, 0.26, 2)
                 tum = np.maximum(tum, np.exp(-(((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2)))
             tum = tum + warp * (tum > 0.05)
         self.tumor = tum

@@ -1,0 +1,542 @@
+"""Patches: the paper's 224 px grid, background removal, patch labels and patch caches.
+
+The paper (section 3.3) cuts each (scaled) slide into 224 x 224 patches without overlap with
+``patchify`` and drops the patches of white glass by an "optimal threshold" per patch. Here the
+same grid is cut from the slide one strip of patch rows at a time (``patchify`` on each strip),
+so memory stays at a few strips whatever the slide's size, and the strips are shared between
+processes. Each patch gets:
+
+- a tissue fraction: Otsu's threshold on the patch's grayscale splits it in two classes; a class
+  whose mean is brighter than ``glass_level`` is glass (white-glass rule: a patch of bare glass
+  has an Otsu threshold too, and then both its classes are bright);
+- tumour fractions of its level-0 footprint in the ``whole`` and ``viable`` masks, and a label:
+  1 above ``pos_threshold``, 0 at or below ``neg_threshold``, -1 (ambiguous) between.
+
+Kept patches go to a cache per slide and scale (uint8 arrays plus a table), written atomically
+and keyed by every parameter that changes its content. Used by notebook 02 (and 03-05 load the
+caches).
+"""
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from patchify import patchify
+
+from .atomic import atomic_dir, remove_stale_temporaries
+from .errors import InputError, check_fraction, check_positive, check_type
+from .slides import MASK_KINDS, Mask, Slide
+
+#: Bump when extraction changes in a way that changes a cache's content.
+EXTRACTOR_VERSION = 2
+
+TABLE_COLUMNS = ["case_id", "scale", "row", "col", "x", "y", "footprint", "tissue_frac",
+                 "otsu", "kept", "whole_frac", "viable_frac", "label", "index"]
+
+
+@dataclass
+class ExtractionParams:
+    """Every parameter that decides a patch cache's content (its hash names the cache).
+
+    Attributes:
+        patch_size: patch side in pixels at the patch's scale (paper: 224).
+        stride: grid step in pixels at the scale; ``patch_size`` = no overlap (paper).
+        tissue_threshold: keep a patch when at least this fraction of it is tissue.
+        glass_level: an Otsu class brighter than this gray level (0-255) counts as glass.
+        tissue_subsample: the tissue test looks at every n-th pixel (in both directions).
+        label_mask: ``whole`` or ``viable``: which PAIP mask counts as tumour for labels.
+        pos_threshold: label 1 when the tumour fraction is at least this.
+        neg_threshold: label 0 when the tumour fraction is at most this; between: -1.
+        store_masks: also cache the ``label_mask`` patch (used for segmentation at scale 1).
+    """
+
+    patch_size: int = 224
+    stride: int = 224
+    tissue_threshold: float = 0.5
+    glass_level: int = 210
+    tissue_subsample: int = 4
+    label_mask: str = "viable"
+    pos_threshold: float = 0.5
+    neg_threshold: float = 0.05
+    store_masks: bool = True
+
+    def validate(self):
+        """Raise :class:`InputError` naming the first bad parameter; return self."""
+        check_positive("patch_size", self.patch_size, integer=True)
+        check_positive("stride", self.stride, integer=True)
+        check_fraction("tissue_threshold", self.tissue_threshold)
+        check_type("glass_level", self.glass_level, int, "an integer gray level 0-255")
+        if not 0 < self.glass_level < 255:
+            raise InputError(f"parameter 'glass_level' must lie between 1 and 254, got {self.glass_level}")
+        check_positive("tissue_subsample", self.tissue_subsample, integer=True)
+        if self.patch_size % self.tissue_subsample:
+            raise InputError(f"parameter 'tissue_subsample' ({self.tissue_subsample}) must divide "
+                             f"patch_size ({self.patch_size})")
+        if self.label_mask not in MASK_KINDS:
+            raise InputError(f"parameter 'label_mask' must be one of {MASK_KINDS}, got {self.label_mask!r}")
+        check_fraction("pos_threshold", self.pos_threshold)
+        check_fraction("neg_threshold", self.neg_threshold)
+        if self.neg_threshold >= self.pos_threshold:
+            raise InputError(f"parameter 'neg_threshold' ({self.neg_threshold}) must be below "
+                             f"'pos_threshold' ({self.pos_threshold})")
+        check_type("store_masks", self.store_masks, bool)
+        return self
+
+
+def check_scales(scales):
+    """Validate a list of downscale factors (paper: ``[4, 16, 64]``; 1 for segmentation).
+
+    Returns:
+        The scales as a list of ints.
+    """
+    if isinstance(scales, (int, float)) and not isinstance(scales, bool):
+        scales = [scales]
+    if not isinstance(scales, (list, tuple)) or not scales:
+        raise InputError(f"parameter 'scales' must be a list of downscale factors like [4, 16, 64], got {scales!r}")
+    out = []
+    for s in scales:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or s < 1 or float(s) != int(s):
+            raise InputError(f"parameter 'scales': {s!r} is not a whole downscale factor >= 1 (e.g. 1, 4, 16, 64)")
+        out.append(int(s))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tissue detection: per-patch Otsu with the white-glass rule, vectorised over many patches
+# ---------------------------------------------------------------------------------------------
+
+def to_gray(rgb):
+    """Luma (ITU-R BT.601 weights) of an RGB uint8 array, as uint8, with integer arithmetic."""
+    rgb = np.asarray(rgb)
+    g = rgb[..., 0].astype(np.uint16) * 77 + rgb[..., 1].astype(np.uint16) * 150 + rgb[..., 2].astype(np.uint16) * 29
+    return (g >> 8).astype(np.uint8)
+
+
+def otsu_thresholds(hist):
+    """Otsu's threshold of each row of a ``(n, 256)`` histogram.
+
+    Pixels at or below the threshold form the dark class (the same convention as
+    ``skimage.filters.threshold_otsu``, which keeps pixels *above* it as foreground).
+
+    Returns:
+        ``(threshold, dark_fraction, dark_mean, bright_mean)``, each of length ``n``.
+    """
+    hist = np.asarray(hist, dtype=np.float64)
+    n = hist.sum(axis=1, keepdims=True)
+    p = hist / np.maximum(n, 1)
+    levels = np.arange(256, dtype=np.float64)
+    omega = np.cumsum(p, axis=1)
+    mu = np.cumsum(p * levels, axis=1)
+    mu_t = mu[:, -1:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mu_t * omega - mu) ** 2 / (omega * (1 - omega))
+    between = np.nan_to_num(between, nan=-1.0, posinf=-1.0)
+    t = between.argmax(axis=1)
+    rows = np.arange(hist.shape[0])
+    w0 = omega[rows, t]
+    m_t = mu_t[:, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m0 = np.where(w0 > 0, mu[rows, t] / w0, m_t)
+        m1 = np.where(w0 < 1, (m_t - mu[rows, t]) / (1 - w0), m_t)
+    # A uniform patch has no split: its single class is both "dark" and "bright".
+    uniform = between.max(axis=1) <= 0
+    t = np.where(uniform, m_t, t)
+    w0 = np.where(uniform, 1.0, w0)
+    m0 = np.where(uniform, m_t, m0)
+    m1 = np.where(uniform, m_t, m1)
+    return t.astype(np.float64), w0, m0, m1
+
+
+def tissue_fractions(gray_patches, glass_level=210):
+    """Tissue fraction of each grayscale patch: per-patch Otsu plus the white-glass rule.
+
+    - both Otsu classes brighter than ``glass_level``: bare glass, fraction 0;
+    - only the bright class is glass: the dark class is tissue, fraction = its share;
+    - neither class is glass (a patch full of tissue): fraction = share darker than glass.
+
+    Args:
+        gray_patches: ``(n, h, w)`` uint8 patches (often subsampled).
+        glass_level: gray level above which a class mean counts as glass.
+
+    Returns:
+        ``(fractions, thresholds)``, float arrays of length ``n``.
+    """
+    g = np.asarray(gray_patches)
+    n = g.shape[0]
+    if n == 0:
+        return np.zeros(0), np.zeros(0)
+    flat = g.reshape(n, -1)
+    idx = (np.arange(n, dtype=np.int64)[:, None] * 256 + flat).ravel()
+    hist = np.bincount(idx, minlength=n * 256).reshape(n, 256)
+    t, w0, m0, m1 = otsu_thresholds(hist)
+    below_glass = np.cumsum(hist, axis=1)[:, glass_level] / flat.shape[1]
+    frac = np.where(m0 >= glass_level, 0.0, np.where(m1 >= glass_level, w0, below_glass))
+    return frac, t
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid and one strip
+# ---------------------------------------------------------------------------------------------
+
+def grid_shape(dimensions, scale, patch_size=224, stride=224):
+    """Rows and columns of the patch grid of a slide at a scale.
+
+    Args:
+        dimensions: the slide's level-0 ``(width, height)``.
+        scale: downscale factor (1, 4, 16, 64, ...).
+
+    Returns:
+        ``(rows, cols)``; zero when no whole patch fits.
+    """
+    W, H = dimensions
+    ws, hs = int(W // scale), int(H // scale)
+    cols = (ws - patch_size) // stride + 1 if ws >= patch_size else 0
+    rows = (hs - patch_size) // stride + 1 if hs >= patch_size else 0
+    return rows, cols
+
+
+_WORKER_SLIDES = {}
+
+
+def _open_cached(path, kind):
+    key = (kind, str(path))
+    obj = _WORKER_SLIDES.get(key)
+    if obj is None:
+        if len(_WORKER_SLIDES) > 8:
+            for v in _WORKER_SLIDES.values():
+                v.close()
+            _WORKER_SLIDES.clear()
+        if kind == "slide":
+            obj = Slide(path)
+        else:
+            dims = _open_cached(path[1], "slide").dimensions
+            obj = Mask(path[0], dims)
+        _WORKER_SLIDES[key] = obj
+    return obj
+
+
+def extract_row(slide_path, scale, row, params, whole_path=None, viable_path=None):
+    """Cut one row of the grid: read the strip, patchify it, test tissue, measure tumour.
+
+    Returns:
+        A dict with the row's ``tissue_frac``, ``otsu``, ``kept`` mask, ``whole_frac`` and
+        ``viable_frac`` (NaN without masks), the kept ``patches`` (uint8, n x P x P x 3) and,
+        with ``store_masks``, their ``masks`` (n x P x P).
+    """
+    p = params if isinstance(params, ExtractionParams) else ExtractionParams(**params)
+    slide = _open_cached(slide_path, "slide")
+    P, S, k = p.patch_size, p.stride, p.tissue_subsample
+    rows, cols = grid_shape(slide.dimensions, scale, P, S)
+    y = row * S * scale
+    width = (cols - 1) * S + P
+    strip = slide.read_region(0, y, width, P, downsample=scale)
+    patches = patchify(strip, (P, P, 3), step=S)[0, :, 0]           # (cols, P, P, 3) view
+    gray = to_gray(strip[::k, ::k])
+    gp = patchify(gray, (P // k, P // k), step=S // k if S % k == 0 else max(1, S // k))[0]
+    if gp.shape[0] != cols:  # a stride that the subsample does not divide: cut exactly
+        gp = np.stack([gray[:, (c * S) // k:(c * S) // k + P // k] for c in range(cols)])
+    frac, otsu = tissue_fractions(gp, p.glass_level)
+    kept = frac >= p.tissue_threshold
+    xs = np.arange(cols) * S * scale
+    footprint = P * scale
+    out = {"row": row, "tissue_frac": frac, "otsu": otsu, "kept": kept,
+           "patches": np.ascontiguousarray(patches[kept])}
+    for kind, mp in (("whole", whole_path), ("viable", viable_path)):
+        if mp is None:
+            out[f"{kind}_frac"] = np.full(cols, np.nan)
+            continue
+        mask = _open_cached((mp, slide_path), "mask")
+        out[f"{kind}_frac"] = mask.window_fractions(y, xs, footprint)
+        if p.store_masks and kind == p.label_mask:
+            mstrip = mask.read(0, y, width, P, downsample=scale)
+            out["masks"] = np.ascontiguousarray(patchify(mstrip, (P, P), step=S)[0][kept])
+    return out
+
+
+def _extract_row_job(args):
+    return extract_row(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Caches
+# ---------------------------------------------------------------------------------------------
+
+def _file_stamp(path):
+    if path is None:
+        return None
+    st = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def cache_key(case, scale, params):
+    """The cache's identity: the files it came from, the scale and every parameter."""
+    return {"extractor_version": EXTRACTOR_VERSION, "case_id": case.case_id, "scale": int(scale),
+            "slide": _file_stamp(case.slide), "whole": _file_stamp(case.whole),
+            "viable": _file_stamp(case.viable), "params": asdict(params)}
+
+
+def cache_folder(cache_root, case, scale, params):
+    """``<cache_root>/<case>/x<scale>_<hash>``: the hash covers :func:`cache_key`."""
+    key = cache_key(case, scale, params)
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cache_root) / case.case_id / f"x{int(scale)}_{h}", key
+
+
+@dataclass
+class PatchSet:
+    """A loaded patch cache.
+
+    Attributes:
+        folder: where it lives.
+        meta: the cache's key and summary (``meta.json``).
+        table: one row per grid position (kept or not), see :data:`TABLE_COLUMNS`.
+        patches: ``(n_kept, P, P, 3)`` uint8, memory-mapped (row ``i`` is ``table.index == i``).
+        masks: ``(n_kept, P, P)`` uint8 0/1, memory-mapped, or ``None``.
+    """
+
+    folder: Path
+    meta: dict
+    table: pd.DataFrame
+    patches: np.ndarray
+    masks: np.ndarray = None
+
+    @property
+    def kept(self):
+        """The table's rows of kept (tissue) patches, in the order of :attr:`patches`."""
+        return self.table[self.table["kept"]].sort_values("index")
+
+
+def load_patch_set(folder):
+    """Load a patch cache written by :func:`extract_slide` (arrays memory-mapped)."""
+    folder = Path(folder)
+    mf = folder / "meta.json"
+    if not mf.exists():
+        raise InputError(f"{folder}: not a patch cache (no meta.json); run notebook 02 to extract patches")
+    meta = json.loads(mf.read_text())
+    table = pd.read_csv(folder / "table.csv")
+    table["kept"] = table["kept"].astype(bool)
+    n, P = meta["n_kept"], meta["key"]["params"]["patch_size"]
+    patches = (np.memmap(folder / "patches.u8", np.uint8, "r", shape=(n, P, P, 3)) if n
+               else np.zeros((0, P, P, 3), np.uint8))
+    masks = None
+    if (folder / "masks.u8").exists():
+        masks = (np.memmap(folder / "masks.u8", np.uint8, "r", shape=(n, P, P)) if n
+                 else np.zeros((0, P, P), np.uint8))
+    return PatchSet(folder, meta, table, patches, masks)
+
+
+class _OrderedPool:
+    """Map over tasks in order with at most ``window`` results in flight (bounded memory)."""
+
+    def __init__(self, workers):
+        self.workers = workers
+        self.pool = None
+        if workers > 1:
+            import multiprocessing as mp
+
+            # fork where the platform has it: no re-import of the caller's script (notebooks,
+            # scripts without a __main__ guard); spawn elsewhere.
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            self.pool = mp.get_context(method).Pool(workers)
+
+    def map(self, fn, tasks, window=None):
+        if self.pool is None:
+            for t in tasks:
+                yield fn(t)
+            return
+        window = window or 2 * self.workers
+        pending = []
+        it = iter(tasks)
+        for t in it:
+            pending.append(self.pool.apply_async(fn, (t,)))
+            if len(pending) >= window:
+                yield pending.pop(0).get()
+        while pending:
+            yield pending.pop(0).get()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
+def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None, workers=1):
+    """Extract (or load from the cache) the patches of one slide at one scale.
+
+    Args:
+        case: a :class:`helpers.slides.Case`.
+        scale: downscale factor (1, 4, 16, 64, ...).
+        cache_root: the folder holding patch caches.
+        params: :class:`ExtractionParams` (defaults: the paper's).
+        pool: a shared worker pool (see :func:`extract_dataset`); else ``workers`` are started.
+        progress: a tqdm bar to advance by one per grid row, or ``None``.
+        workers: processes to use when no pool is given.
+
+    Returns:
+        ``(patch_set, from_cache)``.
+    """
+    params = (params or ExtractionParams()).validate()
+    scale = check_scales([scale])[0]
+    folder, key = cache_folder(cache_root, case, scale, params)
+    if (folder / "meta.json").exists():
+        ps = load_patch_set(folder)
+        if progress is not None:
+            progress.update(ps.meta["grid_rows"])
+        return ps, True
+    remove_stale_temporaries(folder.parent)
+    with Slide(case.slide) as slide:
+        dims = slide.dimensions
+        for kind in MASK_KINDS:  # open once here so that a bad mask fails before any work
+            mp = case.mask_path(kind)
+            if mp is not None:
+                Mask(mp, dims).close()
+    rows, cols = grid_shape(dims, scale, params.patch_size, params.stride)
+    own_pool = None
+    if pool is None:
+        pool = own_pool = _OrderedPool(workers)
+    P = params.patch_size
+    t0 = time.perf_counter()
+    try:
+        with atomic_dir(folder) as tmp:
+            tables = []
+            n_kept = 0
+            store = params.store_masks and case.mask_path(params.label_mask) is not None
+            with open(tmp / "patches.u8", "wb") as fp, \
+                    (open(tmp / "masks.u8", "wb") if store else open(os.devnull, "wb")) as fm:
+                tasks = [(str(case.slide), scale, r, asdict(params),
+                          None if case.whole is None else str(case.whole),
+                          None if case.viable is None else str(case.viable)) for r in range(rows)]
+                for res in pool.map(_extract_row_job, tasks):
+                    r = res["row"]
+                    kept = res["kept"]
+                    index = np.full(cols, -1, np.int64)
+                    index[kept] = np.arange(n_kept, n_kept + int(kept.sum()))
+                    n_kept += int(kept.sum())
+                    fp.write(res["patches"].tobytes())
+                    if store:
+                        fm.write(res["masks"].tobytes())
+                    tables.append(pd.DataFrame({
+                        "row": r, "col": np.arange(cols), "tissue_frac": res["tissue_frac"].round(4),
+                        "otsu": res["otsu"], "kept": kept, "whole_frac": res["whole_frac"].round(4),
+                        "viable_frac": res["viable_frac"].round(4), "index": index}))
+                    if progress is not None:
+                        progress.update(1)
+            if not store:
+                (tmp / "masks.u8").unlink(missing_ok=True)
+            table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
+                {c: pd.Series(dtype=float) for c in ["row", "col", "tissue_frac", "otsu", "kept",
+                                                      "whole_frac", "viable_frac", "index"]})
+            table = finish_table(table, case.case_id, scale, params)
+            table[TABLE_COLUMNS].to_csv(tmp / "table.csv", index=False)
+            kept_t = table[table["kept"]]
+            meta = {"key": key, "grid_rows": rows, "grid_cols": cols, "n_grid": int(len(table)),
+                    "n_kept": n_kept, "n_pos": int((kept_t["label"] == 1).sum()),
+                    "n_neg": int((kept_t["label"] == 0).sum()),
+                    "n_ambiguous": int((kept_t["label"] == -1).sum()),
+                    "seconds": round(time.perf_counter() - t0, 2)}
+            with open(tmp / "meta.json", "w") as f:
+                json.dump(meta, f, indent=2, sort_keys=True)
+    finally:
+        if own_pool is not None:
+            own_pool.close()
+    return load_patch_set(folder), False
+
+
+def finish_table(table, case_id, scale, params):
+    """Add level-0 coordinates, footprint and labels to a table of grid rows and columns."""
+    S, P = params.stride, params.patch_size
+    table = table.copy()
+    table["case_id"] = case_id
+    table["scale"] = int(scale)
+    table["row"] = table["row"].astype(int)
+    table["col"] = table["col"].astype(int)
+    table["x"] = table["col"] * S * scale
+    table["y"] = table["row"] * S * scale
+    table["footprint"] = P * scale
+    table["kept"] = table["kept"].astype(bool)
+    table["label"] = label_patches(table[f"{params.label_mask}_frac"], params.pos_threshold, params.neg_threshold)
+    return table
+
+
+def label_patches(tumor_frac, pos_threshold=0.5, neg_threshold=0.05):
+    """Patch labels from tumour fractions: 1 (tumour), 0 (non-tumour), -1 (ambiguous or unknown).
+
+    Args:
+        tumor_frac: fractions of each patch's footprint inside the tumour mask (NaN = no mask).
+        pos_threshold: 1 when the fraction is at least this.
+        neg_threshold: 0 when the fraction is at most this.
+    """
+    f = np.asarray(tumor_frac, dtype=np.float64)
+    lab = np.full(f.shape, -1, np.int64)
+    lab[f >= pos_threshold] = 1
+    lab[f <= neg_threshold] = 0
+    return lab
+
+
+def extract_dataset(cases, scales, cache_root, params=None, workers=None, progress=True):
+    """Extract every case at every scale, sharing one pool of worker processes.
+
+    Slides without tissue, or too small for a patch at some scale, are not errors: they are
+    warned about and counted in the summary.
+
+    Args:
+        cases: :class:`helpers.slides.Case` objects.
+        scales: downscale factors, e.g. ``[1, 4, 16, 64]``.
+        cache_root: the folder for patch caches.
+        params: :class:`ExtractionParams`.
+        workers: processes (default: the machine's cores).
+        progress: show one progress bar over all grid rows (stderr).
+
+    Returns:
+        ``(summary, sets)``: a DataFrame with one row per case and scale (grid size, kept,
+        positive, negative, ambiguous, seconds, from_cache) and ``{(case_id, scale): PatchSet}``.
+    """
+    from tqdm.auto import tqdm
+
+    params = (params or ExtractionParams()).validate()
+    scales = check_scales(scales)
+    if not cases:
+        raise InputError("no cases to extract: the dataset folder is empty")
+    workers = workers or os.cpu_count() or 1
+    check_positive("workers", workers, integer=True)
+    total = 0
+    dims = {}
+    for c in cases:
+        with Slide(c.slide) as s:
+            dims[c.case_id] = s.dimensions
+        for sc in scales:
+            total += grid_shape(dims[c.case_id], sc, params.patch_size, params.stride)[0]
+    bar = tqdm(total=total, desc="patch rows", unit="row", disable=not progress, mininterval=1.0)
+    pool = _OrderedPool(workers)
+    rows, sets = [], {}
+    try:
+        for c in cases:
+            for sc in scales:
+                ps, cached = extract_slide(c, sc, cache_root, params, pool=pool, progress=bar)
+                sets[(c.case_id, sc)] = ps
+                m = ps.meta
+                rows.append({"case_id": c.case_id, "scale": sc, "grid": m["n_grid"], "kept": m["n_kept"],
+                             "pos": m["n_pos"], "neg": m["n_neg"], "ambiguous": m["n_ambiguous"],
+                             "seconds": m["seconds"], "from_cache": cached})
+    finally:
+        pool.close()
+        bar.close()
+    summary = pd.DataFrame(rows)
+    none_fit = summary[summary["grid"] == 0]
+    if len(none_fit):
+        warnings.warn(f"{len(none_fit)} (slide, scale) pairs fit no {params.patch_size} px patch: "
+                      + ", ".join(f"{r.case_id}@{r.scale}x" for r in none_fit.itertuples())
+                      + "; they are skipped", stacklevel=2)
+    no_tissue = summary[(summary["grid"] > 0) & (summary["kept"] == 0)]
+    if len(no_tissue):
+        warnings.warn(f"{len(no_tissue)} (slide, scale) pairs have no tissue patch: "
+                      + ", ".join(f"{r.case_id}@{r.scale}x" for r in no_tissue.itertuples())
+                      + "; they are skipped", stacklevel=2)
+    return summary, sets
