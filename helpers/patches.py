@@ -31,6 +31,7 @@ from patchify import patchify
 
 from .atomic import atomic_dir, remove_stale_temporaries
 from .errors import InputError, check_fraction, check_positive, check_type
+from .progress import progress_bar
 from .slides import MASK_KINDS, Mask, Slide
 
 #: Bump when extraction changes in a way that changes a cache's content.
@@ -498,8 +499,6 @@ def extract_dataset(cases, scales, cache_root, params=None, workers=None, progre
         ``(summary, sets)``: a DataFrame with one row per case and scale (grid size, kept,
         positive, negative, ambiguous, seconds, from_cache) and ``{(case_id, scale): PatchSet}``.
     """
-    from tqdm.auto import tqdm
-
     params = (params or ExtractionParams()).validate()
     scales = check_scales(scales)
     if not cases:
@@ -513,7 +512,7 @@ def extract_dataset(cases, scales, cache_root, params=None, workers=None, progre
             dims[c.case_id] = s.dimensions
         for sc in scales:
             total += grid_shape(dims[c.case_id], sc, params.patch_size, params.stride)[0]
-    bar = tqdm(total=total, desc="patch rows", unit="row", disable=not progress, mininterval=1.0)
+    bar = progress_bar(total, "patch rows", "row", progress)
     pool = _OrderedPool(workers)
     rows, sets = [], {}
     try:

@@ -29,9 +29,10 @@ from scipy import ndimage
 
 from .atomic import atomic_dir, atomic_path, remove_stale_temporaries
 from .errors import InputError
+from .progress import progress_bar
 
 #: Bump when the drawing changes, so cached demo data is regenerated.
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
 
 #: Micrometres per pixel and objective power written into every demo slide (PAIP 2019 slides
 #: were scanned at 20x, about 0.5 um per pixel).
@@ -112,7 +113,7 @@ class _Scene:
             warp = 0.35 * _smooth_noise(rng, (gh, gw), sigma=max(gh, gw) / 30)
             for _ in range(int(rng.integers(2, 4))):
                 cy, cx = rng.uniform(0.3, 0.7, 2)
-                ry, rx = rng.uniform(0.15, 0.26, 2)
+                ry, rx = rng.uniform(0.17, 0.28, 2)
                 tum = np.maximum(tum, np.exp(-(((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2)))
             tum = tum + warp * (tum > 0.05)
         self.tumor = tum
@@ -161,7 +162,7 @@ class _Scene:
     def regions(self, x0, y0, w, h):
         """Boolean tissue, whole-tumour and viable-tumour maps, and the fibre texture."""
         tex = self._periodic(self.texture, x0, y0, w, h)
-        tissue = self._bilinear(self.tissue, x0, y0, w, h) + 0.06 * tex > self.tissue_thr
+        tissue = self._bilinear(self.tissue, x0, y0, w, h) + 0.025 * tex > self.tissue_thr
         if self.spec.tumor:
             whole = tissue & (self._bilinear(self.tumor, x0, y0, w, h) > 0.5)
             viable = whole & (self._bilinear(self.necrosis, x0, y0, w, h) < self.necrosis_thr)
@@ -449,9 +450,7 @@ def ensure_demo_dataset(folder=None, cases=None, workers=None, progress=True):
     workers = workers or min(len(cases), os.cpu_count() or 1)
     jobs = sorted(cases, key=lambda c: -c.width * c.height)  # largest first: better packing
     with atomic_dir(folder) as tmp:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(jobs), desc="demo slides", unit="slide", disable=not progress)
+        bar = progress_bar(len(jobs), "demo slides", "slide", progress)
         if workers > 1:
             import multiprocessing as mp
 

@@ -1,0 +1,32 @@
+# Two entry points, each usable on a fresh machine:
+#   make demo   - create .venv if missing, install, run the whole notebook series on the demo data
+#   make test   - create .venv if missing, install, run pytest (helpers) and nbval (notebooks)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test env bench clean-runs
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: this pair is on the machine's disk (an unpinned torch downloads GBs)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e .
+	touch $(STAMP)
+
+env: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m helpers.run --profile demo
+
+test: $(STAMP)
+	TQDM_DISABLE=1 $(PY) -m pytest tests -q
+	TQDM_DISABLE=1 $(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider notebooks -q
+
+bench: $(STAMP)
+	$(PY) bench/extraction_benchmark.py
+
+clean-runs:
+	rm -rf runs/demo

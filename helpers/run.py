@@ -1,0 +1,220 @@
+"""Run the numbered notebooks in order with papermill: ``python -m helpers.run``.
+
+Parameters come from a profile file (``profiles/<name>.yaml``: ``demo`` runs the built-in demo
+data on a laptop, ``paper`` holds the paper's settings for a user's PAIP 2019 folder) plus
+command-line overrides (``-p NAME VALUE``, VALUE read as YAML so ``-p scales "[4, 16]"`` works).
+Every parameter name is checked against the notebooks' ``parameters`` cells (papermill itself
+only logs a warning for an unknown name). Executed notebooks and ``params.json`` go to
+``runs/<run_name>/``; the run stops at the first failing notebook and names it and its cell.
+
+Examples::
+
+    python -m helpers.run                      # the demo profile, all notebooks
+    python -m helpers.run --profile paper -p data_dir /data/paip2019
+    python -m helpers.run --only 02 -p tissue_threshold 0.3 --run-name tissue03
+    python -m helpers.run --list               # notebooks and their parameters
+"""
+
+import argparse
+import datetime as _dt
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .atomic import write_json
+from .errors import InputError
+from .paths import REPO_ROOT, run_dir
+
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+PROFILE_DIR = REPO_ROOT / "profiles"
+#: Parameters that describe the run rather than any result; they may differ on a rerun.
+RUN_ONLY = {"workers"}
+
+
+def notebooks(only=None):
+    """The numbered notebooks in order, optionally only those whose number is in ``only``."""
+    nbs = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        want = {str(o).zfill(2) for o in only}
+        unknown = want - {p.name[:2] for p in nbs}
+        if unknown:
+            raise InputError(f"--only: no notebook numbered {sorted(unknown)}; have {[p.name[:2] for p in nbs]}")
+        nbs = [p for p in nbs if p.name[:2] in want]
+    return nbs
+
+
+def notebook_parameters(path):
+    """``{name: default}`` of a notebook's ``parameters`` cell (via papermill's inspection)."""
+    import papermill as pm
+
+    params = pm.inspect_notebook(str(path))
+    out = {}
+    for name, info in params.items():
+        try:
+            out[name] = yaml.safe_load(info["default"])
+        except yaml.YAMLError:
+            out[name] = info["default"]
+    return out
+
+
+def load_profile(name):
+    """Read ``profiles/<name>.yaml``: ``{"description", "requires", "parameters"}``."""
+    path = PROFILE_DIR / f"{name}.yaml"
+    if not path.exists():
+        have = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+        raise InputError(f"unknown profile {name!r}; profiles are {have} (files in {PROFILE_DIR})")
+    prof = yaml.safe_load(path.read_text()) or {}
+    prof.setdefault("parameters", {})
+    prof.setdefault("requires", [])
+    return prof
+
+
+def _type_ok(default, value):
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def resolve_parameters(profile, overrides, nbs):
+    """Merge the profile and the overrides; check every name and type against the notebooks.
+
+    Returns:
+        ``(merged, per_notebook)``: all parameters, and for each notebook the ones it takes.
+    """
+    declared = {p: notebook_parameters(p) for p in nbs}
+    known = {}
+    for p, d in declared.items():
+        for k, v in d.items():
+            known.setdefault(k, v)
+    merged = dict(profile["parameters"])
+    merged.update(overrides)
+    # Names the profile sets for notebooks not in this run are fine; overrides must exist.
+    all_known = set(known)
+    for p in notebooks():
+        if p not in declared:
+            all_known |= set(notebook_parameters(p))
+    for k in overrides:
+        if k not in all_known:
+            raise InputError(f"unknown parameter {k!r}: no notebook declares it; known parameters are "
+                             f"{sorted(all_known)}")
+    for k in profile["parameters"]:
+        if k not in all_known:
+            raise InputError(f"profile parameter {k!r} is declared by no notebook; known: {sorted(all_known)}")
+    for k, v in merged.items():
+        if k in known and not _type_ok(known[k], v):
+            raise InputError(f"parameter {k!r} must be of type {type(known[k]).__name__} "
+                             f"(like the notebook default {known[k]!r}), got {v!r}")
+    for k in profile["requires"]:
+        if merged.get(k) in (None, ""):
+            raise InputError(f"this profile needs parameter {k!r}: pass -p {k} VALUE")
+    per = {p: {k: v for k, v in merged.items() if k in declared[p]} for p in nbs}
+    return merged, per
+
+
+def _git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def check_run_folder(folder, params, overwrite=False):
+    """Refuse to mix two different runs in one folder (unless ``overwrite``)."""
+    pf = folder / "params.json"
+    if not pf.exists() or overwrite:
+        return
+    old = json.loads(pf.read_text()).get("parameters", {})
+    diff = sorted(k for k in set(old) | set(params)
+                  if k not in RUN_ONLY and old.get(k) != params.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {params.get(k)!r}" for k in diff[:6])
+        raise InputError(f"run folder {folder} holds a run with other parameters ({detail}); "
+                         "use another --run-name, or --overwrite to replace that run")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m helpers.run", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="demo", help="profile name in profiles/ (default: demo)")
+    ap.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                    help="override a parameter; VALUE is read as YAML (repeatable)")
+    ap.add_argument("--only", nargs="+", help="run only these notebooks (numbers, e.g. 01 02)")
+    ap.add_argument("--run-name", help="run folder name under runs/ (default: the profile's name)")
+    ap.add_argument("--overwrite", action="store_true", help="replace a run folder holding other parameters")
+    ap.add_argument("--list", action="store_true", help="list notebooks and their parameters, then exit")
+    ap.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
+    args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args):
+    import papermill as pm
+
+    nbs = notebooks(args.only)
+    if args.list:
+        for p in notebooks():
+            print(p.name)
+            for k, v in notebook_parameters(p).items():
+                print(f"    {k} = {v!r}")
+        return 0
+    profile = load_profile(args.profile)
+    overrides = {}
+    for name, raw in args.param:
+        try:
+            overrides[name] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise InputError(f"-p {name}: cannot read {raw!r} as a value ({exc})") from None
+        if name == "data_dir" and overrides[name]:
+            overrides[name] = str(Path(overrides[name]).expanduser().resolve())
+    run_name = args.run_name or args.profile
+    overrides.setdefault("run_name", run_name)
+    merged, per = resolve_parameters(profile, overrides, nbs)
+    folder = run_dir(run_name)
+    check_run_folder(folder, merged, args.overwrite)
+    if merged.get("data_dir", "") == "":
+        from .synthetic import ensure_demo_dataset
+
+        print("demo data:", ensure_demo_dataset(progress=not args.no_progress), flush=True)
+    out_dir = folder / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"profile": args.profile, "parameters": merged, "notebooks": [p.name for p in nbs],
+              "git_commit": _git_commit(), "started": _dt.datetime.now().isoformat(timespec="seconds")}
+    write_json(folder / "params.json", record)
+    t_all = time.perf_counter()
+    for i, nb in enumerate(nbs, 1):
+        out = out_dir / nb.name
+        print(f"[{i}/{len(nbs)}] {nb.name}", flush=True)
+        t = time.perf_counter()
+        try:
+            pm.execute_notebook(str(nb), str(out), parameters=per[nb], kernel_name="python3",
+                                cwd=str(NOTEBOOK_DIR), progress_bar=not args.no_progress)
+        except pm.PapermillExecutionError as exc:
+            print(f"\nFAILED: {nb.name}, cell {exc.cell_index} (execution count {exc.exec_count}): "
+                  f"{exc.ename}: {exc.evalue}\nThe executed notebook, with the traceback, is {out}",
+                  file=sys.stderr)
+            return 1
+        print(f"      done in {time.perf_counter() - t:.0f} s -> {out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out}", flush=True)
+    record["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
+    record["seconds"] = round(time.perf_counter() - t_all, 1)
+    write_json(folder / "params.json", record)
+    print(f"All {len(nbs)} notebooks ran in {record['seconds']:.0f} s. Outputs: {folder}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
