@@ -186,7 +186,7 @@ def _run(args):
     merged, per = resolve_parameters(profile, overrides, nbs)
     folder = run_dir(run_name)
     check_run_folder(folder, merged, args.overwrite)
-    if merged.get("data_dir", "") == "":
+    if "data_dir" in merged and merged["data_dir"] == "":
         from .synthetic import ensure_demo_dataset
 
         print("demo data:", ensure_demo_dataset(progress=not args.no_progress), flush=True)

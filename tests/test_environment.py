@@ -1,0 +1,36 @@
+"""The set-up files agree: environment.yml and pyproject.toml name the same dependencies."""
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _name(req):
+    return re.split(r"[<>=!~\[; ]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    py = {_name(r): r.replace(" ", "") for r in project["dependencies"]}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    conda = {_name(r): r.replace(" ", "") for r in pip if not r.startswith("-e")}
+    assert set(py) == set(conda), f"only in pyproject: {set(py) - set(conda)}; only in environment.yml: {set(conda) - set(py)}"
+    # The pins must agree too, not only the names.
+    assert {k: py[k] for k in py} == {k: conda[k] for k in py}
+    assert any(r.startswith("-e") for r in pip), "environment.yml must install the project itself"
+
+
+def test_ci_calls_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in readme and "make test" in ci
+
+
+def test_torch_pins_are_the_ones_on_disk():
+    mk = (ROOT / "Makefile").read_text()
+    assert "torch==2.14.1 torchvision==0.29.1" in mk
