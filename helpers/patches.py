@@ -35,7 +35,10 @@ from .progress import progress_bar
 from .slides import MASK_KINDS, Mask, Slide
 
 #: Bump when extraction changes in a way that changes a cache's content.
-EXTRACTOR_VERSION = 2
+EXTRACTOR_VERSION = 3
+
+#: Side of the blocks of a mask count map (level-0 pixels); see :func:`mask_count_map`.
+COUNT_BLOCK = 16
 
 TABLE_COLUMNS = ["case_id", "scale", "row", "col", "x", "y", "footprint", "tissue_frac",
                  "otsu", "kept", "whole_frac", "viable_frac", "label", "index"]
@@ -54,7 +57,7 @@ class ExtractionParams:
         label_mask: ``whole`` or ``viable``: which PAIP mask counts as tumour for labels.
         pos_threshold: label 1 when the tumour fraction is at least this.
         neg_threshold: label 0 when the tumour fraction is at most this; between: -1.
-        store_masks: also cache the ``label_mask`` patch (used for segmentation at scale 1).
+        store_masks: at scale 1, also cache each patch's ``label_mask`` (for segmentation).
     """
 
     patch_size: int = 224
@@ -214,7 +217,7 @@ def _open_cached(path, kind):
                 v.close()
             _WORKER_SLIDES.clear()
         if kind == "slide":
-            obj = Slide(path)
+            obj = Slide(path, verify=False)  # verified once by the caller
         else:
             dims = _open_cached(path[1], "slide").dimensions
             obj = Mask(path[0], dims)
@@ -222,8 +225,12 @@ def _open_cached(path, kind):
     return obj
 
 
-def extract_row(slide_path, scale, row, params, whole_path=None, viable_path=None):
+def extract_row(slide_path, scale, row, params, whole_path=None, viable_path=None, count_maps=None):
     """Cut one row of the grid: read the strip, patchify it, test tissue, measure tumour.
+
+    Tumour fractions come from the level-0 mask band at scale 1 (which also gives the stored
+    mask patches) and, where a block count map is given and the windows align with its blocks,
+    from that map: at 16x a row's band is 256 times fewer values to sum.
 
     Returns:
         A dict with the row's ``tissue_frac``, ``otsu``, ``kept`` mask, ``whole_frac`` and
@@ -252,9 +259,13 @@ def extract_row(slide_path, scale, row, params, whole_path=None, viable_path=Non
         if mp is None:
             out[f"{kind}_frac"] = np.full(cols, np.nan)
             continue
+        cmap = (count_maps or {}).get(kind)
+        if cmap is not None and scale > 1 and (S * scale) % COUNT_BLOCK == 0 and footprint % COUNT_BLOCK == 0:
+            out[f"{kind}_frac"] = _fractions_from_counts(cmap, y, xs, footprint)
+            continue
         mask = _open_cached((mp, slide_path), "mask")
         out[f"{kind}_frac"] = mask.window_fractions(y, xs, footprint)
-        if p.store_masks and kind == p.label_mask:
+        if p.store_masks and kind == p.label_mask and scale == 1:
             mstrip = mask.read(0, y, width, P, downsample=scale)
             out["masks"] = np.ascontiguousarray(patchify(mstrip, (P, P), step=S)[0][kept])
     return out
@@ -262,6 +273,68 @@ def extract_row(slide_path, scale, row, params, whole_path=None, viable_path=Non
 
 def _extract_row_job(args):
     return extract_row(*args)
+
+
+def _fractions_from_counts(cmap_path, y, xs, footprint):
+    key = ("counts", str(cmap_path))
+    m = _WORKER_SLIDES.get(key)
+    if m is None:
+        m = _WORKER_SLIDES[key] = _CountMap(cmap_path)
+    b = COUNT_BLOCK
+    band = np.asarray(m.counts[y // b:(y + footprint) // b]).sum(axis=0, dtype=np.int64)
+    cs = np.concatenate([[0], np.cumsum(band)])
+    c0 = np.clip(np.asarray(xs) // b, 0, band.size)
+    c1 = np.clip((np.asarray(xs) + footprint) // b, 0, band.size)
+    return (cs[c1] - cs[c0]) / float(footprint * footprint)
+
+
+class _CountMap:
+    def __init__(self, path):
+        self.counts = np.load(path, mmap_mode="r")
+
+    def close(self):
+        self.counts = None
+
+
+def _count_band_job(args):
+    mask_path, slide_path, r0, r1 = args
+    return r0, _open_cached((mask_path, slide_path), "mask").block_counts(r0, r1, COUNT_BLOCK)
+
+
+def mask_count_map(case, kind, cache_root, pool):
+    """The mask's pixel counts per 16 x 16 block, computed once (in parallel) and cached.
+
+    Coarse scales need the tumour fraction of large windows (a 64x patch covers 14,336 px a
+    side): summing this map instead of re-reading the full-resolution mask makes the mask cost
+    of a scale fall with the scale, like the cost of reading the image does. Kept beside the
+    patch caches, keyed by the mask file; only for level-0 masks.
+
+    Returns:
+        The ``.npy`` path, or ``None`` when the case has no such mask or it is not level-0 size.
+    """
+    mp = case.mask_path(kind)
+    if mp is None:
+        return None
+    with Slide(case.slide, verify=False) as s, Mask(mp, s.dimensions) as m:
+        if m.downsample != 1.0:
+            return None
+        h, w = m.height, m.width
+    stamp = hashlib.sha256(json.dumps([_file_stamp(mp), COUNT_BLOCK, EXTRACTOR_VERSION]).encode()).hexdigest()[:12]
+    dest = Path(cache_root) / case.case_id / f"{kind}_counts_b{COUNT_BLOCK}_{stamp}.npy"
+    if dest.exists():
+        return dest
+    from .atomic import atomic_path
+
+    nby, nbx = -(-h // COUNT_BLOCK), -(-w // COUNT_BLOCK)
+    step = max(1, (2 ** 25 // max(1, w)) // COUNT_BLOCK)
+    tasks = [(str(mp), str(case.slide), r, min(nby, r + step)) for r in range(0, nby, step)]
+    with atomic_path(dest, suffix=".npy") as tmp:
+        arr = np.lib.format.open_memmap(tmp, "w+", np.uint16, (nby, nbx))
+        for r0, part in pool.map(_count_band_job, tasks):
+            arr[r0:r0 + part.shape[0]] = part
+        arr.flush()
+        del arr
+    return dest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,12 +481,18 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
         with atomic_dir(folder) as tmp:
             tables = []
             n_kept = 0
-            store = params.store_masks and case.mask_path(params.label_mask) is not None
+            store = params.store_masks and scale == 1 and case.mask_path(params.label_mask) is not None
             with open(tmp / "patches.u8", "wb") as fp, \
                     (open(tmp / "masks.u8", "wb") if store else open(os.devnull, "wb")) as fm:
+                cmaps = {}
+                if scale > 1 and rows:
+                    for kind in MASK_KINDS:
+                        cm = mask_count_map(case, kind, cache_root, pool)
+                        if cm is not None:
+                            cmaps[kind] = str(cm)
                 tasks = [(str(case.slide), scale, r, asdict(params),
                           None if case.whole is None else str(case.whole),
-                          None if case.viable is None else str(case.viable)) for r in range(rows)]
+                          None if case.viable is None else str(case.viable), cmaps) for r in range(rows)]
                 for res in pool.map(_extract_row_job, tasks):
                     r = res["row"]
                     kept = res["kept"]
@@ -508,7 +587,7 @@ def extract_dataset(cases, scales, cache_root, params=None, workers=None, progre
     total = 0
     dims = {}
     for c in cases:
-        with Slide(c.slide) as s:
+        with Slide(c.slide, verify=False) as s:  # extract_slide verifies each slide
             dims[c.case_id] = s.dimensions
         for sc in scales:
             total += grid_shape(dims[c.case_id], sc, params.patch_size, params.stride)[0]

@@ -49,6 +49,8 @@ class Slide:
 
     Args:
         path: the slide file.
+        verify: decode the smallest pyramid level on opening, so that a truncated or damaged
+            file fails here with a clear message rather than halfway through a run.
 
     Attributes:
         path, name: the file and its stem (the case id in PAIP naming).
@@ -63,7 +65,7 @@ class Slide:
         ...     patch = s.read_region(0, 0, 224, 224, downsample=16)
     """
 
-    def __init__(self, path):
+    def __init__(self, path, verify=True):
         openslide = _import_openslide()
         self.path = Path(path)
         self.name = self.path.stem
@@ -112,7 +114,7 @@ class Slide:
         # usually written last, so decoding it all is a cheap and telling check.
         try:
             lw, lh = self.level_dimensions[-1]
-            if lw * lh <= 4096 * 4096:
+            if verify and lw * lh <= 4096 * 4096:
                 self._osr.read_region((0, 0), self.level_count - 1, (lw, lh))
         except openslide.OpenSlideError as exc:
             self.close()
@@ -472,6 +474,28 @@ class Mask:
         c1 = np.clip(np.ceil((xs + footprint) / d).astype(np.int64), 0, self.width)
         area = np.maximum(1, (c1 - c0)) * max(1, int(math.ceil(footprint / d)))
         return (cs[c1] - cs[c0]) / area
+
+    def block_counts(self, r0, r1, block=16, max_pixels=2 ** 25):
+        """Mask pixels per ``block`` x ``block`` block, for block rows ``r0`` to ``r1``.
+
+        A map of these counts (see ``helpers.patches.mask_count_map``) answers the tumour
+        fraction of any block-aligned window without decoding the full-resolution mask again:
+        at 16x, one map cell stands for 256 mask pixels.
+
+        Returns:
+            A uint16 array of shape ``(r1 - r0, ceil(width / block))``.
+        """
+        nbx = -(-self.width // block)
+        out = np.zeros((r1 - r0, nbx), np.uint16)
+        rows = max(1, (max_pixels // max(1, self.width)) // block)
+        for b in range(r0, r1, rows):
+            b1 = min(r1, b + rows)
+            a = self.read_native(0, b * block, self.width, min(self.height, b1 * block))
+            h = a.shape[0]
+            pad = np.zeros(((b1 - b) * block, nbx * block), np.uint8)
+            pad[:h, :a.shape[1]] = a
+            out[b - r0:b1 - r0] = pad.reshape(b1 - b, block, nbx, block).sum(axis=(1, 3), dtype=np.uint16)
+        return out
 
     def count(self, step=1, max_pixels=2 ** 25):
         """Number of mask pixels (every ``step``-th row and column), read in chunks."""
