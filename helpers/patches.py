@@ -245,50 +245,73 @@ def _open_cached(path, kind):
     return obj
 
 
-def extract_row(slide_path, scale, row, params, whole_path=None, viable_path=None, count_maps=None):
-    """Cut one row of the grid: read the strip, patchify it, test tissue, measure tumour.
+#: At most this many grid rows per worker task (neighbouring rows share tile rows, so one
+#: taller read decodes each tile once) ...
+ROWS_PER_TASK_MAX = 8
+#: ... and at most this many scaled pixels per task (bounds a worker's memory).
+TASK_PIXELS = 2 ** 25
+
+
+def rows_per_task(width, params):
+    """Grid rows per worker task for a level ``width`` px wide (at the patch's scale)."""
+    per_row = max(1, width * params.stride)
+    return int(max(1, min(ROWS_PER_TASK_MAX, TASK_PIXELS // per_row)))
+
+
+def extract_rows(slide_path, scale, r0, r1, params, whole_path=None, viable_path=None, count_maps=None):
+    """Cut grid rows ``r0`` to ``r1 - 1``: read them as one strip, then for each row patchify,
+    test tissue, measure tumour.
 
     Tumour fractions come from the level-0 mask band at scale 1 (which also gives the stored
     mask patches) and, where a block count map is given and the windows align with its blocks,
     from that map: at 16x a row's band is 256 times fewer values to sum.
 
     Returns:
-        A dict with the row's ``tissue_frac``, ``otsu``, ``kept`` mask, ``whole_frac`` and
-        ``viable_frac`` (NaN without masks), the kept ``patches`` (uint8, n x P x P x 3) and,
-        with ``store_masks``, their ``masks`` (n x P x P).
+        A list with, per row, a dict: ``row``, ``tissue_frac``, ``otsu``, ``kept`` (mask),
+        ``whole_frac`` and ``viable_frac`` (NaN without masks), the kept ``patches`` (uint8,
+        n x P x P x 3) and, with ``store_masks`` at scale 1, their ``masks`` (n x P x P).
     """
     p = params if isinstance(params, ExtractionParams) else ExtractionParams(**params)
     slide = _open_cached(slide_path, "slide")
     P, S, k = p.patch_size, p.stride, p.tissue_subsample
     rows, cols = grid_shape(slide.dimensions, scale, P, S)
-    y = row * S * scale
     width = (cols - 1) * S + P
-    strip = slide.read_region(0, y, width, P, downsample=scale)
-    patches = patchify(strip, (P, P, 3), step=S)[0, :, 0]           # (cols, P, P, 3) view
-    gray = to_gray(strip[::k, ::k])
-    gp = patchify(gray, (P // k, P // k), step=S // k if S % k == 0 else max(1, S // k))[0]
-    if gp.shape[0] != cols:  # a stride that the subsample does not divide: cut exactly
-        gp = np.stack([gray[:, (c * S) // k:(c * S) // k + P // k] for c in range(cols)])
-    frac, otsu = tissue_fractions(gp, p.glass_level)
-    kept = frac >= p.tissue_threshold
+    big = slide.read_region(0, r0 * S * scale, width, (r1 - r0 - 1) * S + P, downsample=scale)
     xs = np.arange(cols) * S * scale
     footprint = P * scale
-    out = {"row": row, "tissue_frac": frac, "otsu": otsu, "kept": kept,
-           "patches": np.ascontiguousarray(patches[kept])}
-    for kind, mp in (("whole", whole_path), ("viable", viable_path)):
-        if mp is None:
-            out[f"{kind}_frac"] = np.full(cols, np.nan)
-            continue
-        cmap = (count_maps or {}).get(kind)
-        if cmap is not None and scale > 1 and (S * scale) % COUNT_BLOCK == 0 and footprint % COUNT_BLOCK == 0:
-            out[f"{kind}_frac"] = _fractions_from_counts(cmap, y, xs, footprint)
-            continue
-        mask = _open_cached((mp, slide_path), "mask")
-        out[f"{kind}_frac"] = mask.window_fractions(y, xs, footprint)
-        if p.store_masks and kind == p.label_mask and scale == 1:
-            mstrip = mask.read(0, y, width, P, downsample=scale)
-            out["masks"] = np.ascontiguousarray(patchify(mstrip, (P, P), step=S)[0][kept])
-    return out
+    results = []
+    for row in range(r0, r1):
+        y = row * S * scale
+        strip = big[(row - r0) * S:(row - r0) * S + P]
+        patches = patchify(strip, (P, P, 3), step=S)[0, :, 0]           # (cols, P, P, 3) view
+        gray = to_gray(strip[::k, ::k])
+        gp = patchify(gray, (P // k, P // k), step=S // k if S % k == 0 else max(1, S // k))[0]
+        if gp.shape[0] != cols:  # a stride that the subsample does not divide: cut exactly
+            gp = np.stack([gray[:, (c * S) // k:(c * S) // k + P // k] for c in range(cols)])
+        frac, otsu = tissue_fractions(gp, p.glass_level)
+        kept = frac >= p.tissue_threshold
+        out = {"row": row, "tissue_frac": frac, "otsu": otsu, "kept": kept,
+               "patches": np.ascontiguousarray(patches[kept])}
+        for kind, mp in (("whole", whole_path), ("viable", viable_path)):
+            if mp is None:
+                out[f"{kind}_frac"] = np.full(cols, np.nan)
+                continue
+            cmap = (count_maps or {}).get(kind)
+            if cmap is not None and scale > 1 and (S * scale) % COUNT_BLOCK == 0 and footprint % COUNT_BLOCK == 0:
+                out[f"{kind}_frac"] = _fractions_from_counts(cmap, y, xs, footprint)
+                continue
+            mask = _open_cached((mp, slide_path), "mask")
+            out[f"{kind}_frac"] = mask.window_fractions(y, xs, footprint)
+            if p.store_masks and kind == p.label_mask and scale == 1:
+                mstrip = mask.read(0, y, width, P, downsample=scale)
+                out["masks"] = np.ascontiguousarray(patchify(mstrip, (P, P), step=S)[0][kept])
+        results.append(out)
+    return results
+
+
+def extract_row(slide_path, scale, row, params, whole_path=None, viable_path=None, count_maps=None):
+    """One grid row (see :func:`extract_rows`); returns its dict."""
+    return extract_rows(slide_path, scale, row, row + 1, params, whole_path, viable_path, count_maps)[0]
 
 
 def _portable_errors(fn, args):
@@ -303,7 +326,7 @@ def _portable_errors(fn, args):
 
 
 def _extract_row_job(args):
-    return _portable_errors(extract_row, args)
+    return _portable_errors(extract_rows, args)
 
 
 def _fractions_from_counts(cmap_path, y, xs, footprint):
@@ -458,7 +481,7 @@ class _OrderedPool:
             for t in tasks:
                 yield fn(t)
             return
-        window = window or 2 * self.workers
+        window = window or self.workers + 1
         pending = []
         it = iter(tasks)
         for t in it:
@@ -516,7 +539,8 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
     t0 = time.perf_counter()
     try:
         with atomic_dir(folder) as tmp:
-            tables = []
+            cols_out = {k: [] for k in ("row", "col", "tissue_frac", "otsu", "kept", "whole_frac",
+                                        "viable_frac", "index")}
             n_kept = 0
             store = params.store_masks and scale == 1 and case.mask_path(params.label_mask) is not None
             with open(tmp / "patches.u8", "wb") as fp, \
@@ -527,29 +551,32 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
                         cm = mask_count_map(case, kind, cache_root, pool)
                         if cm is not None:
                             cmaps[kind] = str(cm)
-                tasks = [(str(case.slide), scale, r, asdict(params),
+                step = rows_per_task((cols - 1) * params.stride + P, params) if cols else 1
+                tasks = [(str(case.slide), scale, r, min(rows, r + step), asdict(params),
                           None if case.whole is None else str(case.whole),
-                          None if case.viable is None else str(case.viable), cmaps) for r in range(rows)]
-                for res in pool.map(_extract_row_job, tasks):
-                    r = res["row"]
-                    kept = res["kept"]
-                    index = np.full(cols, -1, np.int64)
-                    index[kept] = np.arange(n_kept, n_kept + int(kept.sum()))
-                    n_kept += int(kept.sum())
-                    fp.write(res["patches"].tobytes())
-                    if store:
-                        fm.write(res["masks"].tobytes())
-                    tables.append(pd.DataFrame({
-                        "row": r, "col": np.arange(cols), "tissue_frac": res["tissue_frac"].round(4),
-                        "otsu": res["otsu"], "kept": kept, "whole_frac": res["whole_frac"].round(4),
-                        "viable_frac": res["viable_frac"].round(4), "index": index}))
-                    if progress is not None:
-                        progress.update(1)
+                          None if case.viable is None else str(case.viable), cmaps)
+                         for r in range(0, rows, step)]
+                for batch in pool.map(_extract_row_job, tasks):
+                    for res in batch:
+                        kept = res["kept"]
+                        index = np.full(cols, -1, np.int64)
+                        index[kept] = np.arange(n_kept, n_kept + int(kept.sum()))
+                        n_kept += int(kept.sum())
+                        fp.write(res["patches"].data)
+                        if store:
+                            fm.write(res["masks"].data)
+                        cols_out["row"].append(np.full(cols, res["row"]))
+                        cols_out["col"].append(np.arange(cols))
+                        for name in ("tissue_frac", "otsu", "kept", "whole_frac", "viable_frac"):
+                            cols_out[name].append(res[name])
+                        cols_out["index"].append(index)
+                        if progress is not None:
+                            progress.update(1)
             if not store:
                 (tmp / "masks.u8").unlink(missing_ok=True)
-            table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
-                {c: pd.Series(dtype=float) for c in ["row", "col", "tissue_frac", "otsu", "kept",
-                                                      "whole_frac", "viable_frac", "index"]})
+            table = pd.DataFrame({k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols_out.items()})
+            for name in ("tissue_frac", "whole_frac", "viable_frac"):
+                table[name] = table[name].round(4)
             table = finish_table(table, case.case_id, scale, params)
             table[TABLE_COLUMNS].to_csv(tmp / "table.csv", index=False)
             kept_t = table[table["kept"]]

@@ -108,6 +108,7 @@ def test_interrupted_extraction_leaves_no_cache(t1, tmp_path, monkeypatch, exc):
         return real(args)
 
     monkeypatch.setattr(hp, "_extract_row_job", flaky)
+    monkeypatch.setattr(hp, "ROWS_PER_TASK_MAX", 1)  # one grid row per task
     with pytest.raises(exc):
         extract_slide(t1, 1, root, workers=1)
     assert calls == [0, 1]
