@@ -262,9 +262,10 @@ def extract_rows(slide_path, scale, r0, r1, params, whole_path=None, viable_path
     """Cut grid rows ``r0`` to ``r1 - 1``: read them as one strip, then for each row patchify,
     test tissue, measure tumour.
 
-    Tumour fractions come from the level-0 mask band at scale 1 (which also gives the stored
-    mask patches) and, where a block count map is given and the windows align with its blocks,
-    from that map: at 16x a row's band is 256 times fewer values to sum.
+    Tumour fractions come from the mask's block count map where one is given and the windows
+    align with its blocks (a 16x16 block is one value to sum instead of 256 mask pixels), else
+    from the level-0 mask band. At scale 1 the band of ``label_mask`` is also read for the
+    stored mask patches.
 
     Returns:
         A list with, per row, a dict: ``row``, ``tissue_frac``, ``otsu``, ``kept`` (mask),
@@ -297,12 +298,14 @@ def extract_rows(slide_path, scale, r0, r1, params, whole_path=None, viable_path
                 out[f"{kind}_frac"] = np.full(cols, np.nan)
                 continue
             cmap = (count_maps or {}).get(kind)
-            if cmap is not None and scale > 1 and (S * scale) % COUNT_BLOCK == 0 and footprint % COUNT_BLOCK == 0:
+            mask = None
+            if cmap is not None and (S * scale) % COUNT_BLOCK == 0 and footprint % COUNT_BLOCK == 0:
                 out[f"{kind}_frac"] = _fractions_from_counts(cmap, y, xs, footprint)
-                continue
-            mask = _open_cached((mp, slide_path), "mask")
-            out[f"{kind}_frac"] = mask.window_fractions(y, xs, footprint)
+            else:
+                mask = _open_cached((mp, slide_path), "mask")
+                out[f"{kind}_frac"] = mask.window_fractions(y, xs, footprint)
             if p.store_masks and kind == p.label_mask and scale == 1:
+                mask = mask or _open_cached((mp, slide_path), "mask")
                 mstrip = mask.read(0, y, width, P, downsample=scale)
                 out["masks"] = np.ascontiguousarray(patchify(mstrip, (P, P), step=S)[0][kept])
         results.append(out)
@@ -361,10 +364,10 @@ def _count_band_job(args):
 def mask_count_map(case, kind, cache_root, pool):
     """The mask's pixel counts per 16 x 16 block, computed once (in parallel) and cached.
 
-    Coarse scales need the tumour fraction of large windows (a 64x patch covers 14,336 px a
-    side): summing this map instead of re-reading the full-resolution mask makes the mask cost
-    of a scale fall with the scale, like the cost of reading the image does. Kept beside the
-    patch caches, keyed by the mask file; only for level-0 masks.
+    Every scale needs the tumour fraction of its windows (a 64x patch covers 14,336 px a side):
+    summing this map instead of re-reading the full-resolution mask at each scale makes the
+    mask cost of a scale fall with the scale, like the cost of reading the image does. Kept
+    beside the patch caches, keyed by the mask file; only for level-0 masks.
 
     Returns:
         The ``.npy`` path, or ``None`` when the case has no such mask or it is not level-0 size.
@@ -546,7 +549,7 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
             with open(tmp / "patches.u8", "wb") as fp, \
                     (open(tmp / "masks.u8", "wb") if store else open(os.devnull, "wb")) as fm:
                 cmaps = {}
-                if scale > 1 and rows:
+                if rows:
                     for kind in MASK_KINDS:
                         cm = mask_count_map(case, kind, cache_root, pool)
                         if cm is not None:
