@@ -482,12 +482,12 @@ def markdown(rows, info):
         "(W/scale x H/scale) per second; x raw: patches/s relative to the fastest raw row of the "
         "same scale in this run; other load: cores kept busy by processes outside the benchmark "
         "while the method ran (from /proc/stat; anything well above 0 skews that row).",
-        "raw-N: Slide.read_region in full-width strips of N px, discarded (single process). "
-        "tifffile-N (info): the same level decoded tile by tile with tifffile/imagecodecs, bypassing "
-        "OpenSlide (single process; not a reference for x raw). "
+        "raw-N: Slide.read_region as extraction reads (its tile reader for tiled JPEG TIFFs) in "
+        "full-width strips of N px, discarded (single process); raw-openslide-N: the same through "
+        "OpenSlide's read_region. "
         "paper: whole level in one array + patchify + per-patch skimage threshold_otsu on the full "
         "224 px gray patch + the white-glass rule of tissue_fractions (no masks, nothing written). "
-        "ours: extract_slide with both masks, writing the patch cache (then deleted).",
+        "ours: extract_slide with both masks, writing the patch cache (then deleted); the per-slide mask count maps are built before it and timed apart.",
         f"Peak memory: largest sum over the method's process tree of VmRSS (/proc/<pid>/status) and "
         f"of Pss (/proc/<pid>/smaps_rollup), sampled every {info['sample_ms']} ms from the parent; "
         "RSS double-counts pages that forked workers share, PSS splits them. getrusage maxrss per "
