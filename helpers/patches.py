@@ -258,7 +258,8 @@ def rows_per_task(width, params):
     return int(max(1, min(ROWS_PER_TASK_MAX, TASK_PIXELS // per_row)))
 
 
-def extract_rows(slide_path, scale, r0, r1, params, whole_path=None, viable_path=None, count_maps=None):
+def extract_rows(slide_path, scale, r0, r1, params, whole_path=None, viable_path=None, count_maps=None,
+                 part_dir=None):
     """Cut grid rows ``r0`` to ``r1 - 1``: read them as one strip, then for each row patchify,
     test tissue, measure tumour.
 
@@ -267,10 +268,16 @@ def extract_rows(slide_path, scale, r0, r1, params, whole_path=None, viable_path
     from the level-0 mask band. At scale 1 the band of ``label_mask`` is also read for the
     stored mask patches.
 
+    With ``part_dir``, the kept patches (and masks) of all the rows are written to a part file
+    there instead of being returned: a worker then hands back only the small per-row arrays,
+    and the main process splices the part files into the cache without copying them through
+    its own memory.
+
     Returns:
         A list with, per row, a dict: ``row``, ``tissue_frac``, ``otsu``, ``kept`` (mask),
         ``whole_frac`` and ``viable_frac`` (NaN without masks), the kept ``patches`` (uint8,
-        n x P x P x 3) and, with ``store_masks`` at scale 1, their ``masks`` (n x P x P).
+        n x P x P x 3) and, with ``store_masks`` at scale 1, their ``masks`` (n x P x P); with
+        ``part_dir``, instead of those two, the first row's dict names the ``part`` files.
     """
     p = params if isinstance(params, ExtractionParams) else ExtractionParams(**params)
     slide = _open_cached(slide_path, "slide")
@@ -309,7 +316,44 @@ def extract_rows(slide_path, scale, r0, r1, params, whole_path=None, viable_path
                 mstrip = mask.read(0, y, width, P, downsample=scale)
                 out["masks"] = np.ascontiguousarray(patchify(mstrip, (P, P), step=S)[0][kept])
         results.append(out)
+    if part_dir is not None:
+        base = Path(part_dir) / f"part-{r0:07d}"
+        with open(f"{base}.u8", "wb") as f:
+            for out in results:
+                f.write(out.pop("patches").data)
+        if any("masks" in out for out in results):
+            with open(f"{base}.m.u8", "wb") as f:
+                for out in results:
+                    if "masks" in out:
+                        f.write(out.pop("masks").data)
+        results[0]["part"] = str(base)
     return results
+
+
+def _splice(dst, src_path):
+    """Append a file to an open file (in the kernel where the platform allows), then delete it."""
+    with open(src_path, "rb") as src:
+        n = os.fstat(src.fileno()).st_size
+        dst.flush()
+        done = 0
+        try:
+            while done < n:
+                k = os.copy_file_range(src.fileno(), dst.fileno(), n - done)
+                if k == 0:
+                    break
+                done += k
+        except (AttributeError, OSError):
+            src.seek(done)
+            import shutil
+
+            shutil.copyfileobj(src, dst, 16 << 20)
+            done = n
+        if done < n:
+            src.seek(done)
+            import shutil
+
+            shutil.copyfileobj(src, dst, 16 << 20)
+    os.remove(src_path)
 
 
 def extract_row(slide_path, scale, row, params, whole_path=None, viable_path=None, count_maps=None):
@@ -557,17 +601,28 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
                 step = rows_per_task((cols - 1) * params.stride + P, params) if cols else 1
                 tasks = [(str(case.slide), scale, r, min(rows, r + step), asdict(params),
                           None if case.whole is None else str(case.whole),
-                          None if case.viable is None else str(case.viable), cmaps)
+                          None if case.viable is None else str(case.viable), cmaps, str(tmp))
                          for r in range(0, rows, step)]
                 for batch in pool.map(_extract_row_job, tasks):
+                    part = batch[0].get("part")
+                    if part is not None:
+                        fp.seek(0, os.SEEK_END)
+                        _splice(fp, part + ".u8")
+                        if Path(part + ".m.u8").exists():
+                            if store:
+                                fm.seek(0, os.SEEK_END)
+                                _splice(fm, part + ".m.u8")
+                            else:
+                                os.remove(part + ".m.u8")
                     for res in batch:
                         kept = res["kept"]
                         index = np.full(cols, -1, np.int64)
                         index[kept] = np.arange(n_kept, n_kept + int(kept.sum()))
                         n_kept += int(kept.sum())
-                        fp.write(res["patches"].data)
-                        if store:
-                            fm.write(res["masks"].data)
+                        if part is None:
+                            fp.write(res["patches"].data)
+                            if store:
+                                fm.write(res["masks"].data)
                         cols_out["row"].append(np.full(cols, res["row"]))
                         cols_out["col"].append(np.arange(cols))
                         for name in ("tissue_frac", "otsu", "kept", "whole_frac", "viable_frac"):
