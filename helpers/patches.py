@@ -579,10 +579,14 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
             if mp is not None:
                 Mask(mp, dims).close()
     rows, cols = grid_shape(dims, scale, params.patch_size, params.stride)
+    P = params.patch_size
+    step = rows_per_task((cols - 1) * params.stride + P, params) if cols else 1
     own_pool = None
     if pool is None:
-        pool = own_pool = _OrderedPool(workers)
-    P = params.patch_size
+        # A job of a few tasks (a coarse scale, a small slide) is done sooner in this process
+        # than by starting workers.
+        n_tasks = -(-rows // step) if rows else 0
+        pool = own_pool = _OrderedPool(workers if n_tasks >= 2 * workers else 1)
     t0 = time.perf_counter()
     try:
         with atomic_dir(folder) as tmp:
@@ -598,7 +602,6 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
                         cm = mask_count_map(case, kind, cache_root, pool)
                         if cm is not None:
                             cmaps[kind] = str(cm)
-                step = rows_per_task((cols - 1) * params.stride + P, params) if cols else 1
                 tasks = [(str(case.slide), scale, r, min(rows, r + step), asdict(params),
                           None if case.whole is None else str(case.whole),
                           None if case.viable is None else str(case.viable), cmaps, str(tmp))
