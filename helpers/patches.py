@@ -356,11 +356,6 @@ def _splice(dst, src_path):
     os.remove(src_path)
 
 
-def extract_row(slide_path, scale, row, params, whole_path=None, viable_path=None, count_maps=None):
-    """One grid row (see :func:`extract_rows`); returns its dict."""
-    return extract_rows(slide_path, scale, row, row + 1, params, whole_path, viable_path, count_maps)[0]
-
-
 def _portable_errors(fn, args):
     """Run ``fn(*args)`` in a worker; re-raise anything as an exception that survives pickling
     (an unpicklable one would leave the parent waiting forever)."""
