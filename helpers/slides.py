@@ -12,6 +12,7 @@ Used by notebooks 01 and 02 (and every later one through ``patches``). No torch 
 
 import csv
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,7 +224,7 @@ class Slide:
         """
         if self._osr is None:
             raise InputError(f"{self.path}: slide is closed")
-        if not (isinstance(downsample, (int, float)) and downsample >= 1):
+        if not (isinstance(downsample, numbers.Real) and not isinstance(downsample, bool) and downsample >= 1):
             raise InputError(f"downsample must be a number >= 1, got {downsample!r}")
         width, height = int(width), int(height)
         level = self.best_level(downsample)
