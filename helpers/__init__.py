@@ -6,7 +6,10 @@ Layering (imports only point down):
 - ``synthetic``, ``slides``: the built-in demo data and slide/mask I/O (no torch).
 - ``patches``, ``splits``, ``augment``: streaming patch extraction, caches, slide-level
   splits, the paper's augmentations.
-- ``figures``, ``setup``: plotting utilities and notebook set-up (seeds, versions).
+- ``models``: the paper's networks; ImageNet weights from the hub or a local file, failing
+  fast and clearly offline.
+- ``figures``, ``setup``, ``progress``: plotting utilities, notebook set-up (seeds,
+  versions), progress bars.
 - ``run``: the papermill runner that executes the numbered notebooks in order.
 """
 
