@@ -6,6 +6,8 @@ Layering (imports only point down):
 - ``synthetic``, ``slides``: the built-in demo data and slide/mask I/O (no torch).
 - ``patches``, ``splits``, ``augment``: streaming patch extraction, caches, slide-level
   splits, the paper's augmentations.
+- ``metrics``, ``train``: the paper's Dice loss and Dice/Jaccard conventions, classification
+  metrics; the shared training loop (checkpoints, resume, plateau schedule, early stop).
 - ``models``: the paper's networks; ImageNet weights from the hub or a local file, failing
   fast and clearly offline.
 - ``figures``, ``setup``, ``progress``: plotting utilities, notebook set-up (seeds,

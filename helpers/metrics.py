@@ -1,0 +1,112 @@
+"""Losses and metrics of the paper, with the conventions that its numbers leave open.
+
+- :func:`soft_dice_loss`: the paper's eq. 1 as intended. The printed equation,
+  ``sum(p r) / (sum p^2 + sum r^2)``, lacks the factor 2 and the ``1 -`` of the soft Dice loss
+  (Milletari et al., 2016): as printed it is half a similarity, maximised rather than minimised.
+- Dice and Jaccard (eq. 2) three ways: pooled over all pixels, mean over patches (with an
+  explicit rule for patches where both masks are empty), and the PAIP 2019 score (Jaccard, 0
+  when below 0.65). For one mask J = D / (2 - D), so the paper's Dice 0.69 with Jaccard 0.68
+  cannot come from one pooled mask.
+- Patch classification: confusion matrix, accuracy, sensitivity, specificity.
+
+Used by notebooks 03 (segmentation) and 04 (classification); numpy and torch inputs alike.
+"""
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+
+def soft_dice_loss(probs, target, eps=1.0):
+    """``1 - 2 sum(p r) / (sum p^2 + sum r^2)`` over each image, averaged over the batch.
+
+    Args:
+        probs: predicted probabilities, ``(n, 1, h, w)`` or ``(n, h, w)``, in [0, 1].
+        target: the 0/1 masks, same shape.
+        eps: smoothing added to both sides (keeps empty-empty images at loss 0).
+
+    Returns:
+        A scalar tensor.
+    """
+    if probs.shape != target.shape:
+        raise InputError(f"soft_dice_loss: probs {tuple(probs.shape)} and target {tuple(target.shape)} differ")
+    p = probs.reshape(probs.shape[0], -1).float()
+    r = target.reshape(target.shape[0], -1).float()
+    inter = (p * r).sum(1)
+    denom = (p * p).sum(1) + (r * r).sum(1)
+    return (1 - (2 * inter + eps) / (denom + eps)).mean()
+
+
+def _as_bool(a):
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    return np.asarray(a).astype(bool)
+
+
+def dice_jaccard(pred, target, empty=1.0):
+    """Dice and Jaccard of two binary masks, pooled over all their pixels.
+
+    Args:
+        pred, target: binary arrays of one shape (any number of dimensions).
+        empty: the value of both when both masks are empty (no tumour, none predicted).
+
+    Returns:
+        ``(dice, jaccard)`` floats.
+    """
+    p, t = _as_bool(pred), _as_bool(target)
+    if p.shape != t.shape:
+        raise InputError(f"prediction {p.shape} and ground truth {t.shape} differ in shape")
+    inter = np.count_nonzero(p & t)
+    total = np.count_nonzero(p) + np.count_nonzero(t)
+    if total == 0:
+        return float(empty), float(empty)
+    return 2 * inter / total, inter / (total - inter)
+
+
+def dice_jaccard_per_patch(pred, target, empty=1.0):
+    """Mean Dice and mean Jaccard over patches (the first axis), with ``empty`` for patches
+    where both masks are empty; returns ``(dice, jaccard, n_empty)``."""
+    p, t = _as_bool(pred), _as_bool(target)
+    n = p.shape[0]
+    p = p.reshape(n, -1)
+    t = t.reshape(n, -1)
+    inter = np.count_nonzero(p & t, axis=1)
+    total = np.count_nonzero(p, axis=1) + np.count_nonzero(t, axis=1)
+    is_empty = total == 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = np.where(is_empty, empty, 2 * inter / np.maximum(total, 1))
+        j = np.where(is_empty, empty, inter / np.maximum(total - inter, 1))
+    return float(d.mean()) if n else float("nan"), float(j.mean()) if n else float("nan"), int(is_empty.sum())
+
+
+def paip_score(jaccard, threshold=0.65):
+    """The PAIP 2019 task-1 score of a slide: its Jaccard index, or 0 when below ``threshold``."""
+    return float(jaccard) if jaccard >= threshold else 0.0
+
+
+def jaccard_from_dice(dice):
+    """J = D / (2 - D): the Jaccard index that one mask with this Dice coefficient has."""
+    return dice / (2 - dice)
+
+
+def classification_report(y_true, y_pred):
+    """Accuracy, sensitivity (tumour recall), specificity and the 2 x 2 confusion matrix.
+
+    Args:
+        y_true, y_pred: 0/1 labels (1 = tumour).
+
+    Returns:
+        A dict with ``accuracy``, ``sensitivity``, ``specificity``, ``n`` and ``confusion``
+        (rows: true 0/1, columns: predicted 0/1).
+    """
+    t = np.asarray(y_true).astype(int)
+    p = np.asarray(y_pred).astype(int)
+    if t.shape != p.shape:
+        raise InputError(f"y_true {t.shape} and y_pred {p.shape} differ in shape")
+    cm = np.zeros((2, 2), int)
+    np.add.at(cm, (t, p), 1)
+    tn, fp, fn, tp = cm.ravel()
+    return {"n": int(t.size), "accuracy": (tp + tn) / t.size if t.size else float("nan"),
+            "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+            "specificity": tn / (tn + fp) if tn + fp else float("nan"), "confusion": cm}

@@ -1,0 +1,155 @@
+"""The shared training loop (checkpoints, resume, refusal, early stop) and the paper's metrics."""
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import metrics
+from helpers.errors import InputError
+from helpers.train import TrainConfig, batches_from_arrays, fit
+
+
+# -- metrics --------------------------------------------------------------------------------
+
+def test_dice_jaccard_pooled_and_the_identity():
+    a = np.zeros((10, 10), bool)
+    b = np.zeros((10, 10), bool)
+    a[:5] = True           # 50 px
+    b[2:7] = True          # 50 px, 30 shared
+    d, j = metrics.dice_jaccard(a, b)
+    assert d == pytest.approx(60 / 100) and j == pytest.approx(30 / 70)
+    assert j == pytest.approx(metrics.jaccard_from_dice(d))
+    assert metrics.dice_jaccard(np.zeros(4), np.zeros(4)) == (1.0, 1.0)
+    assert metrics.dice_jaccard(np.zeros(4), np.zeros(4), empty=0.0) == (0.0, 0.0)
+    # The paper's Dice 0.69 implies Jaccard 0.53 for one mask, not 0.68.
+    assert metrics.jaccard_from_dice(0.69) == pytest.approx(0.5267, abs=1e-4)
+
+
+def test_per_patch_means_count_empty_patches():
+    p = np.zeros((3, 4, 4), bool)
+    t = np.zeros((3, 4, 4), bool)
+    p[0, :2] = t[0, :2] = True      # perfect
+    t[1, :2] = True                 # missed entirely
+    d, j, n_empty = metrics.dice_jaccard_per_patch(p, t)
+    assert n_empty == 1 and d == pytest.approx((1 + 0 + 1) / 3) and j == pytest.approx(2 / 3)
+    d0, _, _ = metrics.dice_jaccard_per_patch(p, t, empty=0.0)
+    assert d0 == pytest.approx(1 / 3)
+
+
+def test_paip_score_threshold():
+    assert metrics.paip_score(0.64) == 0.0 and metrics.paip_score(0.7) == 0.7
+
+
+def test_soft_dice_loss_is_eq1_corrected():
+    t = torch.zeros(2, 1, 8, 8)
+    t[:, :, :4] = 1
+    assert float(metrics.soft_dice_loss(t.clone(), t)) == pytest.approx(0.0, abs=1e-6)
+    assert float(metrics.soft_dice_loss(1 - t, t)) == pytest.approx(1.0, abs=0.02)
+    p = torch.full_like(t, 0.5)
+    # 1 - 2*sum(pr)/(sum p^2 + sum r^2): 1 - 2*16/(16 + 32) = 1/3 per image (eps aside)
+    assert float(metrics.soft_dice_loss(p, t, eps=0)) == pytest.approx(1 / 3, abs=1e-6)
+    with pytest.raises(InputError):
+        metrics.soft_dice_loss(p, t[:, 0])
+
+
+def test_classification_report():
+    r = metrics.classification_report([1, 1, 0, 0, 0], [1, 0, 0, 0, 1])
+    assert r["accuracy"] == pytest.approx(0.6) and r["sensitivity"] == 0.5
+    assert r["specificity"] == pytest.approx(2 / 3) and r["confusion"].tolist() == [[2, 1], [1, 1]]
+
+
+# -- the training loop ----------------------------------------------------------------------
+
+def _data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.integers(0, 60, (n, 8, 8, 3)).astype(np.uint8)
+    x[y == 1, :, :, 0] += 150       # class 1 is red: learnable
+    return x, y
+
+
+def _setup(tmp_path, epochs=3, **cfg):
+    x, y = _data()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 3, 2))
+    config = TrainConfig(epochs=epochs, optimizer="adam", lr=0.01, device="cpu", **cfg)
+
+    def train_batches(epoch):
+        return batches_from_arrays(x[:48], y[:48], 16, shuffle=True, seed=epoch)
+
+    def evaluate(m, device):
+        xb = torch.from_numpy(x[48:]).permute(0, 3, 1, 2).float() / 255
+        out = m(xb)
+        return {"val_loss": float(torch.nn.functional.cross_entropy(out, torch.from_numpy(y[48:]))),
+                "val_acc": float((out.argmax(1).numpy() == y[48:]).mean())}
+
+    return model, train_batches, evaluate, config
+
+
+def _loss(out, y):
+    return torch.nn.functional.cross_entropy(out, y.long())
+
+
+def test_fit_learns_and_writes_checkpoints(tmp_path):
+    model, tb, ev, cfg = _setup(tmp_path, epochs=5)
+    h = fit(model, tb, ev, _loss, cfg, tmp_path / "run", meta={"arch": "linear"}, progress=False, log=lambda *_: None)
+    assert len(h) == 5 and h.train_loss.iloc[-1] < h.train_loss.iloc[0]
+    assert h.val_acc.iloc[-1] >= 0.8
+    for f in ("last.pt", "best.pt", "history.csv"):
+        assert (tmp_path / "run" / f).exists()
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert ck["epoch"] == 5 and ck["identity"]["meta"] == {"arch": "linear"} and "torch" in ck["versions"]
+    assert not list((tmp_path / "run").glob(".*tmp*"))
+
+
+def test_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    model, tb, ev, cfg = _setup(tmp_path, epochs=4)
+    full = fit(model, tb, ev, _loss, cfg, tmp_path / "a", progress=False, log=lambda *_: None)
+
+    model, tb, ev, cfg = _setup(tmp_path, epochs=4)
+    calls = []
+
+    def killed(epoch):  # dies in the middle of epoch 3
+        calls.append(epoch)
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return tb(epoch)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, killed, ev, _loss, cfg, tmp_path / "b", progress=False, log=lambda *_: None)
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["epoch"] == 2
+    model, tb, ev, cfg = _setup(tmp_path, epochs=4)
+    logs = []
+    resumed = fit(model, tb, ev, _loss, cfg, tmp_path / "b", progress=False, log=logs.append)
+    assert any("resumed" in m for m in logs) and len(resumed) == 4
+    np.testing.assert_allclose(resumed.train_loss, full.train_loss, rtol=1e-5)
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    model, tb, ev, cfg = _setup(tmp_path, epochs=1)
+    fit(model, tb, ev, _loss, cfg, tmp_path / "r", meta={"arch": "linear"}, progress=False, log=lambda *_: None)
+    model, tb, ev, cfg = _setup(tmp_path, epochs=2)
+    cfg.lr = 0.5
+    with pytest.raises(InputError, match="config.lr"):
+        fit(model, tb, ev, _loss, cfg, tmp_path / "r", meta={"arch": "linear"}, progress=False, log=lambda *_: None)
+    cfg.lr = 0.01
+    with pytest.raises(InputError, match="meta.arch"):
+        fit(model, tb, ev, _loss, cfg, tmp_path / "r", meta={"arch": "other"}, progress=False, log=lambda *_: None)
+
+
+def test_early_stop_and_lr_plateau(tmp_path):
+    model, tb, ev, cfg = _setup(tmp_path, epochs=30, early_stop_patience=2, lr_patience=0, lr_factor=0.1,
+                                monitor="val_acc", mode="max")
+    h = fit(model, tb, ev, _loss, cfg, tmp_path / "e", progress=False, log=lambda *_: None)
+    assert len(h) < 30
+    assert h.lr.min() < 0.01  # the plateau rule lowered the rate
+
+
+def test_bad_config_and_missing_monitor(tmp_path):
+    with pytest.raises(InputError, match="optimizer"):
+        TrainConfig(optimizer="rmsprop").validate()
+    with pytest.raises(InputError, match="epochs"):
+        TrainConfig(epochs=0).validate()
+    model, tb, _, cfg = _setup(tmp_path, epochs=1)
+    with pytest.raises(InputError, match="val_loss"):
+        fit(model, tb, lambda m, d: {"acc": 1.0}, _loss, cfg, tmp_path / "m", progress=False, log=lambda *_: None)
