@@ -8,6 +8,8 @@ Layering (imports only point down):
   splits, the paper's augmentations.
 - ``metrics``, ``train``: the paper's Dice loss and Dice/Jaccard conventions, classification
   metrics; the shared training loop (checkpoints, resume, plateau schedule, early stop).
+- ``unetpp``, ``inference``: the paper's UNet++ with deep supervision; whole-slide
+  prediction stitched at a downscale.
 - ``models``: the paper's networks; ImageNet weights from the hub or a local file, failing
   fast and clearly offline.
 - ``figures``, ``setup``, ``progress``: plotting utilities, notebook set-up (seeds,

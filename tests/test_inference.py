@@ -1,0 +1,88 @@
+"""Whole-slide inference: stitching at a downscale, overlap blending, glass skipped, bad input."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.errors import InputError
+from helpers.inference import predict_slide, save_mask_tiff
+from helpers.slides import Mask, Slide, list_cases
+
+
+class Purple(torch.nn.Module):
+    """A stand-in segmenter: 'tumour' where a pixel is dark purple (tumour nuclei/stroma)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        r, g = x[:, 0:1], x[:, 1:2]
+        return ((r < 0.85) & (g < 0.55)).float() + 0 * self.w
+
+
+def _ident(out):
+    return out
+
+
+@pytest.fixture(scope="module")
+def t1(small_dataset):
+    return [c for c in list_cases(small_dataset) if c.case_id == "tiny_t1"][0]
+
+
+def test_stitched_canvas_shape_and_coverage(t1):
+    res = predict_slide(Purple(), t1.slide, _ident, out_downsample=16, progress=False)
+    with Slide(t1.slide) as s:
+        W, H = s.dimensions
+    assert res["prob"].shape == (H // 16, W // 16) and res["prob"].dtype == np.float32
+    assert res["n_patches"] > 0
+    assert 0 <= res["prob"].min() and res["prob"].max() <= 1
+    # Covered cells are exactly those of the predicted (tissue) patches.
+    assert (res["coverage"] > 0).sum() == res["n_patches"] * (224 // 16) ** 2
+
+
+def test_prediction_follows_the_tumour_mask(t1):
+    res = predict_slide(Purple(), t1.slide, _ident, out_downsample=16, progress=False)
+    with Slide(t1.slide) as s, Mask(t1.viable, s.dimensions) as m:
+        gt = m.read(0, 0, res["prob"].shape[1], res["prob"].shape[0], downsample=16).astype(bool)
+    covered = res["coverage"] > 0
+    inside = res["prob"][gt & covered].mean()
+    outside = res["prob"][~gt & covered].mean()
+    assert inside > outside + 0.1
+
+
+def test_overlap_is_blended_consistently(t1):
+    a = predict_slide(Purple(), t1.slide, _ident, out_downsample=16, stride=224, progress=False)
+    b = predict_slide(Purple(), t1.slide, _ident, out_downsample=16, stride=112, progress=False)
+    both = (a["coverage"] > 0) & (b["coverage"] > 0)
+    # A pixel-local model gives the same probability whichever patches cover a cell.
+    np.testing.assert_allclose(a["prob"][both], b["prob"][both], atol=1e-5)
+    assert b["coverage"].max() > 1
+
+
+def test_tissue_free_slide_warns_and_gives_empty_mask(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.full((500, 700, 3), 246, np.uint8)).save(tmp_path / "glass.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no mpp for a PNG
+        with pytest.warns(UserWarning, match="no tissue"):
+            res = predict_slide(Purple(), tmp_path / "glass.png", _ident, out_downsample=4, progress=False)
+    assert res["n_patches"] == 0 and not res["prob"].any()
+
+
+def test_bad_downsample_is_refused(t1):
+    with pytest.raises(InputError, match="out_downsample"):
+        predict_slide(Purple(), t1.slide, _ident, out_downsample=10, progress=False)
+
+
+def test_mask_tiff_round_trip(tmp_path, t1):
+    res = predict_slide(Purple(), t1.slide, _ident, out_downsample=16, progress=False)
+    p = save_mask_tiff(tmp_path / "pred.tif", res["prob"] > 0.5, 16)
+    with Slide(t1.slide) as s:
+        m = Mask(p, s.dimensions)
+        assert m.downsample == pytest.approx(16, rel=0.01)
+        assert np.array_equal(m.read_native(0, 0, m.width, m.height), (res["prob"] > 0.5).astype(np.uint8))
+    assert not list(tmp_path.glob(".*tmp*"))
