@@ -54,7 +54,7 @@ def _strips(slide, rows, cols, P, S, k, glass_level, tissue_threshold):
 
 
 def predict_slide(model, slide_path, predict_fn, out_downsample=16, stride=224, patch_size=224,
-                  batch_size=16, device=None, tissue=None, progress=True):
+                  batch_size=16, device=None, tissue=None, progress=True, input_size=None):
     """Predict a slide's mask probabilities and stitch them at ``out_downsample``.
 
     Args:
@@ -71,6 +71,8 @@ def predict_slide(model, slide_path, predict_fn, out_downsample=16, stride=224, 
         tissue: :class:`helpers.patches.ExtractionParams` for the glass test (default: its
             defaults).
         progress: a progress bar over grid rows.
+        input_size: the network's input side when it was trained on resized patches (e.g. 128
+            for a CPU demo): patches are area-resized to it and the probabilities resized back.
 
     Returns:
         A dict: ``prob`` (float32 canvas, 0 where no tissue patch was predicted), ``coverage``
@@ -103,8 +105,13 @@ def predict_slide(model, slide_path, predict_fn, out_downsample=16, stride=224, 
             ys = np.concatenate([p[1] for p in pending])
             x = torch.from_numpy(np.concatenate([p[2] for p in pending])).permute(0, 3, 1, 2)
             with torch.no_grad():
-                prob = predict_fn(model(x.to(device).float().div_(255)))
-                small = F.avg_pool2d(prob.float(), d) if d > 1 else prob.float()
+                xin = x.to(device).float().div_(255)
+                if input_size and input_size != patch_size:
+                    xin = F.interpolate(xin, size=input_size, mode="area")
+                prob = predict_fn(model(xin)).float()
+                if prob.shape[-1] != patch_size:
+                    prob = F.interpolate(prob, size=patch_size, mode="bilinear", align_corners=False)
+                small = F.avg_pool2d(prob, d) if d > 1 else prob
             small = small[:, 0].cpu().numpy()
             e = patch_size // d
             for i in range(len(xs)):

@@ -18,21 +18,25 @@ import torch
 from .errors import InputError
 
 
-def soft_dice_loss(probs, target, eps=1.0):
-    """``1 - 2 sum(p r) / (sum p^2 + sum r^2)`` over each image, averaged over the batch.
+def soft_dice_loss(probs, target, eps=1.0, per_image=True):
+    """``1 - 2 sum(p r) / (sum p^2 + sum r^2)`` (eq. 1 as intended).
 
     Args:
         probs: predicted probabilities, ``(n, 1, h, w)`` or ``(n, h, w)``, in [0, 1].
         target: the 0/1 masks, same shape.
         eps: smoothing added to both sides (keeps empty-empty images at loss 0).
+        per_image: sums over each image and averages the losses (default), or, when False,
+            sums over the whole batch as one region: steadier when most patches hold no tumour,
+            since an empty patch then cannot dominate the batch's loss.
 
     Returns:
         A scalar tensor.
     """
     if probs.shape != target.shape:
         raise InputError(f"soft_dice_loss: probs {tuple(probs.shape)} and target {tuple(target.shape)} differ")
-    p = probs.reshape(probs.shape[0], -1).float()
-    r = target.reshape(target.shape[0], -1).float()
+    rows = probs.shape[0] if per_image else 1
+    p = probs.reshape(rows, -1).float()
+    r = target.reshape(rows, -1).float()
     inter = (p * r).sum(1)
     denom = (p * p).sum(1) + (r * r).sum(1)
     return (1 - (2 * inter + eps) / (denom + eps)).mean()

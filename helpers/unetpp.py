@@ -100,13 +100,17 @@ def probabilities(outputs):
     return torch.stack([torch.sigmoid(h.float()) for h in heads]).mean(0)
 
 
-def deep_supervision_dice_loss(outputs, target):
-    """Soft Dice loss (eq. 1, corrected) on every head, averaged: each head is supervised."""
+def deep_supervision_dice_loss(outputs, target, per_image=True):
+    """Soft Dice loss (eq. 1, corrected) on every head, averaged: each head is supervised.
+
+    ``per_image=False`` pools each head's Dice over the whole batch (see
+    :func:`helpers.metrics.soft_dice_loss`).
+    """
     t = target.float()
     if t.ndim == 3:
         t = t[:, None]
     heads = as_head_list(outputs)
-    return sum(soft_dice_loss(torch.sigmoid(h.float()), t) for h in heads) / len(heads)
+    return sum(soft_dice_loss(torch.sigmoid(h.float()), t, per_image=per_image) for h in heads) / len(heads)
 
 
 def build_segmenter(variant="paper", pretrained=False, weights_path=None):

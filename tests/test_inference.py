@@ -86,3 +86,17 @@ def test_mask_tiff_round_trip(tmp_path, t1):
         assert m.downsample == pytest.approx(16, rel=0.01)
         assert np.array_equal(m.read_native(0, 0, m.width, m.height), (res["prob"] > 0.5).astype(np.uint8))
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_resized_input_gives_the_same_map_for_a_smooth_model(t1):
+    class Mean(torch.nn.Module):  # depends only on the patch's mean colour: resize-invariant
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return x.mean(dim=(1, 2, 3), keepdim=True).expand(-1, 1, x.shape[2], x.shape[3]) + 0 * self.w
+
+    a = predict_slide(Mean(), t1.slide, _ident, out_downsample=16, progress=False)
+    b = predict_slide(Mean(), t1.slide, _ident, out_downsample=16, progress=False, input_size=128)
+    np.testing.assert_allclose(a["prob"], b["prob"], atol=2e-3)

@@ -153,3 +153,13 @@ def test_bad_config_and_missing_monitor(tmp_path):
     model, tb, _, cfg = _setup(tmp_path, epochs=1)
     with pytest.raises(InputError, match="val_loss"):
         fit(model, tb, lambda m, d: {"acc": 1.0}, _loss, cfg, tmp_path / "m", progress=False, log=lambda *_: None)
+
+
+def test_batch_pooled_dice_is_not_dominated_by_empty_patches():
+    t = torch.zeros(4, 1, 8, 8)
+    t[0, :, :4] = 1                      # one patch holds tumour, three are empty
+    p = t.clone()
+    p[1:, :, 0, 0] = 0.5                 # a speck of false positive in each empty patch
+    per_image = float(metrics.soft_dice_loss(p, t, eps=1e-6))
+    pooled = float(metrics.soft_dice_loss(p, t, eps=1e-6, per_image=False))
+    assert per_image > 0.7 and pooled < 0.05
