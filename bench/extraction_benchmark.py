@@ -9,12 +9,11 @@ One run:
    is the method's own:
 
    * ``raw``: the single-process decode limit: ``Slide.read_region(..., downsample=scale)``
-     over the whole scaled level in full-width strips, pixels discarded. Run once per strip
-     height in ``--raw-strips`` (default 224 px, one patch row as extraction reads it, and
-     1792 px = lcm(224, 256): whole patch rows *and* whole 256 px tile rows); the faster one is
-     the reference for the ``x raw`` ratios;
-   * ``tiff`` (informational): the same level's tiles decoded with tifffile/imagecodecs,
-     bypassing OpenSlide, to show how much of the limit is OpenSlide's own;
+     (its tile reader for tiled JPEG TIFFs) over the whole scaled level in full-width strips,
+     pixels discarded. Run once per strip height in ``--raw-strips`` (default 224 px, one patch
+     row as extraction reads it, and 1792 px = lcm(224, 256): whole patch rows *and* whole
+     256 px tile rows); the fastest is the reference for the ``x raw`` ratios. One more run,
+     ``raw-openslide``, reads through OpenSlide's ``read_region`` instead;
    * ``paper``: the paper's way: the whole scaled level assembled into one array (read in
      strips into a preallocated array), ``patchify`` into 224 x 224 patches, and per patch
      ``skimage.filters.threshold_otsu`` on the grayscale patch (full resolution) plus the same
@@ -161,79 +160,6 @@ def method_raw(folder, scale, strip, reader="helpers", **_):
     return {"seconds": sec, "kept": None, "level": level, "strip_px": strip}
 
 
-class _TiffLevel:
-    """Full-width strips of one pyramid level, decoded straight from the TIFF's tiles.
-
-    Informational only (not part of helpers): shows what the decode limit is when OpenSlide's
-    region compositing is bypassed. Keeps the last two decoded tile rows.
-    """
-
-    def __init__(self, path, width, height):
-        import tifffile
-
-        self.tif = tifffile.TiffFile(path)
-        pages = [p for p in self.tif.pages if p.is_tiled and tuple(p.shape[:2]) == (height, width)]
-        if not pages:
-            raise ValueError(f"{path}: no tiled page of {width} x {height}")
-        self.page = pg = pages[0]
-        self.page.decode  # noqa: B018 - build the decoder now: its first access moves the file position
-        self.th, self.tw = int(pg.chunks[0]), int(pg.chunks[1])
-        self.ntx = -(-width // self.tw)
-        self.width, self.height = width, height
-        self._rows = {}
-
-    def _tile_row(self, ty):
-        import numpy as np
-
-        r = self._rows.get(ty)
-        if r is None:
-            pg, fh = self.page, self.tif.filehandle
-            r = np.empty((self.th, self.ntx * self.tw, 3), np.uint8)
-            for tx in range(self.ntx):
-                i = ty * self.ntx + tx
-                fh.seek(pg.dataoffsets[i])
-                data = fh.read(pg.databytecounts[i])
-                seg = pg.decode(data, i, jpegtables=pg.jpegtables)[0]
-                r[:, tx * self.tw:(tx + 1) * self.tw] = seg.reshape(self.th, self.tw, -1)[..., :3]
-            if len(self._rows) >= 2:
-                self._rows.pop(min(self._rows))
-            self._rows[ty] = r
-        return r
-
-    def strip(self, y0, y1):
-        import numpy as np
-
-        parts = []
-        for ty in range(y0 // self.th, (y1 - 1) // self.th + 1):
-            a, b = max(y0, ty * self.th), min(y1, (ty + 1) * self.th)
-            parts.append(self._tile_row(ty)[a - ty * self.th:b - ty * self.th, :self.width])
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-    def close(self):
-        self.tif.close()
-
-
-def method_tiff(folder, scale, strip, **_):
-    """Informational: the level's tiles decoded with tifffile/imagecodecs, in strips, discarded."""
-    from helpers.slides import list_cases, Slide
-
-    case = list_cases(folder)[0]
-    with Slide(case.slide) as s:
-        level = s.best_level(scale)
-        lw, lh = s.level_dimensions[level]
-        ws, hs = _level_size(s, scale)
-        if abs(s.level_downsamples[level] - scale) > 1e-6:
-            return {"skipped": f"no pyramid level at {scale}x"}
-    rd = _TiffLevel(case.slide, lw, lh)
-    t0 = time.perf_counter()
-    for y in range(0, hs, strip):
-        a = rd.strip(y, min(hs, y + strip))[:, :ws]
-        del a
-    sec = time.perf_counter() - t0
-    rd.close()
-    return {"seconds": sec, "kept": None, "level": level, "strip_px": strip}
-
-
 def _paper_fraction(gray, glass_level, threshold_otsu):
     """Tissue fraction of one uint8 gray patch: skimage Otsu + the white-glass rule."""
     import numpy as np
@@ -294,17 +220,16 @@ def method_ours(folder, scale, workers, tmp_root, **_):
     case = list_cases(folder)[0]
     Path(tmp_root).mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="extract_", dir=tmp_root)
-    cm_sec = None
     try:
-        if True:  # count maps: once per slide, before any scale (timed on their own)
-            t0 = time.perf_counter()
-            pool = _OrderedPool(workers)
-            try:
-                for kind in ("whole", "viable"):
-                    mask_count_map(case, kind, tmp, pool)
-            finally:
-                pool.close()
-            cm_sec = round(time.perf_counter() - t0, 2)
+        # The count maps: once per slide, before any scale, timed on their own.
+        t0 = time.perf_counter()
+        pool = _OrderedPool(workers)
+        try:
+            for kind in ("whole", "viable"):
+                mask_count_map(case, kind, tmp, pool)
+        finally:
+            pool.close()
+        cm_sec = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
         ps, cached = extract_slide(case, scale, cache_root=tmp, params=ExtractionParams(), workers=workers)
         sec = time.perf_counter() - t0
@@ -319,7 +244,7 @@ def method_ours(folder, scale, workers, tmp_root, **_):
             "count_map_seconds": cm_sec}
 
 
-METHODS = {"raw": method_raw, "tiff": method_tiff, "paper": method_paper, "ours": method_ours}
+METHODS = {"raw": method_raw, "paper": method_paper, "ours": method_ours}
 
 
 def child_main(spec):
@@ -531,7 +456,7 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=32768, help="slide side in level-0 px (default 32768)")
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16], help="downscale factors (default 1 4 16)")
     ap.add_argument("--methods", nargs="+", default=["raw", "paper", "ours"], choices=list(METHODS),
-                    help="methods to run (default: raw paper ours; tiff: the benchmark's own tile decoder, for information)")
+                    help="methods to run (default: raw paper ours)")
     ap.add_argument("--raw-strips", type=int, nargs="+", default=[224, 1792],
                     help="strip heights (px at the scale) of the raw decode runs (default 224 1792)")
     ap.add_argument("--paper-strip", type=int, default=1792,
@@ -600,8 +525,6 @@ def main(argv=None):
                 runs += [("raw", f"raw-{st}", {"strip": st}) for st in args.raw_strips]
                 runs.append(("raw", f"raw-openslide-{args.raw_strips[-1]}",
                              {"strip": args.raw_strips[-1], "reader": "openslide"}))
-            elif m == "tiff":
-                runs.append(("tiff", f"tifffile-{args.raw_strips[0]} (info)", {"strip": args.raw_strips[0]}))
             elif m == "paper":
                 runs.append(("paper", "paper", {"strip": args.paper_strip, "glass_level": params.glass_level,
                                                 "tissue_threshold": params.tissue_threshold}))

@@ -278,8 +278,8 @@ class Slide:
         bgra = buf.view(np.uint8).reshape(h, w, 4)
         alpha = bgra[..., 3]
         rgb = bgra[..., 2::-1]
-        if alpha.min() < 255:  # outside the slide: premultiplied, so composite on white
-            rgb = (rgb.astype(np.uint16) + (255 - alpha[..., None].astype(np.uint16))).clip(0, 255).astype(np.uint8)
+        if alpha.min() < 255:  # outside the slide
+            rgb = _premultiplied_on_white(rgb, alpha)
         return rgb
 
     def thumbnail(self, max_size=1024):
@@ -301,6 +301,11 @@ def box_reduce(rgb, k):
     return ((s + k * k // 2) // (k * k)).astype(np.uint8)
 
 
+def _premultiplied_on_white(rgb, alpha):
+    """OpenSlide's premultiplied pixels composited on white (transparent = outside the slide)."""
+    return (rgb.astype(np.uint16) + (255 - alpha[..., None].astype(np.uint16))).clip(0, 255).astype(np.uint8)
+
+
 def rgba_to_rgb(arr):
     """RGBA from OpenSlide to RGB, with transparent pixels (outside the slide) made white."""
     if arr.ndim == 2:
@@ -310,8 +315,7 @@ def rgba_to_rgb(arr):
     rgb = np.ascontiguousarray(arr[..., :3])
     alpha = arr[..., 3]
     if alpha.min() < 255:
-        # OpenSlide returns premultiplied pixels: composite on white.
-        rgb = (rgb.astype(np.uint16) + (255 - alpha[..., None].astype(np.uint16))).clip(0, 255).astype(np.uint8)
+        rgb = _premultiplied_on_white(rgb, alpha)
     return rgb
 
 

@@ -30,6 +30,7 @@ from scipy import ndimage
 from .atomic import atomic_dir, atomic_path, remove_stale_temporaries
 from .errors import InputError
 from .progress import progress_bar
+from .slides import box_reduce
 
 #: Bump when the drawing changes, so cached demo data is regenerated.
 GENERATOR_VERSION = 6
@@ -297,13 +298,6 @@ def _tiles_of(strip, tile=TILE):
         yield _pad_tile(strip[:, x:x + tile], tile)
 
 
-def _reduce(a, f):
-    """Box-average an (h, w, 3) uint8 image by an integer factor (h and w multiples of f)."""
-    h, w = a.shape[0] // f, a.shape[1] // f
-    s = a[:h * f, :w * f].reshape(h, f, w, f, 3).sum(axis=(1, 3), dtype=np.uint32)
-    return ((s + f * f // 2) // (f * f)).astype(np.uint8)
-
-
 def _aperio_description(w, h, level_w=None, level_h=None):
     head = f"Aperio Image Library v10.0.50 (synthetic demo, helpers.synthetic v{GENERATOR_VERSION})\r\n"
     if level_w is None:
@@ -357,7 +351,7 @@ def write_case(spec, folder, quality=90):
                             mask_files[name] = open(f"{tmp_slide}.{name}.raw", "wb")
                         mask_files[name].write(m.view(np.uint8).tobytes())
                     if bufs:
-                        r = _reduce(rgb[: h - h % 4], 4)
+                        r = box_reduce(rgb[: h - h % 4], 4)
                         bufs[0][y // 4: y // 4 + r.shape[0], : r.shape[1]] = r
                     for ty in range(0, h, TILE):
                         yield from _tiles_of(rgb[ty:ty + TILE])
@@ -368,7 +362,7 @@ def write_case(spec, folder, quality=90):
                 for y in range(0, lh, STRIP):
                     strip = np.asarray(src[y:y + STRIP])
                     if level < len(bufs):
-                        r = _reduce(strip[: strip.shape[0] - strip.shape[0] % 4], 4)
+                        r = box_reduce(strip[: strip.shape[0] - strip.shape[0] % 4], 4)
                         bufs[level][y // 4: y // 4 + r.shape[0], : r.shape[1]] = r
                     for ty in range(0, strip.shape[0], TILE):
                         yield from _tiles_of(strip[ty:ty + TILE])

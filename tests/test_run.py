@@ -21,7 +21,7 @@ def test_every_notebook_has_a_parseable_parameters_cell():
     for p in runner.notebooks():
         params = runner.notebook_parameters(p)
         assert "run_name" in params and "seed" in params, p.name
-        assert all(v is not None or k for k, v in params.items())
+        assert None not in params.values(), f"{p.name}: a parameter default did not parse: {params}"
 
 
 def test_profiles_only_name_declared_parameters():
