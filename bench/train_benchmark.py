@@ -7,12 +7,14 @@ it measures, in one run on one device:
   ceiling a loop can reach (the same measurement as ``shared/bench/gpu_model_ceiling.py``);
 - ``loop``: ``helpers.train.fit`` for one epoch over real patches from the demo run's caches
   (memory-mapped uint8), moved to the device and augmented there with
-  ``helpers.augment.augment_batch`` (masks too, for UNet++), with checkpoints and history written.
+  ``helpers.augment.augment_batch``, with checkpoints and history written; for UNet++ this is
+  notebook 03's own pipeline (``helpers.segmentation``: half of each batch from tumour patches,
+  masks augmented alike).
 
 and prints images per second of both and their ratio (the issues' target: at least 0.9 on a
 GPU). Needs the demo patch caches: run notebook 02 first (``python -m helpers.run --only 02``).
 
-Usage: ``python bench/train_benchmark.py [--batch 4] [--images 48] [--models ...]``
+Usage: ``python bench/train_benchmark.py [--batch 4] [--images 48] [--size 224] [--models ...]``
 """
 
 import argparse
@@ -65,11 +67,11 @@ def make(name):
     return build_classifier(name), False
 
 
-def bare(name, batch, steps, device):
+def bare(name, batch, steps, device, size=224):
     model, seg = make(name)
     model.to(device).train()
-    x = torch.rand(batch, 3, 224, 224, device=device)
-    y = (torch.rand(batch, 224, 224, device=device) > 0.5).float() if seg else torch.randint(0, 2, (batch,), device=device)
+    x = torch.rand(batch, 3, size, size, device=device)
+    y = (torch.rand(batch, size, size, device=device) > 0.5).float() if seg else torch.randint(0, 2, (batch,), device=device)
     lossf = deep_supervision_dice_loss if seg else torch.nn.functional.cross_entropy
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     cuda = device.type == "cuda"
@@ -93,23 +95,43 @@ def bare(name, batch, steps, device):
     return steps * batch / (time.perf_counter() - t)
 
 
-def loop(name, batch, x, m, device):
+def seg_source(run, batch, n):
+    """The segmentation input pipeline of notebook 03 over the run's training slides."""
+    import pandas as pd
+
+    from helpers.patches import load_extraction_record
+    from helpers.segmentation import load_segmentation_patches, segmentation_batches
+    from helpers.slides import list_cases
+
+    folder = REPO / "runs" / run
+    data_dir, _, params = load_extraction_record(folder)
+    split = pd.read_csv(folder / "split.csv")
+    cases = [c for c in list_cases(data_dir) if c.case_id in set(split.case_id[split.split == "train"])]
+    data = load_segmentation_patches(cases, folder / "patches", params)
+    return segmentation_batches(data, batch, max(1, n // batch), tumour_share=0.5, seed=0)
+
+
+def loop(name, batch, x, m, device, size=224, run="demo"):
     model, seg = make(name)
     labels = (m.reshape(len(m), -1).mean(1) >= 0.5).astype(np.int64)
-    target = m if seg else labels
     gen = torch.Generator(device=device.type).manual_seed(0)
 
-    def prepare(xb, yb, dev, train):
-        xb = xb.to(dev, non_blocking=True)
-        yb = yb.to(dev, non_blocking=True)
-        if seg:
-            xb, yb = augment_batch(xb, generator=gen, masks=yb.float())
-        else:
-            xb = augment_batch(xb, generator=gen)
-        return xb, yb
+    if seg:
+        # Notebook 03's own pipeline: batches from the memory-mapped caches (half from tumour
+        # patches), resized and augmented on the device.
+        from helpers.segmentation import segmentation_prepare
 
-    def train_batches(epoch):
-        return batches_from_arrays(x, target, batch, shuffle=True, seed=epoch)
+        train_batches = seg_source(run, batch, len(x))
+        prepare = segmentation_prepare(size, augment=True, color=0.06, seed=0)
+    else:
+        def prepare(xb, yb, dev, train):
+            xb = xb.to(dev, non_blocking=True).float().div_(255)
+            if size != xb.shape[-1]:
+                xb = torch.nn.functional.interpolate(xb, size=size, mode="area")
+            return augment_batch(xb, generator=gen), yb.to(dev, non_blocking=True)
+
+        def train_batches(epoch):
+            return batches_from_arrays(x, labels, batch, shuffle=True, seed=epoch)
 
     lossf = deep_supervision_dice_loss if seg else (lambda o, y: torch.nn.functional.cross_entropy(o, y.long()))
     cfg = TrainConfig(epochs=2, optimizer="adam", lr=1e-4, device=device.type)
@@ -117,7 +139,8 @@ def loop(name, batch, x, m, device):
         h = fit(model, train_batches, lambda mdl, dev: {"val_loss": 0.0}, lossf, cfg, d, prepare=prepare,
                 progress=False, log=lambda *_: None)
     # The first epoch warms up (allocator, kernels); the second is the measurement.
-    return len(x) / h["seconds"].iloc[-1]
+    n = len(train_batches(0)) * batch if seg else len(x)
+    return n / h["seconds"].iloc[-1]
 
 
 def main(argv=None):
@@ -127,6 +150,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=6, help="timed bare steps")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--run", default="demo", help="run folder whose patch caches feed the loop")
+    ap.add_argument("--size", type=int, default=224, help="network input side (the demo's UNet++ uses 64)")
     args = ap.parse_args(argv)
     device = select_device("auto")
     torch.set_num_threads(torch.get_num_threads())
@@ -134,13 +158,14 @@ def main(argv=None):
     rows = []
     for name in args.models:
         print(f"{name}: bare step ...", file=sys.stderr, flush=True)
-        b = bare(name, args.batch, args.steps, device)
+        b = bare(name, args.batch, args.steps, device, args.size)
         print(f"{name}: training loop ...", file=sys.stderr, flush=True)
-        lp = loop(name, args.batch, x, m, device)
+        lp = loop(name, args.batch, x, m, device, args.size, args.run)
         rows.append({"model": name, "batch": args.batch, "bare_img_s": round(b, 2), "loop_img_s": round(lp, 2),
                      "ratio": round(lp / b, 2)})
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nTraining throughput on {dev}, {len(x)} patches of 224 px per epoch, torch {torch.__version__}\n")
+    print(f"\nTraining throughput on {dev}, {len(x)} patches of 224 px per epoch resized to {args.size} px, "
+          f"torch {torch.__version__}\n")
     print("| model | batch | bare step img/s | real loop img/s | loop / bare |")
     print("|---|---|---|---|---|")
     for r in rows:

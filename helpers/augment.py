@@ -20,7 +20,7 @@ def _gaussian_kernels(sigmas, radius):
 
 
 def augment_batch(x, generator=None, masks=None, rotation=180.0, flip=0.5, scale=(0.9, 1.1),
-                  shift=0.05, blur_p=0.3, blur_sigma=(0.3, 1.5)):
+                  shift=0.05, blur_p=0.3, blur_sigma=(0.3, 1.5), color=0.0):
     """Randomly rotate, flip, scale, shift and blur a batch of images (and their masks alike).
 
     Geometry is one affine warp per image (``affine_grid`` + ``grid_sample``, borders
@@ -38,6 +38,9 @@ def augment_batch(x, generator=None, masks=None, rotation=180.0, flip=0.5, scale
         shift: largest shift as a fraction of the image size.
         blur_p: probability that an image is blurred.
         blur_sigma: range of the blur's sigma, in pixels.
+        color: largest per-channel shift of the colours (a fraction of the range, either way;
+            0 = none, the paper's list). A stand-in for stain variation between slides: with
+            few training slides a network otherwise learns each slide's tint.
 
     Returns:
         The float images in [0, 1] (and the masks, as float 0/1, when given).
@@ -78,6 +81,10 @@ def augment_batch(x, generator=None, masks=None, rotation=180.0, flip=0.5, scale
         y = F.conv2d(y, kk[:, None, :, None], groups=n * c)
         y = y.reshape(out.shape)
         out = torch.where(do_blur[:, None, None, None], y, out)
+    if color:
+        check_fraction("color", color)
+        shift_rgb = (torch.rand(n, out.shape[1], generator=g, device=dev) * 2 - 1) * color
+        out = out + shift_rgb[:, :, None, None]
     out = out.clamp_(0, 1)
     if masks is None:
         return out

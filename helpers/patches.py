@@ -738,3 +738,50 @@ def extract_dataset(cases, scales, cache_root, params=None, workers=None, progre
                       + ", ".join(f"{r.case_id}@{r.scale}x" for r in no_tissue.itertuples())
                       + "; they are skipped", stacklevel=2)
     return summary, sets
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's extraction record: how notebooks 03-05 find the caches notebook 02 wrote
+# ---------------------------------------------------------------------------------------------
+
+RECORD_NAME = "extraction.json"
+
+
+def save_extraction_record(run_folder, data_dir, scales, params):
+    """Write ``<run>/extraction.json``: the dataset folder, scales and parameters of the caches.
+
+    Notebook 02 writes it; notebooks 03-05 read it with :func:`load_extraction_record`, so
+    the extraction parameters are set in one place and the later notebooks open exactly the
+    caches notebook 02 made.
+    """
+    from .atomic import write_json
+
+    write_json(Path(run_folder) / RECORD_NAME, {"data_dir": str(Path(data_dir).resolve()),
+                                                "scales": [int(s) for s in scales],
+                                                "params": asdict(params.validate())})
+
+
+def load_extraction_record(run_folder, data_dir=None):
+    """Read ``<run>/extraction.json`` back.
+
+    Args:
+        run_folder: the run's folder.
+        data_dir: the dataset folder this notebook was given; an error when it is not the one
+            the caches were made from.
+
+    Returns:
+        ``(data_dir, scales, params)``: a Path, a list of ints and an :class:`ExtractionParams`.
+
+    Raises:
+        InputError: no record (run notebook 02 first) or another dataset folder.
+    """
+    path = Path(run_folder) / RECORD_NAME
+    if not path.exists():
+        raise InputError(f"{path}: not found; run notebook 02 (patch extraction) for this run first "
+                         f"(python -m helpers.run --only 02 --run-name {Path(run_folder).name})")
+    rec = json.loads(path.read_text())
+    folder = Path(rec["data_dir"])
+    if data_dir is not None and Path(data_dir).resolve() != folder:
+        raise InputError(f"run {Path(run_folder).name!r} extracted its patches from {folder}, not "
+                         f"{Path(data_dir).resolve()}; use another run_name or rerun notebook 02 with this data_dir")
+    return folder, list(rec["scales"]), ExtractionParams(**rec["params"]).validate()

@@ -118,8 +118,52 @@ def _better(a, b, mode):
     return b is None or (a < b if mode == "min" else a > b)
 
 
+def recalibrate_batchnorm(model, batches, prepare, device, autocast=contextlib.nullcontext):
+    """Recompute every BatchNorm layer's running statistics as a plain average over ``batches``.
+
+    BatchNorm normalises with the batch's own statistics while training but with running
+    averages (momentum 0.1: mostly the last ten or so batches) at evaluation. Early in training,
+    with a high learning rate, the weights move faster than those averages follow, so a model
+    that is good in training mode can be poor in evaluation mode (measured on the demo: a
+    validation Dice of 0.43 with the running averages against 0.98 recomputed, same weights).
+    Recomputing the statistics with the final weights (Wu and Johnson, 2021, "precise BN")
+    removes that gap at the cost of a few forward passes.
+
+    Args:
+        model: the network.
+        batches: an iterable of CPU batches ``(x, y)``, drawn as at inference (no augmentation
+            is applied: ``prepare`` is called with ``train=False``).
+        prepare: as for :func:`fit`.
+        device: the model's device.
+
+    Returns:
+        The number of batches used (0 when the model has no BatchNorm layer).
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None          # cumulative average over the batches below
+    was = model.training
+    model.train()
+    n = 0
+    try:
+        with torch.no_grad(), autocast():
+            for x, y in batches:
+                x, _ = prepare(x, y, device, False)
+                model(x)
+                n += 1
+    finally:
+        for m, mo in zip(bns, saved):
+            m.momentum = mo
+        model.train(was)
+    return n
+
+
 def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, prepare=default_prepare,
-        progress=True, log=print):
+        progress=True, log=print, bn_batches=None):
     """Train ``model``, resuming from ``out_dir/last.pt`` when it is there.
 
     Args:
@@ -135,6 +179,9 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
         prepare: ``prepare(x, y, device, train)`` -> device batch (augment there for training).
         progress: progress bar over the batches of each epoch (stderr).
         log: where the one-line epoch summaries go.
+        bn_batches: optional ``bn_batches(epoch)`` -> iterable of CPU batches; when given, the
+            BatchNorm statistics are recomputed over them after each epoch's training, before
+            validation and the checkpoint (see :func:`recalibrate_batchnorm`).
 
     Returns:
         The history as a DataFrame (one row per epoch).
@@ -208,6 +255,8 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
         bar.close()
         if n == 0:
             raise InputError("train_batches yielded no batch: the training split is empty")
+        if bn_batches is not None:
+            recalibrate_batchnorm(model, bn_batches(epoch), prepare, device, autocast)
         model.eval()
         with torch.no_grad(), autocast():
             val = dict(evaluate(model, device))

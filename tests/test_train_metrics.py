@@ -163,3 +163,22 @@ def test_batch_pooled_dice_is_not_dominated_by_empty_patches():
     per_image = float(metrics.soft_dice_loss(p, t, eps=1e-6))
     pooled = float(metrics.soft_dice_loss(p, t, eps=1e-6, per_image=False))
     assert per_image > 0.7 and pooled < 0.05
+
+
+def test_recalibrate_batchnorm_gives_the_data_statistics():
+    from helpers.train import default_prepare, recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    bn = model[1]
+    bn.running_mean.fill_(5.0)           # stale statistics, as early in training
+    bn.momentum = 0.3
+    xs = [torch.rand(4, 3, 6, 6) * 3 + 1 for _ in range(5)]
+    n = recalibrate_batchnorm(model.eval(), [(x, torch.zeros(4)) for x in xs], default_prepare, torch.device("cpu"))
+    assert n == 5
+    with torch.no_grad():
+        feats = torch.cat([model[0](x) for x in xs])
+    # A plain average over the batches of each batch's mean: here, the overall mean.
+    torch.testing.assert_close(bn.running_mean, feats.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
+    assert bn.momentum == 0.3 and not model.training     # both restored
+    assert recalibrate_batchnorm(torch.nn.Conv2d(3, 1, 1), [], default_prepare, torch.device("cpu")) == 0
