@@ -13,6 +13,13 @@ Examples::
     python -m helpers.run --profile paper -p data_dir /data/paip2019
     python -m helpers.run --only 02 -p tissue_threshold 0.3 --run-name tissue03
     python -m helpers.run --list               # notebooks and their parameters
+    python -m helpers.run --sweep sweeps/demo_vote_share.yaml   # a parameter sweep
+
+A finished run whose notebook 05 wrote ``report.json`` gets a ``summary.json``: the report's
+numbers with every parameter that produced them. A sweep file lists parameter sets; each runs
+(all notebooks, or ``only`` some of them on a ``base_run``'s earlier outputs, linked, not copied)
+into its own folder, and the summaries are collected into ``runs/<sweep>/sweep.csv`` and a
+figure.
 """
 
 import argparse
@@ -154,8 +161,12 @@ def main(argv=None):
     ap.add_argument("--overwrite", action="store_true", help="replace a run folder holding other parameters")
     ap.add_argument("--list", action="store_true", help="list notebooks and their parameters, then exit")
     ap.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
+    ap.add_argument("--sweep", metavar="FILE", help="run a sweep file (see sweeps/) and collect the summaries")
     args = ap.parse_args(argv)
     try:
+        if args.sweep:
+            run_sweep(args.sweep, progress=not args.no_progress)
+            return 0
         return _run(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -213,7 +224,149 @@ def _run(args):
     record["seconds"] = round(time.perf_counter() - t_all, 1)
     write_json(folder / "params.json", record)
     print(f"All {len(nbs)} notebooks ran in {record['seconds']:.0f} s. Outputs: {folder}", flush=True)
+    summary = write_summary(folder, record)
+    if summary:
+        from .paths import figures_dir
+
+        print(f"Summary: {summary}\nReproduction report: {figures_dir(run_name) / '05_reproduction_report.md'}",
+              flush=True)
     return 0
+
+
+def write_summary(folder, record):
+    """``summary.json``: notebook 05's report numbers with the parameters that produced them.
+
+    Returns:
+        Its path, or ``None`` when the run has no ``report.json`` (notebook 05 did not run).
+    """
+    rep = Path(folder) / "report.json"
+    if not rep.exists():
+        return None
+    report = json.loads(rep.read_text())
+    out = Path(folder) / "summary.json"
+    write_json(out, {"run_name": Path(folder).name, "profile": record.get("profile"),
+                     "parameters": record.get("parameters"), "git_commit": record.get("git_commit"),
+                     "seconds": record.get("seconds"), "numbers": report.get("rows", []),
+                     "missing": report.get("missing", [])})
+    return out
+
+
+#: Outputs of notebooks 02-04 that a sweep over later notebooks links from its base run.
+SHARED_OUTPUTS = ("extraction.json", "split.csv", "patch_counts.csv", "patches", "segmentation", "classification")
+
+
+def load_sweep(path):
+    """Read a sweep file: ``name``, ``profile``, optional ``base_run`` and ``only``, ``entries``."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"sweep file {path}: not found")
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"sweep file {path}: not valid YAML ({exc})") from None
+    for key in ("name", "entries"):
+        if key not in spec:
+            raise InputError(f"sweep file {path}: needs '{key}' (see sweeps/demo_vote_share.yaml)")
+    if not isinstance(spec["entries"], list) or not spec["entries"] or not all(isinstance(e, dict) for e in spec["entries"]):
+        raise InputError(f"sweep file {path}: 'entries' must be a non-empty list of parameter mappings")
+    unknown = set(spec) - {"name", "profile", "base_run", "only", "entries", "description"}
+    if unknown:
+        raise InputError(f"sweep file {path}: unknown keys {sorted(unknown)}")
+    return spec
+
+
+def run_sweep(path, progress=True):
+    """Run every entry of a sweep file into ``runs/<name>-NN`` and collect their summaries.
+
+    Every entry's parameter names and types are checked before the first notebook runs.
+    """
+    import os
+
+    import pandas as pd
+
+    spec = load_sweep(path)
+    profile_name = spec.get("profile", "demo")
+    profile = load_profile(profile_name)
+    only = [str(o).zfill(2) for o in spec.get("only", [])] or None
+    nbs = notebooks(only)
+    base = spec.get("base_run")
+    if base:
+        bdir = Path(os.environ.get("PAIP_REPRO_RUNS", REPO_ROOT / "runs")) / base
+        lacking = [n for n in SHARED_OUTPUTS if not (bdir / n).exists()]
+        if lacking:
+            raise InputError(f"base_run {base!r} lacks {lacking}: run it first (python -m helpers.run "
+                             f"--run-name {base})")
+    names = []
+    for i, entry in enumerate(spec["entries"]):
+        run_name = f"{spec['name']}-{i:02d}"
+        resolve_parameters(profile, {**entry, "run_name": run_name}, nbs)   # fails on a bad name now
+        names.append(run_name)
+    rows = []
+    for run_name, entry in zip(names, spec["entries"]):
+        folder = run_dir(run_name)
+        if base:
+            for n in SHARED_OUTPUTS:
+                link = folder / n
+                if not link.exists():
+                    link.symlink_to((bdir / n).resolve(), target_is_directory=(bdir / n).is_dir())
+        args = argparse.Namespace(profile=profile_name, param=[[k, yaml.safe_dump(v, default_flow_style=True).strip()]
+                                                               for k, v in entry.items()],
+                                  only=only, run_name=run_name, overwrite=True, list=False, no_progress=not progress)
+        print(f"== sweep {spec['name']}: {run_name} {entry}", flush=True)
+        if _run(args) != 0:
+            raise InputError(f"sweep entry {run_name} ({entry}) failed; see its notebooks in {folder / 'notebooks'}")
+        summ = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else None
+        if summ is None:
+            raise InputError(f"sweep entry {run_name} wrote no summary.json: a sweep needs notebook 05 among its notebooks")
+        for r in summ["numbers"]:
+            rows.append({"run": run_name, **{f"param:{k}": (json.dumps(v) if isinstance(v, list) else v)
+                                               for k, v in entry.items()},
+                         "quantity": r["quantity"], "paper": r["paper"], "ours": r["ours"],
+                         "convention": r["convention"]})
+    table = pd.DataFrame(rows)
+    out = run_dir(spec["name"])
+    from .atomic import atomic_path
+
+    with atomic_path(out / "sweep.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    fig_path = sweep_figure(table, out / "sweep.png")
+    print(f"Sweep table: {out / 'sweep.csv'}\nSweep figure: {fig_path}", flush=True)
+    return table
+
+
+def sweep_figure(table, path):
+    """One panel per numeric quantity that varies across the sweep's runs."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    def num(v):
+        if isinstance(v, str) and " of " in v:
+            a, b = v.split(" of ")
+            return float(a) / float(b) if float(b) else float("nan")
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return float("nan")
+
+    t = table.assign(value=table["ours"].map(num))
+    params = [c for c in t.columns if c.startswith("param:")]
+    t["label"] = t[params].astype(str).agg(", ".join, axis=1) if params else t["run"]
+    varying = [q for q, g in t.groupby("quantity", sort=False) if g["value"].notna().any() and g["value"].nunique() > 1]
+    qs = varying or [q for q, g in t.groupby("quantity", sort=False) if g["value"].notna().any()][:4]
+    fig, axes = plt.subplots(1, max(1, len(qs)), figsize=(3.6 * max(1, len(qs)), 3.2), squeeze=False)
+    for ax, q in zip(axes[0], qs):
+        g = t[t.quantity == q]
+        ax.bar(range(len(g)), g["value"], color="tab:blue")
+        ax.set_xticks(range(len(g)), g["label"], rotation=30, ha="right", fontsize=7)
+        ax.set_title(q + (" (share)" if g["ours"].astype(str).str.contains(" of ").any() else ""), fontsize=8)
+        ax.set_ylim(0, 1.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from .errors import InputError, check_fraction, check_positive
 from .metrics import dice_jaccard, paip_score, soft_dice_loss
 from .patches import cache_folder, load_patch_set
 from .slides import Mask, box_reduce  # noqa: F401  (box_reduce re-exported for notebooks)
+from .train import load_trained  # noqa: F401  (notebooks 03 and 04 load checkpoints with it)
 from .unetpp import as_head_list, probabilities
 
 
@@ -296,39 +297,6 @@ def slide_metrics(pred, truth, coverage, patch_cells, empty=1.0, paip_threshold=
             "n_patches": n, "n_empty_patches": int(is_empty.sum()),
             "paip": paip_score(j, paip_threshold),
             "pred_cells": int(pred.sum()), "true_cells": int(truth.sum())}
-
-
-def load_trained(model, checkpoint, meta):
-    """Load ``checkpoint`` (a ``best.pt``/``last.pt`` of :func:`helpers.train.fit`) into ``model``.
-
-    Args:
-        model: the network, built with the same settings as the one trained.
-        checkpoint: the file.
-        meta: the ``meta`` dict this notebook trains with; the checkpoint must hold the same
-            (another architecture, input size or mask would give wrong masks silently).
-
-    Returns:
-        The checkpoint dict (epoch, history, versions ...), weights loaded into ``model``.
-    """
-    from pathlib import Path
-
-    from .train import load_checkpoint
-
-    checkpoint = Path(checkpoint)
-    if not checkpoint.exists():
-        raise InputError(f"{checkpoint}: no checkpoint; train first (this notebook's training section)")
-    ck = load_checkpoint(checkpoint)
-    theirs = (ck.get("identity") or {}).get("meta", {})
-    diff = sorted(k for k in set(theirs) | set(meta) if theirs.get(k) != meta.get(k))
-    if diff:
-        raise InputError(f"{checkpoint} was trained with other settings: "
-                         + ", ".join(f"{k} {theirs.get(k)!r} (here {meta.get(k)!r})" for k in diff[:5])
-                         + "; use the matching parameters or another run_name")
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as exc:
-        raise InputError(f"{checkpoint}: its weights do not fit this network ({str(exc)[:160]})") from None
-    return ck
 
 
 def segment_cases(model, cases, out_folder, input_size, params, out_downsample=8, stride=None,

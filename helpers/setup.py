@@ -57,8 +57,13 @@ def setup_notebook(seed, show_versions=True):
     Returns:
         The versions dict (also recorded in run outputs).
     """
+    import warnings
+
     import matplotlib as mpl
 
+    # tqdm.auto warns on import when ipywidgets is absent (libraries import it lazily, so the
+    # warning would land in whichever cell first builds a model, with a machine-specific path).
+    warnings.filterwarnings("ignore", message="IProgress not found")
     seed_everything(seed)
     mpl.rcParams.update({"figure.dpi": 90, "savefig.dpi": 110, "font.size": 9,
                          "axes.titlesize": 9, "image.interpolation": "nearest"})

@@ -106,6 +106,35 @@ def load_checkpoint(path):
                          "delete it to train from scratch") from None
 
 
+def load_trained(model, checkpoint, meta):
+    """Load ``checkpoint`` (a ``best.pt``/``last.pt`` of :func:`helpers.train.fit`) into ``model``.
+
+    Args:
+        model: the network, built with the same settings as the one trained.
+        checkpoint: the file.
+        meta: the ``meta`` dict this notebook trains with; the checkpoint must hold the same
+            (another architecture, input size or mask would give wrong masks silently).
+
+    Returns:
+        The checkpoint dict (epoch, history, versions ...), weights loaded into ``model``.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise InputError(f"{checkpoint}: no checkpoint; train first (the notebook's training section)")
+    ck = load_checkpoint(checkpoint)
+    theirs = (ck.get("identity") or {}).get("meta", {})
+    diff = sorted(k for k in set(theirs) | set(meta) if theirs.get(k) != meta.get(k))
+    if diff:
+        raise InputError(f"{checkpoint} was trained with other settings: "
+                         + ", ".join(f"{k} {theirs.get(k)!r} (here {meta.get(k)!r})" for k in diff[:5])
+                         + "; use the matching parameters or another run_name")
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as exc:
+        raise InputError(f"{checkpoint}: its weights do not fit this network ({str(exc)[:160]})") from None
+    return ck
+
+
 def default_prepare(x, y, device, train):
     """Move a batch to the device; uint8 images become floats in [0, 1]."""
     x = x.to(device, non_blocking=True)

@@ -1,0 +1,138 @@
+"""Majority voting (eq. 3-5): units, the tie rule, combining classifiers, provenance, region
+labels, bad input; and the runner's summary and sweep files."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers.errors import InputError
+from helpers.voting import (assign_units, check_predictions, combine_votes, provenance, region_truth,
+                            vote_units)
+
+
+def _pred(rows):
+    return pd.DataFrame(rows, columns=["case_id", "model", "scale", "x", "y", "footprint", "prob", "pred", "label"])
+
+
+@pytest.fixture
+def pred():
+    rows = []
+    # Slide A: at 4x 3 of 4 patches tumour; at 16x 1 of 2 (a tie). Slide B: no tumour predicted.
+    for i, p in enumerate([1, 1, 1, 0]):
+        rows.append(["A", "m1", 4, i * 896, 0, 896, 0.9 if p else 0.1, p, 1])
+    for i, p in enumerate([1, 0]):
+        rows.append(["A", "m1", 16, i * 3584, 0, 3584, 0.8 if p else 0.2, p, 1])
+    for i in range(3):
+        rows.append(["B", "m1", 4, i * 896, 0, 896, 0.1, 0, 0])
+        rows.append(["B", "m2", 4, i * 896, 0, 896, 0.2, 0, 0])
+    rows.append(["A", "m2", 4, 0, 0, 896, 0.7, 1, 1])
+    return _pred(rows)
+
+
+def test_majority_and_tie_rule(pred):
+    v = vote_units(assign_units(pred), 0.5, "non-tumour").set_index(["unit", "model", "scale"])
+    assert v.loc[("A", "m1", 4), "vote"] == 1 and v.loc[("A", "m1", 4), "tumour_share"] == 0.75
+    assert v.loc[("A", "m1", 16), "vote"] == 0          # 1 of 2: a tie, broken to non-tumour
+    assert v.loc[("B", "m1", 4), "vote"] == 0
+    t = vote_units(assign_units(pred), 0.5, "tumour").set_index(["unit", "model", "scale"])
+    assert t.loc[("A", "m1", 16), "vote"] == 1
+    # A lower share asks "does it hold tumour?" rather than "is it mostly tumour?".
+    low = vote_units(assign_units(pred), 0.2, "non-tumour").set_index(["unit", "model", "scale"])
+    assert low.loc[("A", "m1", 16), "vote"] == 1
+
+
+def test_combining_classifiers_overall_and_per_model(pred):
+    v = vote_units(assign_units(pred), 0.5, "non-tumour")
+    f = combine_votes(v, "non-tumour")
+    # A: votes m1@4 = 1, m1@16 = 0, m2@4 = 1 -> 2 of 3 tumour.
+    assert f.loc["A", "final"] == 1 and f.loc["A", "tumour_votes"] == 2 and f.loc["A", "n_votes"] == 3
+    assert f.loc["A", "final_m1"] == 0          # m1's own scales split 1-1: tie -> non-tumour
+    assert f.loc["A", "final_m2"] == 1
+    assert f.loc["B", "final"] == 0
+    assert combine_votes(v, "tumour").loc["A", "final_m1"] == 1
+
+
+def test_regions_units_and_truth(pred):
+    r = assign_units(pred, 1792)
+    # The centre of the 4x patch at x = 896 (896 + 448 = 1344) lies in region column 0.
+    assert r.loc[(r.case_id == "A") & (r.scale == 4) & (r.x == 896), "unit"].iloc[0] == "A:r0c0"
+    assert r.loc[(r.case_id == "A") & (r.scale == 4) & (r.x == 1792), "unit"].iloc[0] == "A:r0c1"
+    frac = np.zeros((4, 6))
+    frac[:2, :2] = 1.0          # the top-left region (2 x 2 cells) is all tumour
+    frac[2:, 2:4] = 0.3         # another is 30 % tumour
+    t = region_truth(frac, 896, 1792, "A", min_fraction=0.5).set_index("unit")
+    assert len(t) == 6 and t.loc["A:r0c0", "label"] == 1 and t.loc["A:r1c1", "label"] == 0
+    assert t.loc["A:r1c1", "tumour_fraction"] == pytest.approx(0.3)
+    assert region_truth(frac, 896, 1792, "A", min_fraction=0.25).loc[lambda d: d.unit == "A:r1c1", "label"].iloc[0] == 1
+    with pytest.raises(InputError, match="multiple"):
+        region_truth(frac, 500, 1792, "A")
+    with pytest.raises(InputError, match="region_size"):
+        assign_units(pred, -5)
+
+
+def test_provenance_traces_every_patch(pred):
+    units = assign_units(pred)
+    v = vote_units(units, 0.5, "non-tumour")
+    f = combine_votes(v, "non-tumour")
+    p = provenance(units, v, f)
+    assert len(p) == len(pred)
+    a = p[(p.unit == "A") & (p.model == "m1") & (p.scale == 4)]
+    assert len(a) == 4 and (a.vote == 1).all() and (a.final == 1).all() and (a.tumour_share == 0.75).all()
+    assert list(p.columns[:3]) == ["unit", "case_id", "model"]
+
+
+def test_bad_input(pred):
+    with pytest.raises(InputError, match="test split is empty"):
+        check_predictions(pred, ["m1"], [4], [])
+    with pytest.raises(InputError, match="run notebook 04"):
+        check_predictions(pred.iloc[:0], ["m1"], [4], ["A"])
+    assert check_predictions(pred, ["m1", "m2"], [4, 16], ["A", "B"]) == ["m2 at 16x"]
+    with pytest.raises(InputError, match="tie"):
+        vote_units(assign_units(pred), 0.5, "maybe")
+    with pytest.raises(InputError, match="no predictions"):
+        vote_units(assign_units(pred).iloc[:0])
+
+
+def test_summary_and_sweep_file_checks(tmp_path):
+    from helpers.run import load_sweep, write_summary
+
+    assert write_summary(tmp_path, {}) is None
+    (tmp_path / "report.json").write_text(json.dumps({"rows": [{"quantity": "Dice", "paper": 0.69, "ours": 0.9,
+                                                                 "convention": "pooled"}], "missing": []}))
+    out = write_summary(tmp_path, {"profile": "demo", "parameters": {"seed": 1}, "seconds": 3.0})
+    s = json.loads(out.read_text())
+    assert s["numbers"][0]["ours"] == 0.9 and s["parameters"] == {"seed": 1} and s["profile"] == "demo"
+    with pytest.raises(InputError, match="not found"):
+        load_sweep(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text, match", [("name: x\nentries: []\n", "non-empty list"),
+                                         ("entries: [{a: 1}]\n", "needs 'name'"),
+                                         ("name: x\nentries: [{a: 1}]\nonlyy: [5]\n", "unknown keys"),
+                                         ("name: [\n", "not valid YAML")])
+def test_bad_sweep_files_are_named(tmp_path, text, match):
+    from helpers.run import load_sweep
+
+    bad = tmp_path / "s.yaml"
+    bad.write_text(text)
+    with pytest.raises(InputError, match=match):
+        load_sweep(bad)
+
+
+def test_sweep_with_an_unknown_parameter_fails_before_running(tmp_path, monkeypatch):
+    from helpers import run
+
+    monkeypatch.setenv("PAIP_REPRO_RUNS", str(tmp_path / "runs"))
+    f = tmp_path / "s.yaml"
+    f.write_text("name: sw\nprofile: demo\nonly: ['05']\nentries:\n  - {vote_share: 0.5}\n  - {vote_shares: 0.2}\n")
+    ran = []
+    monkeypatch.setattr(run, "_run", lambda args: ran.append(args) or 0)
+    with pytest.raises(InputError, match="unknown parameter 'vote_shares'"):
+        run.run_sweep(f)
+    assert ran == []
+    # A base run that lacks the earlier notebooks' outputs is named.
+    f.write_text("name: sw\nprofile: demo\nbase_run: nothere\nonly: ['05']\nentries:\n  - {vote_share: 0.5}\n")
+    with pytest.raises(InputError, match="base_run 'nothere' lacks"):
+        run.run_sweep(f)
