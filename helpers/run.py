@@ -353,7 +353,8 @@ def sweep_figure(table, path):
 
     t = table.assign(value=table["ours"].map(num))
     params = [c for c in t.columns if c.startswith("param:")]
-    t["label"] = t[params].astype(str).agg(", ".join, axis=1) if params else t["run"]
+    t["label"] = (t[params].apply(lambda r: ", ".join(f"{c[6:]} {v}" for c, v in r.items() if pd.notna(v)), axis=1)
+                  if params else t["run"])
     varying = [q for q, g in t.groupby("quantity", sort=False) if g["value"].notna().any() and g["value"].nunique() > 1]
     qs = varying or [q for q, g in t.groupby("quantity", sort=False) if g["value"].notna().any()][:4]
     fig, axes = plt.subplots(1, max(1, len(qs)), figsize=(3.6 * max(1, len(qs)), 3.2), squeeze=False)
