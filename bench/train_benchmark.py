@@ -6,10 +6,10 @@ it measures, in one run on one device:
 - ``bare``: forward, loss, backward and optimizer step on one batch already on the device, the
   ceiling a loop can reach (the same measurement as ``shared/bench/gpu_model_ceiling.py``);
 - ``loop``: ``helpers.train.fit`` for one epoch over real patches from the demo run's caches
-  (memory-mapped uint8), moved to the device and augmented there with
-  ``helpers.augment.augment_batch``, with checkpoints and history written; for UNet++ this is
-  notebook 03's own pipeline (``helpers.segmentation``: half of each batch from tumour patches,
-  masks augmented alike).
+  (memory-mapped uint8), moved to the device and augmented there, with checkpoints and history
+  written: for the classifiers notebook 04's own pipeline (``helpers.classify``: balanced epochs
+  of 4x patches), for UNet++ notebook 03's (``helpers.segmentation``: half of each batch from
+  tumour patches, masks augmented alike).
 
 and prints images per second of both and their ratio (the issues' target: at least 0.9 on a
 GPU). Needs the demo patch caches: run notebook 02 first (``python -m helpers.run --only 02``).
@@ -31,10 +31,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from helpers.augment import augment_batch  # noqa: E402
 from helpers.models import build_classifier  # noqa: E402
 from helpers.patches import load_patch_set  # noqa: E402
-from helpers.train import TrainConfig, batches_from_arrays, fit, select_device  # noqa: E402
+from helpers.train import TrainConfig, fit, select_device  # noqa: E402
 from helpers.unetpp import build_segmenter, deep_supervision_dice_loss  # noqa: E402
 
 MODELS = ("efficientnet_b0", "resnet50", "unetpp_paper")
@@ -111,10 +110,24 @@ def seg_source(run, batch, n):
     return segmentation_batches(data, batch, max(1, n // batch), tumour_share=0.5, seed=0)
 
 
+def cls_source(run, batch, n, scale=4):
+    """The classification input pipeline of notebook 04 over the run's training slides."""
+    import pandas as pd
+
+    from helpers.classify import class_batches, load_class_patches
+    from helpers.patches import load_extraction_record
+    from helpers.slides import list_cases
+
+    folder = REPO / "runs" / run
+    data_dir, _, params = load_extraction_record(folder)
+    split = pd.read_csv(folder / "split.csv")
+    cases = [c for c in list_cases(data_dir) if c.case_id in set(split.case_id[split.split == "train"])]
+    data = load_class_patches(cases, folder / "patches", params, scale)
+    return class_batches(data, batch, balance=True, seed=0, max_batches=max(1, n // batch))
+
+
 def loop(name, batch, x, m, device, size=224, run="demo"):
     model, seg = make(name)
-    labels = (m.reshape(len(m), -1).mean(1) >= 0.5).astype(np.int64)
-    gen = torch.Generator(device=device.type).manual_seed(0)
 
     if seg:
         # Notebook 03's own pipeline: batches from the memory-mapped caches (half from tumour
@@ -124,14 +137,12 @@ def loop(name, batch, x, m, device, size=224, run="demo"):
         train_batches = seg_source(run, batch, len(x))
         prepare = segmentation_prepare(size, augment=True, color=0.06, seed=0)
     else:
-        def prepare(xb, yb, dev, train):
-            xb = xb.to(dev, non_blocking=True).float().div_(255)
-            if size != xb.shape[-1]:
-                xb = torch.nn.functional.interpolate(xb, size=size, mode="area")
-            return augment_batch(xb, generator=gen), yb.to(dev, non_blocking=True)
+        # Notebook 04's own pipeline: balanced epochs from the memory-mapped 4x caches,
+        # resized and augmented on the device.
+        from helpers.classify import class_prepare
 
-        def train_batches(epoch):
-            return batches_from_arrays(x, labels, batch, shuffle=True, seed=epoch)
+        train_batches = cls_source(run, batch, len(x))
+        prepare = class_prepare(size, augment=True, color=0.06, seed=0)
 
     lossf = deep_supervision_dice_loss if seg else (lambda o, y: torch.nn.functional.cross_entropy(o, y.long()))
     cfg = TrainConfig(epochs=2, optimizer="adam", lr=1e-4, device=device.type)
@@ -139,7 +150,7 @@ def loop(name, batch, x, m, device, size=224, run="demo"):
         h = fit(model, train_batches, lambda mdl, dev: {"val_loss": 0.0}, lossf, cfg, d, prepare=prepare,
                 progress=False, log=lambda *_: None)
     # The first epoch warms up (allocator, kernels); the second is the measurement.
-    n = len(train_batches(0)) * batch if seg else len(x)
+    n = len(train_batches(0)) * batch
     return n / h["seconds"].iloc[-1]
 
 
