@@ -425,6 +425,13 @@ class Mask:
             raise
         except Exception as exc:
             raise InputError(f"{self.path}: cannot be read as a mask ({type(exc).__name__}: {exc})") from None
+        try:
+            self._check_shape(slide_dimensions)
+        except InputError:
+            self.close()       # a refused mask leaves no open file behind
+            raise
+
+    def _check_shape(self, slide_dimensions):
         shape = tuple(self._arr.shape)
         if len(shape) == 3 and shape[2] in (1, 3, 4):
             self._channels = shape[2]

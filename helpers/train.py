@@ -24,6 +24,7 @@ import torch
 
 from .atomic import atomic_path
 from .errors import InputError, check_positive, check_type
+from .prefetch import ReadAhead, pin_batch
 from .progress import progress_bar
 from .setup import library_versions, seed_everything
 
@@ -192,7 +193,7 @@ def recalibrate_batchnorm(model, batches, prepare, device, autocast=contextlib.n
 
 
 def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, prepare=default_prepare,
-        progress=True, log=print, bn_batches=None):
+        progress=True, log=print, bn_batches=None, read_ahead=2):
     """Train ``model``, resuming from ``out_dir/last.pt`` when it is there.
 
     Args:
@@ -211,11 +212,16 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
         bn_batches: optional ``bn_batches(epoch)`` -> iterable of CPU batches; when given, the
             BatchNorm statistics are recomputed over them after each epoch's training, before
             validation and the checkpoint (see :func:`recalibrate_batchnorm`).
+        read_ahead: training batches gathered ahead in a background thread (see
+            :mod:`helpers.prefetch`); 0 gathers each batch only when it is needed. The batches
+            and their order are the same either way.
 
     Returns:
         The history as a DataFrame (one row per epoch).
     """
     config = config.validate()
+    if read_ahead:
+        check_positive("read_ahead", read_ahead, integer=True)
     meta = dict(meta or {})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,6 +274,10 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
         batches = train_batches(epoch)
         bar = progress_bar(len(batches) if hasattr(batches, "__len__") else None, f"epoch {epoch + 1}/{config.epochs}",
                            "batch", progress)
+        if read_ahead:
+            # The next batches are gathered (and pinned, for asynchronous copies to a GPU) in a
+            # thread while the model works on this one; same batches, same order.
+            batches = ReadAhead(batches, read_ahead, pin_batch if cuda else None)
         for x, y in batches:
             x, y = prepare(x, y, device, True)
             if cuda and config.channels_last and x.ndim == 4:
@@ -278,7 +288,9 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(x)
+            # Summed on the device: reading the loss each step would make the host wait for the
+            # GPU, and the next batch would not be gathered while the GPU computes.
+            total = total + loss.detach().double() * len(x)
             n += len(x)
             bar.update()
         bar.close()
@@ -291,7 +303,7 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
             val = dict(evaluate(model, device))
         if config.monitor not in val:
             raise InputError(f"evaluate() returned {sorted(val)}, which lacks the monitored {config.monitor!r}")
-        row = {"epoch": epoch + 1, "train_loss": total / n, **{k: float(v) for k, v in val.items()},
+        row = {"epoch": epoch + 1, "train_loss": float(total) / n, **{k: float(v) for k, v in val.items()},
                "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2)}
         history.append(row)
         score = row[config.monitor]

@@ -100,3 +100,24 @@ def test_resized_input_gives_the_same_map_for_a_smooth_model(t1):
     a = predict_slide(Mean(), t1.slide, _ident, out_downsample=16, progress=False)
     b = predict_slide(Mean(), t1.slide, _ident, out_downsample=16, progress=False, input_size=128)
     np.testing.assert_allclose(a["prob"], b["prob"], atol=2e-3)
+
+
+def test_reader_threads_give_the_same_map_and_stop_when_the_model_fails(t1):
+    import threading
+
+    one = predict_slide(Purple(), t1.slide, _ident, out_downsample=16, batch_size=5, progress=False, read_workers=1)
+    three = predict_slide(Purple(), t1.slide, _ident, out_downsample=16, batch_size=5, progress=False,
+                          read_workers=3)
+    np.testing.assert_array_equal(one["prob"], three["prob"])
+    np.testing.assert_array_equal(one["coverage"], three["coverage"])
+    assert one["n_patches"] == three["n_patches"] > 0
+
+    class Fails(Purple):
+        def forward(self, x):
+            raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        predict_slide(Fails(), t1.slide, _ident, out_downsample=16, progress=False, read_workers=3)
+    assert not [t for t in threading.enumerate() if t.name.startswith("read-ahead") and t.is_alive()]
+    with pytest.raises(InputError, match="read_workers"):
+        predict_slide(Purple(), t1.slide, _ident, progress=False, read_workers=0)

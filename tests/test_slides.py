@@ -297,7 +297,8 @@ def test_mask_wrong_size_rejected(tmp_path):
             Mask(path, dims)
         assert str(path) in str(ei.value) and f"{W}x{H}" in str(ei.value)
     # An exact downsample with rounding is accepted (a mask drawn on a thumbnail).
-    assert Mask(path, (4 * W, 4 * H)).downsample == 4.0
+    with Mask(path, (4 * W, 4 * H)) as m:
+        assert m.downsample == 4.0
 
 
 def test_mask_missing_or_unreadable(tmp_path):
