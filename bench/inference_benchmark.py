@@ -23,7 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from helpers.inference import predict_slide  # noqa: E402
+from helpers.inference import default_read_workers, predict_slide  # noqa: E402
 from helpers.slides import list_cases  # noqa: E402
 from helpers.synthetic import ensure_demo_dataset  # noqa: E402
 from helpers.train import select_device  # noqa: E402
@@ -35,6 +35,8 @@ def main(argv=None):
     ap.add_argument("--case", default="demo_03", help="demo case to segment (default demo_03, 8192 x 6144)")
     ap.add_argument("--input-size", type=int, default=128, help="network input side (224 = the paper's; 128 for CPU)")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--read-workers", type=int, default=None,
+                    help="reader threads (default: helpers.inference.default_read_workers(), half the cores)")
     args = ap.parse_args(argv)
     device = select_device("auto")
     torch.manual_seed(0)
@@ -62,12 +64,13 @@ def main(argv=None):
 
     bare_before = bare_rate()
     res = predict_slide(net, case.slide, probabilities, out_downsample=16, batch_size=args.batch,
-                        input_size=args.input_size, progress=False)
+                        input_size=args.input_size, progress=False, read_workers=args.read_workers)
     slide_rate = res["n_patches"] / res["seconds"]
     bare = max(bare_before, bare_rate())
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nWhole-slide inference on {dev}: {case.case_id}, {res['n_patches']} tissue patches of 224 px, "
-          f"network input {args.input_size} px, batch {args.batch}\n")
+          f"network input {args.input_size} px, batch {args.batch}, "
+          f"{args.read_workers or default_read_workers()} reader threads\n")
     print("| what | patches/s | seconds |")
     print("|---|---|---|")
     print(f"| bare UNet++ inference (device-resident batches) | {bare:.1f} | - |")
