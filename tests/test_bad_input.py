@@ -138,7 +138,11 @@ def _damaged_mask_case(small_dataset, folder):
 
 def test_damaged_mask_tiles(small_dataset, tmp_path):
     case = _damaged_mask_case(small_dataset, tmp_path / "data")
-    for call in (lambda: Mask(case.viable, (3072, 2560)).read(0, 0, 512, 512),
+    def read_mask():
+        with Mask(case.viable, (3072, 2560)) as m:
+            return m.read(0, 0, 512, 512)
+
+    for call in (read_mask,
                  lambda: extract_slide(case, 1, tmp_path / "cache", workers=1)):
         try:
             call()

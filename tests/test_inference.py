@@ -81,8 +81,7 @@ def test_bad_downsample_is_refused(t1):
 def test_mask_tiff_round_trip(tmp_path, t1):
     res = predict_slide(Purple(), t1.slide, _ident, out_downsample=16, progress=False)
     p = save_mask_tiff(tmp_path / "pred.tif", res["prob"] > 0.5, 16)
-    with Slide(t1.slide) as s:
-        m = Mask(p, s.dimensions)
+    with Slide(t1.slide) as s, Mask(p, s.dimensions) as m:
         assert m.downsample == pytest.approx(16, rel=0.01)
         assert np.array_equal(m.read_native(0, 0, m.width, m.height), (res["prob"] > 0.5).astype(np.uint8))
     assert not list(tmp_path.glob(".*tmp*"))

@@ -236,7 +236,8 @@ def test_level0_mask(tmp_path):
         assert fr.max() > 0.2  # the blob is there
         # Chunked reads give the same fractions.
         assert m.window_fractions(224, np.array([0, 224, 448, 800]), 224, max_pixels=W * 7) == pytest.approx(want)
-    assert "c_whole.tif" in repr(Mask(path, (W, H)))
+    with Mask(path, (W, H)) as m:
+        assert "c_whole.tif" in repr(m)
 
 
 def test_downsampled_png_mask(tmp_path):
@@ -339,8 +340,8 @@ def test_check_viable_inside_whole_detects_swap(tmp_path):
 def test_check_viable_inside_whole_size_mismatch(tmp_path):
     a = write_tiff_mask(tmp_path / "a_whole.tif", np.zeros((H, W), np.uint8))
     b = write_png(tmp_path / "a_viable.png", np.zeros((H // 4, W // 4), np.uint8))
-    with pytest.raises(InputError, match="a_whole.tif.*a_viable.png"):
-        check_viable_inside_whole(Mask(a, (W, H)), Mask(b, (W, H)))
+    with Mask(a, (W, H)) as ma, Mask(b, (W, H)) as mb, pytest.raises(InputError, match="a_whole.tif.*a_viable.png"):
+        check_viable_inside_whole(ma, mb)
 
 
 # ---------------------------------------------------------------------------------------------
