@@ -17,9 +17,11 @@ and keyed by every parameter that changes its content. Used by notebook 02 (and 
 caches).
 """
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -643,10 +645,39 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
                     "seconds": round(time.perf_counter() - t0, 2)}
             with open(tmp / "meta.json", "w") as f:
                 json.dump(meta, f, indent=2, sort_keys=True)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        # atomic_dir has removed the partial cache by now: nothing half-written is left.
+        raise InputError(
+            f"the disk holding {Path(cache_root)} filled up while writing the {scale}x patches of "
+            f"{case.case_id} (up to {patch_bytes(params, scale) * rows * cols / 1e9:.1f} GB for this slide); its "
+            "partial cache was removed, the caches of other slides are kept. Free space, or put the run "
+            "on a larger disk, then rerun: the caches already written are reused") from None
     finally:
         if own_pool is not None:
             own_pool.close()
     return load_patch_set(folder), False
+
+
+def patch_bytes(params, scale):
+    """Cache bytes per kept patch: the RGB patch, plus its mask at 1x when masks are stored."""
+    P = params.patch_size
+    return P * P * 3 + (P * P if params.store_masks and scale == 1 else 0)
+
+
+def cache_bytes_estimate(dims, scales, params, tissue_share=1.0):
+    """Bytes the patch caches of slides of level-0 ``dims`` take at ``scales``.
+
+    With ``tissue_share`` 1 every grid position counts (the most a cache can take); real slides
+    keep a share of them (about half on the demo slides).
+    """
+    total = 0
+    for d in dims:
+        for sc in scales:
+            rows, cols = grid_shape(d, sc, params.patch_size, params.stride)
+            total += rows * cols * patch_bytes(params, sc)
+    return int(total * tissue_share)
 
 
 def finish_table(table, case_id, scale, params):
@@ -711,6 +742,16 @@ def extract_dataset(cases, scales, cache_root, params=None, workers=None, progre
             dims[c.case_id] = s.dimensions
         for sc in scales:
             total += grid_shape(dims[c.case_id], sc, params.patch_size, params.stride)[0]
+    todo = [(dims[c.case_id], sc) for c in cases for sc in scales
+            if not (cache_folder(cache_root, c, sc, params)[0] / "meta.json").exists()]
+    need = sum(cache_bytes_estimate([d], [sc], params) for d, sc in todo)
+    Path(cache_root).mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache_root).free
+    if need > free:
+        warnings.warn(f"{len(todo)} patch caches to write into {cache_root} may take up to {need / 1e9:.1f} GB "
+                      f"(every grid position kept; tissue is usually a third to a half of it) and the disk has "
+                      f"{free / 1e9:.1f} GB free. If it fills up, extraction stops with a clear error and a rerun "
+                      "resumes after freeing space", stacklevel=2)
     bar = progress_bar(total, "patch rows", "row", progress)
     pool = _OrderedPool(workers)
     rows, sets = [], {}

@@ -344,3 +344,39 @@ def test_check_helpers():
         with pytest.raises(InputError, match="'f'"):
             check_fraction("f", bad)
     assert issubclass(InputError, ValueError)
+
+
+def test_disk_full_during_extraction_is_one_clear_error_and_a_rerun_resumes(small_dataset, tmp_path, monkeypatch):
+    import errno
+    from collections import namedtuple
+
+    import helpers.patches as hp
+
+    cases = [c for c in list_cases(small_dataset) if c.case_id in ("tiny_n0", "tiny_t1")]
+    cache = tmp_path / "cache"
+    real_finish = hp.finish_table
+
+    def full_on_t1(table, case_id, *a, **k):
+        if case_id == "tiny_t1":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_finish(table, case_id, *a, **k)
+
+    monkeypatch.setattr(hp, "finish_table", full_on_t1)
+    with pytest.raises(InputError) as ei:
+        extract_dataset(cases, [4], cache, workers=1, progress=False)
+    msg = _one_line(ei)
+    assert "filled up" in msg and "tiny_t1" in msg and "4x" in msg and "rerun" in msg
+    # The slide before is kept whole; no cache of tiny_t1 is left half-written (its mask count
+    # maps, finished before, are whole files and are reused).
+    assert list((cache / "tiny_n0").glob("x4_*/meta.json"))
+    assert not list(cache.glob("tiny_t1/x4_*")) and not list(cache.glob("tiny_t1/.*"))
+
+    monkeypatch.setattr(hp, "finish_table", real_finish)
+    summary, _ = extract_dataset(cases, [4], cache, workers=1, progress=False)
+    assert summary.set_index("case_id").from_cache.to_dict() == {"tiny_n0": True, "tiny_t1": False}
+
+    # Too little free space for the worst case: said before anything is written.
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(hp.shutil, "disk_usage", lambda p: Usage(10 ** 6, 10 ** 6 - 1000, 1000))
+    with pytest.warns(UserWarning, match=r"may take up to .* GB .* 0\.0 GB free"):
+        extract_dataset(cases, [1], tmp_path / "cache2", workers=1, progress=False)
