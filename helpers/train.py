@@ -263,6 +263,10 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
         torch.set_rng_state(ck["rng"]["torch"])
         np.random.set_state(ck["rng"]["numpy"])
         log(f"resumed from {last} after epoch {start}")
+        if start > config.epochs:
+            log(f"note: {last} already holds {start} epochs, more than epochs={config.epochs}; nothing is "
+                "trained and its checkpoints stay those of the longer run (use another output folder to "
+                f"train {config.epochs} epochs)")
         if config.early_stop_patience and stale >= config.early_stop_patience:
             start = config.epochs  # it had stopped early: nothing more to do
     versions = library_versions()

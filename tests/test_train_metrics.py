@@ -125,6 +125,16 @@ def test_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     np.testing.assert_allclose(resumed.train_loss, full.train_loss, rtol=1e-5)
 
 
+def test_rerun_with_fewer_epochs_says_the_checkpoint_is_from_the_longer_run(tmp_path):
+    model, tb, ev, cfg = _setup(tmp_path, epochs=3)
+    fit(model, tb, ev, _loss, cfg, tmp_path / "f", progress=False, log=lambda *_: None)
+    model, tb, ev, cfg = _setup(tmp_path, epochs=2)
+    logs = []
+    h = fit(model, tb, ev, _loss, cfg, tmp_path / "f", progress=False, log=logs.append)
+    assert len(h) == 3                   # nothing trained: the history is the longer run's
+    assert any("already holds 3 epochs, more than epochs=2" in m for m in logs)
+
+
 def test_rerun_with_other_settings_is_refused(tmp_path):
     model, tb, ev, cfg = _setup(tmp_path, epochs=1)
     fit(model, tb, ev, _loss, cfg, tmp_path / "r", meta={"arch": "linear"}, progress=False, log=lambda *_: None)
