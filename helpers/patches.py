@@ -651,7 +651,7 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
         # atomic_dir has removed the partial cache by now: nothing half-written is left.
         raise InputError(
             f"the disk holding {Path(cache_root)} filled up while writing the {scale}x patches of "
-            f"{case.case_id} (up to {patch_bytes(params, scale) * rows * cols / 1e9:.1f} GB for this slide); its "
+            f"{case.case_id} (up to {cache_bytes_estimate([dims], [scale], params) / 1e9:.1f} GB for this slide); its "
             "partial cache was removed, the caches of other slides are kept. Free space, or put the run "
             "on a larger disk, then rerun: the caches already written are reused") from None
     finally:
