@@ -1,4 +1,4 @@
-"""Slide-level splits, augmentations and class balance."""
+"""Patient-grouped splits, augmentations and class balance."""
 
 import numpy as np
 import pytest
@@ -27,10 +27,29 @@ def test_split_paper_sized():
     assert s.split.value_counts().to_dict() == {"train": 30, "val": 10, "test": 10}
 
 
-@pytest.mark.parametrize("fractions", [(0.5, 0.5), (0.6, 0.3, 0.3), (1.2, -0.1, -0.1)])
+@pytest.mark.parametrize("fractions", [(0.5, 0.5), (0.6, 0.3, 0.3), (1.2, -0.1, -0.1), (0, 0.5, 0.5), "abc"])
 def test_split_rejects_bad_fractions(fractions):
     with pytest.raises(InputError, match="split_fractions"):
         split_cases(["a", "b", "c"], None, fractions)
+
+
+def test_split_groups_patients_and_stratifies():
+    # 60 slides of 40 patients (20 with two slides), a third tumour patients, a few unlabelled.
+    ids, pats, labs = [], [], []
+    for p in range(40):
+        for k in range(1 + (p % 2)):
+            ids.append(f"s{p:02d}_{k}")
+            pats.append(f"P{p:02d}")
+            labs.append(None if p >= 37 else int(p % 3 == 0))
+    s = split_cases(ids, labs, (0.6, 0.2, 0.2), seed=1, patients=pats)
+    assert (s.groupby("patient_id").split.nunique() == 1).all(), "a patient in two splits leaks"
+    counts = s.split.value_counts()
+    assert 10 <= counts["test"] <= 14 and 10 <= counts["val"] <= 14
+    for sp in ("train", "val", "test"):
+        assert set(s.label[s.split == sp].dropna()) == {0, 1}
+    # Without patients, the same slides are split one by one: patients then land in two splits.
+    by_slide = split_cases(ids, labs, (0.6, 0.2, 0.2), seed=1)
+    assert (by_slide.assign(p=pats).groupby("p").split.nunique() > 1).any()
 
 
 def test_split_rejects_empty_and_duplicates():

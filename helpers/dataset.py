@@ -1,0 +1,212 @@
+"""Dataset folders: which slides there are, their masks, labels and patients.
+
+The dataset contract (README, "Your own data"):
+
+- slides: ``<slide_id>.<ext>``, any format OpenSlide reads (``.svs``, ``.tif``, ``.ndpi`` ...)
+  or a plain PNG/JPEG/TIFF image;
+- optional masks: ``<slide_id>_whole.<tif|tiff|png>`` and ``<slide_id>_viable.<...>`` (PAIP
+  2019's whole-tumour and viable-tumour masks, level-0 size or an exact downsample);
+- an optional ``labels.csv`` with a slide column, a ``label`` column (0/1, normal/tumour; empty
+  = unknown) and an optional patient column. Accepted headers:
+
+  ====================================  ==================  ====================
+  header                                slide column        patient column
+  ====================================  ==================  ====================
+  ``slide_id,label[,patient_id]``       ``slide_id``        ``patient_id``
+  ``slide_id,label,case_id``            ``slide_id``        ``case_id`` (patient)
+  ``case_id,label[,patient_id]``        ``case_id`` (slide) ``patient_id``
+  ====================================  ==================  ====================
+
+A slide's label comes from ``labels.csv``; without a row there, notebook 02 derives it from the
+masks (tumour when the mask holds tumour); a slide with neither is *unlabelled* (``None``),
+never 0. A labels file that names no slide of the folder is an error (its ids are probably of
+another naming scheme); rows naming some missing slides are counted and shown.
+
+Used by notebooks 01-05 (through :func:`list_cases`).
+"""
+
+import csv
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+from .slides import MASK_KINDS, SLIDE_SUFFIXES, SlideWarning
+
+#: Words accepted in the ``label`` column.
+LABEL_WORDS = {"0": 0, "1": 1, "normal": 0, "non-tumor": 0, "non-tumour": 0, "benign": 0, "negative": 0,
+               "tumor": 1, "tumour": 1, "cancer": 1, "positive": 1}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One slide of a dataset folder, with its masks, label and patient (``None`` when unknown).
+
+    ``case_id`` is the slide's id (its file stem): one case is one slide.
+    """
+
+    case_id: str
+    slide: Path
+    whole: Path = None
+    viable: Path = None
+    label: int = None
+    patient_id: str = None
+
+    def mask_path(self, kind):
+        """The ``whole`` or ``viable`` mask path (``None`` if the case has none)."""
+        if kind not in MASK_KINDS:
+            raise InputError(f"mask kind must be one of {MASK_KINDS}, got {kind!r}")
+        return getattr(self, kind)
+
+    @property
+    def patient(self):
+        """The patient id, or the slide id when no patient is given (a patient of one slide)."""
+        return self.patient_id or self.case_id
+
+
+@dataclass
+class LabelFile:
+    """A parsed ``labels.csv``.
+
+    Attributes:
+        path: the file.
+        slide_column, patient_column: the header names used (patient: ``None`` if absent).
+        labels: ``{slide_id: 0, 1 or None}``.
+        patients: ``{slide_id: patient_id}`` for rows that give one.
+    """
+
+    path: Path
+    slide_column: str
+    patient_column: str = None
+    labels: dict = field(default_factory=dict)
+    patients: dict = field(default_factory=dict)
+
+
+def read_labels(path):
+    """Read a ``labels.csv`` in one of the accepted layouts (see the module docstring).
+
+    Returns:
+        A :class:`LabelFile`.
+
+    Raises:
+        InputError: no slide or label column, an unknown label word, a slide listed twice.
+    """
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rd = csv.DictReader(f)
+        cols = [c.strip() for c in (rd.fieldnames or [])]
+        rd.fieldnames = cols
+        if "slide_id" in cols:
+            slide_col = "slide_id"
+            patient_col = "patient_id" if "patient_id" in cols else ("case_id" if "case_id" in cols else None)
+        elif "case_id" in cols:
+            slide_col, patient_col = "case_id", ("patient_id" if "patient_id" in cols else None)
+        else:
+            slide_col = patient_col = None
+        if slide_col is None or "label" not in cols:
+            raise InputError(f"{path}: needs a slide column and a label column, e.g. the header "
+                             f"slide_id,label,patient_id (got {cols}); see README, 'Your own data'")
+        out = LabelFile(path, slide_col, patient_col)
+        for i, row in enumerate(rd, start=2):
+            sid = (row.get(slide_col) or "").strip()
+            if not sid:
+                continue
+            if sid in out.labels:
+                raise InputError(f"{path}, line {i}: slide {sid!r} is listed twice; keep one row per slide")
+            v = (row.get("label") or "").strip().lower()
+            if v and v not in LABEL_WORDS:
+                raise InputError(f"{path}, line {i}: label {row['label']!r} is not 0/1 (or normal/tumour); "
+                                 "leave it empty for an unknown label")
+            out.labels[sid] = LABEL_WORDS[v] if v else None
+            pid = (row.get(patient_col) or "").strip() if patient_col else ""
+            if pid:
+                out.patients[sid] = pid
+    return out
+
+
+def _find_mask(folder, slide_id, kind):
+    for suf in (".tif", ".tiff", ".png"):
+        p = folder / f"{slide_id}_{kind}{suf}"
+        if p.exists():
+            return p
+    return None
+
+
+def find_slides(folder):
+    """The slide files of a folder (masks, hidden files and other suffixes left out), by name."""
+    out = []
+    for p in sorted(Path(folder).iterdir()):
+        if not p.is_file() or p.name.startswith(".") or p.suffix.lower() not in SLIDE_SUFFIXES:
+            continue
+        if any(p.stem.endswith("_" + k) for k in MASK_KINDS):
+            continue
+        out.append(p)
+    return out
+
+
+def list_cases(data_dir):
+    """List the slides of a dataset folder with their masks, labels and patients.
+
+    Args:
+        data_dir: the folder (see the module docstring for its layout).
+
+    Returns:
+        A list of :class:`Case`, sorted by slide id.
+
+    Raises:
+        InputError: the folder is missing or holds no slide, two slides share an id, or its
+            ``labels.csv`` is unreadable or names no slide of the folder.
+    """
+    folder = Path(data_dir)
+    if not folder.exists():
+        raise InputError(f"data_dir {folder}: no such folder; point data_dir at a folder of slides "
+                         "(or leave it empty for the built-in demo data)")
+    if not folder.is_dir():
+        raise InputError(f"data_dir {folder}: is a file, not a folder of slides")
+    slides = find_slides(folder)
+    if not slides:
+        raise InputError(f"data_dir {folder}: holds no slides ({', '.join(SLIDE_SUFFIXES[:4])}, ...); "
+                         "put the slides (and their _whole/_viable masks) there")
+    ids = [p.stem for p in slides]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise InputError(f"data_dir {folder}: several files share the slide id {dup[0]!r} "
+                         f"({', '.join(p.name for p in slides if p.stem == dup[0])}); keep one file per slide")
+    lf = LabelFile(folder / "labels.csv", "slide_id")
+    if lf.path.exists():
+        lf = read_labels(lf.path)
+        matched = set(lf.labels) & set(ids)
+        if not matched:
+            raise InputError(f"{lf.path}: names no slide of {folder} (its {lf.slide_column} values look like "
+                             f"{sorted(lf.labels)[:3]}, the slides are {ids[:3]}); the {lf.slide_column} column "
+                             "must hold slide file names without their extension")
+        unknown = sorted(set(lf.labels) - set(ids))
+        if unknown:
+            warnings.warn(f"{lf.path}: {len(unknown)} rows name no slide file (e.g. {unknown[:3]}); they are "
+                          "ignored", SlideWarning, stacklevel=2)
+    return [Case(p.stem, p, _find_mask(folder, p.stem, "whole"), _find_mask(folder, p.stem, "viable"),
+                 lf.labels.get(p.stem), lf.patients.get(p.stem)) for p in slides]
+
+
+def describe_cases(cases, data_dir=None):
+    """Counts of what a dataset holds, for notebook 01's first table.
+
+    Returns:
+        A dict: ``slides``, ``formats`` (``{suffix: n}``), ``both masks``, ``one mask``,
+        ``no mask``, ``labelled`` (a label in labels.csv), ``patients``, ``slides per patient``
+        (the most), and, with ``data_dir``, ``labels.csv rows without a slide``.
+    """
+    formats = {}
+    for c in cases:
+        formats[c.slide.suffix.lower()] = formats.get(c.slide.suffix.lower(), 0) + 1
+    n_masks = [(c.whole is not None) + (c.viable is not None) for c in cases]
+    per_patient = {}
+    for c in cases:
+        per_patient[c.patient] = per_patient.get(c.patient, 0) + 1
+    out = {"slides": len(cases), "formats": formats, "both masks": n_masks.count(2), "one mask": n_masks.count(1),
+           "no mask": n_masks.count(0), "labelled": sum(c.label is not None for c in cases),
+           "patients": len(per_patient), "slides per patient (most)": max(per_patient.values(), default=0)}
+    if data_dir is not None and (Path(data_dir) / "labels.csv").exists():
+        lf = read_labels(Path(data_dir) / "labels.csv")
+        out["labels.csv rows without a slide"] = len(set(lf.labels) - {c.case_id for c in cases})
+    return out
