@@ -141,7 +141,8 @@ def method_raw(folder, scale, strip, reader="helpers", **_):
     ``reader="helpers"`` reads as extraction does (``Slide.read_region``: its tile reader for
     tiled JPEG TIFFs); ``reader="openslide"`` forces OpenSlide's ``read_region``.
     """
-    from helpers.slides import list_cases, Slide
+    from helpers.dataset import list_cases
+    from helpers.slides import Slide
 
     case = list_cases(folder)[0]
     with Slide(case.slide) as s:
@@ -182,8 +183,9 @@ def method_paper(folder, scale, strip, glass_level, tissue_threshold, **_):
     from patchify import patchify
     from skimage.filters import threshold_otsu
 
-    from helpers.patches import to_gray
-    from helpers.slides import list_cases, Slide
+    from helpers.dataset import list_cases
+    from helpers.slides import Slide
+    from helpers.tissue import to_gray
 
     case = list_cases(folder)[0]
     with Slide(case.slide) as s:
@@ -214,8 +216,10 @@ def method_ours(folder, scale, workers, tmp_root, **_):
     shared by every scale: it is built first and timed on its own (``count_map_seconds``), so a
     row shows the per-scale cost.
     """
-    from helpers.patches import ExtractionParams, _OrderedPool, extract_slide, mask_count_map
-    from helpers.slides import list_cases
+    from helpers.caches import ExtractionParams
+    from helpers.dataset import list_cases
+    from helpers.patches import _forget_open_files, extract_slide, mask_count_map
+    from helpers.prefetch import process_pool
 
     case = list_cases(folder)[0]
     Path(tmp_root).mkdir(parents=True, exist_ok=True)
@@ -223,12 +227,13 @@ def method_ours(folder, scale, workers, tmp_root, **_):
     try:
         # The count maps: once per slide, before any scale, timed on their own.
         t0 = time.perf_counter()
-        pool = _OrderedPool(workers)
+        pool = process_pool(workers, _forget_open_files) if workers > 1 else None
         try:
             for kind in ("whole", "viable"):
-                mask_count_map(case, kind, tmp, pool)
+                mask_count_map(case, kind, tmp, pool, workers)
         finally:
-            pool.close()
+            if pool is not None:
+                pool.shutdown()
         cm_sec = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
         ps, cached = extract_slide(case, scale, cache_root=tmp, params=ExtractionParams(), workers=workers)
@@ -479,8 +484,9 @@ def main(argv=None):
     if args._child:
         return child_main(args._child)
 
-    from helpers.patches import ExtractionParams, grid_shape
-    from helpers.slides import Slide, list_cases
+    from helpers.caches import ExtractionParams, grid_shape
+    from helpers.dataset import list_cases
+    from helpers.slides import Slide
 
     t_start = time.perf_counter()
     folder = ensure_slide(args.size, args.seed, args.cache_dir)

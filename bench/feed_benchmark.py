@@ -63,8 +63,9 @@ def rate(batches, seconds=6.0):
 def strips_rate(case_id, workers, seconds=6.0):
     """Tissue (and grid) patches per second of the whole-slide reader over a demo slide at 1x."""
     from helpers.inference import _strips
-    from helpers.patches import ExtractionParams, grid_shape
-    from helpers.slides import Slide, list_cases
+    from helpers.caches import ExtractionParams, grid_shape
+    from helpers.dataset import list_cases
+    from helpers.slides import Slide
     from helpers.synthetic import ensure_demo_dataset
 
     case = {c.case_id: c for c in list_cases(ensure_demo_dataset(progress=False))}[case_id]

@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import DiskFullError, disk_full, is_disk_full
+
 
 def _umask():
     mask = os.umask(0)
@@ -23,7 +25,8 @@ def _umask():
 def atomic_path(dest, suffix=""):
     """Yield a temporary path beside ``dest``; on success rename it to ``dest``.
 
-    On an exception the temporary file is removed and ``dest`` is left as it was.
+    On an exception the temporary file is removed and ``dest`` is left as it was; a full disk
+    becomes one :class:`helpers.errors.DiskFullError` naming the folder.
 
     Args:
         dest: the final path.
@@ -37,9 +40,11 @@ def atomic_path(dest, suffix=""):
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            raise disk_full(dest) from None
         raise
 
 
@@ -47,7 +52,8 @@ def atomic_path(dest, suffix=""):
 def atomic_dir(dest):
     """Yield a temporary folder beside ``dest``; on success it replaces ``dest`` as a whole.
 
-    A reader sees either the old folder, or the complete new one: never a mix.
+    A reader sees either the old folder, or the complete new one: never a mix. A full disk
+    becomes one :class:`helpers.errors.DiskFullError`, as for :func:`atomic_path`.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -62,8 +68,10 @@ def atomic_dir(dest):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            raise disk_full(dest) from None
         raise
 
 

@@ -11,6 +11,39 @@ class InputError(ValueError):
     """
 
 
+class DiskFullError(InputError, OSError):
+    """The disk filled up while a result was written; nothing half-written was left behind."""
+
+
+def disk_full(path, what=None):
+    """The one error for a full disk, whatever was being written (cache, map, checkpoint, figure).
+
+    Args:
+        path: the file or folder being written.
+        what: optional words for it (e.g. "the 4x patches of demo_03").
+    """
+    import shutil
+    from pathlib import Path
+
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 1e9:.2f} GB free now"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(f"the disk holding {folder} is full ({free}) while writing {what or Path(path).name}; "
+                         "nothing half-written was kept and finished results stay reusable: free space (or "
+                         "set PAIP_REPRO_RUNS to a larger disk) and rerun")
+
+
+def is_disk_full(exc):
+    """Whether an exception is the operating system saying the disk (or quota) is full."""
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def check_type(name, value, types, what=None):
     """Raise :class:`InputError` unless ``value`` is an instance of ``types``.
 

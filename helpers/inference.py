@@ -1,11 +1,12 @@
 """Whole-slide segmentation: predict patch by patch over the tissue, stitch at a downscale.
 
 The paper "extracts the patches from the whole slide images ... fed through the network ...
-recombined" (section 4). Here the slide is read strip by strip at full resolution (threads
-read the next strips while the model works on this batch, see :mod:`helpers.prefetch`), glass is skipped with the same
-per-patch Otsu test as extraction, each tissue patch's probability map is box-averaged down to
-the output downscale and added into a canvas at that scale, and overlapping patches (``stride``
-below the patch size) are averaged. The canvas is ``(H / d) x (W / d)`` floats: 39 MB for a
+recombined" (section 4). Here the slide is read strip by strip at the segmentation scale
+(threads read the next strips while the model works on this batch, see
+:mod:`helpers.prefetch`), glass is skipped with the same tissue test as extraction, each tissue
+patch's probability map is box-averaged down to the output downscale and added into a canvas at
+that scale, and overlapping patches (``stride`` below the patch size) are averaged. The grid
+reaches every edge of the slide. The canvas is ``(H / d) x (W / d)`` floats: 39 MB for a
 50,000 px slide at ``d = 16``, never a full-resolution array. Used by notebook 03.
 """
 
@@ -19,11 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_path
+from .caches import ExtractionParams
 from .errors import InputError, check_positive
-from .patches import ExtractionParams, grid_shape, to_gray, tissue_fractions
 from .prefetch import ordered_map
 from .progress import progress_bar
 from .slides import Slide
+from .tissue import slide_tissue_threshold, tissue_fractions, tissue_fractions_at, to_gray
 
 
 def default_read_workers():
@@ -35,33 +37,52 @@ def default_read_workers():
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-def _strips(slide_path, rows, cols, P, S, k, glass_level, tissue_threshold, workers=1, band=4):
-    """``(row, xs_kept, patches_kept)`` for each grid row, in order, read ahead by threads.
+def grid_positions(length, patch, stride, align=1):
+    """Patch starts along one side so that every pixel is covered: the regular grid, plus one
+    last patch shifted inward (to a multiple of ``align``) when the grid stops short of the end.
+
+    A side shorter than one patch gets one patch at 0 (read with glass beyond the slide's edge).
+    """
+    if length <= patch:
+        return np.zeros(1, np.int64)
+    pos = np.arange(0, length - patch + 1, stride, dtype=np.int64)
+    last = (length - patch) // align * align
+    if pos[-1] + patch < length and last > pos[-1]:
+        pos = np.append(pos, last)
+    return pos
+
+
+def _strips(slide_path, scale, ys, xs, P, tissue, level, workers=1, band=4):
+    """``(y, xs_kept, patches_kept)`` for each grid row (level-0 ``y``, scaled ``xs``), in order,
+    read ahead by threads.
 
     Each thread reads bands of ``band`` consecutive grid rows (neighbouring rows share JPEG
     tile rows, which the reader keeps decoded) through a slide handle of its own, since a handle
     is not safe to share between threads.
     """
-    width = (cols - 1) * S + P
+    width = int(xs[-1]) + P
+    k = tissue.tissue_subsample
     local, opened, lock = threading.local(), [], threading.Lock()
 
-    def read_band(r0):
+    def read_band(i0):
         slide = getattr(local, "slide", None)
         if slide is None:
-            slide = local.slide = Slide(slide_path)
+            slide = local.slide = Slide(slide_path, verify=False)
             with lock:
                 opened.append(slide)
         out = []
-        for r in range(r0, min(rows, r0 + band)):
-            strip = slide.read_region(0, r * S, width, P)
-            pats = np.stack([strip[:, c * S:c * S + P] for c in range(cols)])
+        for y in ys[i0:i0 + band]:
+            strip = slide.read_region(0, int(y) * scale, width, P, downsample=scale)
+            pats = np.stack([strip[:, x:x + P] for x in xs])
             del strip
-            frac, _ = tissue_fractions(to_gray(pats[:, ::k, ::k]), glass_level)
-            keep = frac >= tissue_threshold
-            out.append((r, np.flatnonzero(keep) * S, pats[keep]))
+            gray = to_gray(pats[:, ::k, ::k])
+            frac = (tissue_fractions(gray, tissue.glass_level)[0] if level is None
+                    else tissue_fractions_at(gray, level))
+            keep = frac >= tissue.tissue_threshold
+            out.append((int(y), xs[keep], pats[keep]))
         return out
 
-    bands = ordered_map(read_band, range(0, rows, band), workers=workers, ahead=1)
+    bands = ordered_map(read_band, range(0, len(ys), band), workers=workers, ahead=1)
     try:
         for rows_read in bands:
             yield from rows_read
@@ -72,27 +93,35 @@ def _strips(slide_path, rows, cols, P, S, k, glass_level, tissue_threshold, work
 
 
 def predict_slide(model, slide_path, predict_fn, out_downsample=16, stride=224, patch_size=224,
-                  batch_size=16, device=None, tissue=None, progress=True, input_size=None, read_workers=None):
+                  batch_size=16, device=None, tissue=None, progress=True, input_size=None, read_workers=None,
+                  scale=1):
     """Predict a slide's mask probabilities and stitch them at ``out_downsample``.
+
+    The grid covers every pixel: where the regular grid stops short of the slide's right or
+    bottom edge, one more column or row of patches is shifted inward to end there (margins are
+    where the slide's tumour is often cut), and a slide smaller than one patch is read as one
+    patch padded with glass.
 
     Args:
         model: a segmentation network (eval mode is set here).
         slide_path: the slide file.
         predict_fn: ``predict_fn(model_output)`` -> ``(n, 1, P, P)`` probabilities (e.g.
             :func:`helpers.unetpp.probabilities`).
-        out_downsample: the canvas's downscale; must divide ``patch_size`` and ``stride``.
-        stride: grid step at full resolution; ``patch_size`` = no overlap (the paper), smaller
-            = overlapping patches averaged.
-        patch_size: the network's input side.
+        out_downsample: the canvas's downscale relative to level 0; a patch's footprint
+            (``patch_size * scale``) and the stride's must be whole numbers of canvas cells.
+        stride: grid step in pixels at ``scale``; ``patch_size`` = no overlap (the paper),
+            smaller = overlapping patches averaged.
+        patch_size: the patch side at ``scale`` (the network's training patches).
         batch_size: patches per forward pass.
         device: a ``torch.device`` (default: the model's).
-        tissue: :class:`helpers.patches.ExtractionParams` for the glass test (default: its
-            defaults).
+        tissue: :class:`helpers.caches.ExtractionParams` for the glass test (default: its
+            defaults); its ``tissue_method`` decides the test, as in extraction.
         progress: a progress bar over grid rows.
-        input_size: the network's input side when it was trained on resized patches (e.g. 128
-            for a CPU demo): patches are area-resized to it and the probabilities resized back.
+        input_size: the network's input side when it differs from ``patch_size``: patches are
+            area-resized to it and the probabilities resized back.
         read_workers: threads reading and tiling the slide ahead of the model (default
             :func:`default_read_workers`).
+        scale: the downscale the patches are read at (1 in the paper: full resolution).
 
     Returns:
         A dict: ``prob`` (float32 canvas, 0 where no tissue patch was predicted), ``coverage``
@@ -100,13 +129,17 @@ def predict_slide(model, slide_path, predict_fn, out_downsample=16, stride=224, 
     """
     check_positive("out_downsample", out_downsample, integer=True)
     check_positive("stride", stride, integer=True)
-    if patch_size % out_downsample or stride % out_downsample:
-        raise InputError(f"parameter 'out_downsample' ({out_downsample}) must divide patch_size ({patch_size}) "
-                         f"and stride ({stride}); e.g. 1, 2, 4, 8, 16, 28, 56, 112 or 224 for 224 px patches")
+    check_positive("scale", scale, integer=True)
+    d = out_downsample
+    if d % scale or (patch_size * scale) % d or (stride * scale) % d:
+        ok = [v for v in range(scale, patch_size * scale + 1, scale)
+              if (patch_size * scale) % v == 0 and (stride * scale) % v == 0]
+        raise InputError(f"parameter 'out_downsample' ({d}) must be a multiple of the scale ({scale}) that divides "
+                         f"the patch footprint ({patch_size * scale} px) and the stride's ({stride * scale} px); "
+                         f"e.g. one of {ok[:8]}")
     tissue = (tissue or ExtractionParams()).validate()
     device = device or next(model.parameters()).device
     model.eval()
-    d = out_downsample
     t0 = time.perf_counter()
     read_workers = default_read_workers() if read_workers is None else read_workers
     check_positive("read_workers", read_workers, integer=True)
@@ -114,12 +147,15 @@ def predict_slide(model, slide_path, predict_fn, out_downsample=16, stride=224, 
     with Slide(slide_path) as slide:
         W, H = slide.dimensions
         name = slide.name
-    rows, cols = grid_shape((W, H), 1, patch_size, stride)
-    acc = np.zeros((H // d + 1, W // d + 1), np.float32)
+        level = slide_tissue_threshold(slide) if tissue.tissue_method == "slide" else None
+    P, f = patch_size, d // scale                  # f: scaled pixels per canvas cell
+    ys = grid_positions(H // scale, P, stride, f)
+    xs = grid_positions(W // scale, P, stride, f)
+    acc = np.zeros((max(H // d, 1) + P // f + 1, max(W // d, 1) + P // f + 1), np.float32)
     cov = np.zeros_like(acc, dtype=np.uint16)
-    e = patch_size // d
+    e = P // f
     n = 0
-    bar = progress_bar(rows, f"segmenting {name}", "row", progress)
+    bar = progress_bar(len(ys), f"segmenting {name}", "row", progress)
     pending, in_flight = [], []
 
     def launch():
@@ -127,39 +163,37 @@ def predict_slide(model, slide_path, predict_fn, out_downsample=16, stride=224, 
         # model has finished, so the host goes on reading and stacking the next batch meanwhile.
         if not pending:
             return
-        xs = np.concatenate([p[0] for p in pending])
-        ys = np.concatenate([p[1] for p in pending])
+        xs_ = np.concatenate([p[0] for p in pending])
+        ys_ = np.concatenate([p[1] for p in pending])
         x = torch.from_numpy(np.concatenate([p[2] for p in pending])).permute(0, 3, 1, 2)
         pending.clear()
         if cuda:
             x = x.pin_memory()
         with torch.no_grad():
             xin = x.to(device, non_blocking=True).float().div_(255)
-            if input_size and input_size != patch_size:
+            if input_size and input_size != P:
                 xin = F.interpolate(xin, size=input_size, mode="area")
             prob = predict_fn(model(xin)).float()
-            if prob.shape[-1] != patch_size:
-                prob = F.interpolate(prob, size=patch_size, mode="bilinear", align_corners=False)
-            small = F.avg_pool2d(prob, d) if d > 1 else prob
-        in_flight.append((xs, ys, small[:, 0]))
+            if prob.shape[-1] != P:
+                prob = F.interpolate(prob, size=P, mode="bilinear", align_corners=False)
+            small = F.avg_pool2d(prob, f) if f > 1 else prob
+        in_flight.append((xs_, ys_, small[:, 0]))
 
     def land(keep=0):
         # Add finished batches into the canvas, leaving the newest ``keep`` still running.
         nonlocal n
         while len(in_flight) > keep:
-            xs, ys, small = in_flight.pop(0)
+            xs_, ys_, small = in_flight.pop(0)
             small = small.cpu().numpy()
-            for i in range(len(xs)):
-                cy, cx = ys[i] // d, xs[i] // d
+            for i in range(len(xs_)):
+                cy, cx = ys_[i] // f, xs_[i] // f
                 acc[cy:cy + e, cx:cx + e] += small[i]
                 cov[cy:cy + e, cx:cx + e] += 1
-            n += len(xs)
+            n += len(xs_)
 
-    for r, xs, pats in _strips(slide_path, rows, cols, patch_size, stride, tissue.tissue_subsample,
-                               tissue.glass_level, tissue.tissue_threshold, workers=read_workers):
-        for s0 in range(0, len(xs), batch_size):
-            pending.append((xs[s0:s0 + batch_size], np.full(len(xs[s0:s0 + batch_size]), r * stride),
-                            pats[s0:s0 + batch_size]))
+    for y, xk, pats in _strips(slide_path, scale, ys, xs, P, tissue, level, workers=read_workers):
+        for s0 in range(0, len(xk), batch_size):
+            pending.append((xk[s0:s0 + batch_size], np.full(len(xk[s0:s0 + batch_size]), y), pats[s0:s0 + batch_size]))
             if sum(len(p[0]) for p in pending) >= batch_size:
                 launch()
                 land(keep=1)
@@ -169,9 +203,10 @@ def predict_slide(model, slide_path, predict_fn, out_downsample=16, stride=224, 
     bar.close()
     if n == 0:
         warnings.warn(f"{slide_path}: no tissue patch found; the predicted mask is empty", stacklevel=2)
-    prob = np.where(cov > 0, acc / np.maximum(cov, 1), 0).astype(np.float32)[: H // d, : W // d]
-    return {"prob": prob, "coverage": cov[: H // d, : W // d], "n_patches": n,
-            "seconds": time.perf_counter() - t0, "downsample": d}
+    h, w = H // d, W // d
+    prob = np.where(cov > 0, acc / np.maximum(cov, 1), 0).astype(np.float32)[:h, :w]
+    return {"prob": prob, "coverage": cov[:h, :w], "n_patches": n, "seconds": time.perf_counter() - t0,
+            "downsample": d}
 
 
 def save_mask_tiff(path, mask, downsample):

@@ -73,8 +73,8 @@ def dice_jaccard_per_patch(pred, target, empty=1.0):
     where both masks are empty; returns ``(dice, jaccard, n_empty)``."""
     p, t = _as_bool(pred), _as_bool(target)
     n = p.shape[0]
-    p = p.reshape(n, -1)
-    t = t.reshape(n, -1)
+    p = p.reshape(n, int(np.prod(p.shape[1:])))
+    t = t.reshape(n, int(np.prod(t.shape[1:])))
     inter = np.count_nonzero(p & t, axis=1)
     total = np.count_nonzero(p, axis=1) + np.count_nonzero(t, axis=1)
     is_empty = total == 0

@@ -20,25 +20,30 @@ def demo_data_dir():
     return data_root() / "demo"
 
 
+def runs_root():
+    """The parent folder of all runs: ``$PAIP_REPRO_RUNS`` or ``<repo>/runs``."""
+    return Path(os.environ.get("PAIP_REPRO_RUNS", REPO_ROOT / "runs"))
+
+
 def run_dir(run_name):
-    """Working folder of one run: caches, checkpoints, tables and executed notebooks.
+    """Working folder of one run: caches, checkpoints, tables, figures and executed notebooks.
 
     Args:
-        run_name: a short name (``demo``, ``paper`` or a user's own); ``$PAIP_REPRO_RUNS``
-            overrides the parent folder (default ``<repo>/runs``).
+        run_name: a short name (``demo``, ``paper`` or a user's own) under :func:`runs_root`.
 
     Returns:
         The folder, created if missing.
     """
     if not isinstance(run_name, str) or not run_name or "/" in run_name or run_name.startswith("."):
         raise ValueError(f"run_name must be a plain folder name, got {run_name!r}")
-    d = Path(os.environ.get("PAIP_REPRO_RUNS", REPO_ROOT / "runs")) / run_name
+    d = runs_root() / run_name
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
 def figures_dir(run_name):
-    """Where ``save_fig`` writes: ``<repo>/figures`` for the demo run (committed), else the run's."""
-    d = REPO_ROOT / "figures" if run_name == "demo" else run_dir(run_name) / "figures"
+    """Where ``save_fig`` writes: ``runs/<run_name>/figures`` (a run never touches the repository's
+    committed ``figures/``, which ``make refresh-committed`` updates from a demo run)."""
+    d = run_dir(run_name) / "figures"
     d.mkdir(parents=True, exist_ok=True)
     return d

@@ -9,7 +9,9 @@ JPEG decoding release the GIL, so a thread is enough (no worker processes, no pi
 
 Where one thread cannot keep up (decoding a 50,000 px slide's JPEG tiles for a GPU that
 segments ~4,700 patches a second), :func:`ordered_map` spreads independent pieces of work over
-several threads and still hands the results out in order.
+several threads, or over the processes of a :func:`process_pool` (patch extraction), and still
+hands the results out in order; a dead worker process ends it with one clear error instead of
+a hang.
 
 The items come out in the iterable's order, so results do not change; an exception in a
 thread is raised in the caller at the item where it happened; and a caller that stops early
@@ -23,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .errors import check_positive
+from .errors import InputError, check_positive
 
 _END = object()
 
@@ -101,25 +103,91 @@ class ReadAhead:
             thread.join()
 
 
-def ordered_map(fn, items, workers=2, ahead=1):
-    """``fn(item)`` for each of ``items``, computed by ``workers`` threads, yielded in order.
+class WorkerDied(InputError):
+    """A worker process died (killed by a signal, most often the out-of-memory killer)."""
+
+
+def _die_with_parent():
+    """In a forked worker: die (SIGKILL) as soon as the process that started it dies, so a killed
+    notebook kernel never leaves workers running on (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def process_pool(workers, initializer=None):
+    """A pool of ``workers`` processes for :func:`ordered_map` (forked where the platform allows,
+    so notebooks and scripts without a ``__main__`` guard work; spawned elsewhere).
+
+    Each worker dies with the process that started it, and a worker that dies (killed by the
+    out-of-memory killer, say) makes :func:`ordered_map` raise :class:`WorkerDied` instead of
+    waiting forever for its task.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    check_positive("workers", workers, integer=True)
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+
+    def init():
+        _die_with_parent()
+        if initializer is not None:
+            initializer()
+
+    if method != "fork":           # a spawned worker cannot run a closure
+        init = initializer
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=init)
+
+
+def _death_cause(pool):
+    """How a dead worker of ``pool`` ended, in words (from its exit code, where it is known)."""
+    import signal
+
+    codes = [p.exitcode for p in list((getattr(pool, "_processes", None) or {}).values())
+             if getattr(p, "exitcode", None) not in (None, 0)]
+    # The pool terminates (SIGTERM) the other workers once one has died: that one comes first.
+    for code in sorted(codes, key=lambda c: c == -signal.SIGTERM):
+        if code < 0:
+            sig = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            hint = {"SIGKILL": "most often the out-of-memory killer: use fewer workers or free memory",
+                    "SIGBUS": "most often a full disk under a memory-mapped file: free space",
+                    "SIGSEGV": "a crash in native code"}.get(sig, "")
+            return f"killed by {sig}" + (f" ({hint})" if hint else "")
+        return f"exited with code {code}"
+    return "ended abruptly (killed, most often by the out-of-memory killer: use fewer workers or free memory)"
+
+
+def ordered_map(fn, items, workers=2, ahead=1, executor=None):
+    """``fn(item)`` for each of ``items``, computed in parallel, yielded in order.
 
     At most ``workers + ahead`` results are in progress or waiting at any time, so memory stays
-    bounded however long ``items`` is. ``fn`` must be safe to call from several threads at
-    once (e.g. each thread opens its own file handle: see :class:`helpers.inference`).
+    bounded however long ``items`` is. Without ``executor`` the work runs in ``workers``
+    threads (``fn`` must then be safe to call from several threads at once, e.g. each thread
+    opens its own file handle: see :mod:`helpers.inference`); with a :func:`process_pool` it
+    runs in its processes (``fn`` and the items must be picklable).
 
     Args:
         fn: the work for one item.
         items: an iterable of inputs (consumed lazily).
-        workers: threads.
+        workers: threads (or the processes of ``executor``).
         ahead: results allowed to wait, finished, beyond one per worker.
+        executor: a :func:`process_pool` (kept open for the caller), or ``None`` for threads.
+
+    Raises:
+        WorkerDied: a worker process died; the exception raised by ``fn`` otherwise.
     """
+    from concurrent.futures.process import BrokenProcessPool
+
     check_positive("workers", workers, integer=True)
     if ahead:
         check_positive("ahead", ahead, integer=True)
     items = iter(items)
     window = collections.deque()
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read-ahead")
+    pool = executor or ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read-ahead")
     try:
         for item in items:
             window.append(pool.submit(fn, item))
@@ -127,7 +195,10 @@ def ordered_map(fn, items, workers=2, ahead=1):
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
+    except BrokenProcessPool:
+        raise WorkerDied(f"a worker process {_death_cause(pool)}") from None
     finally:
         for f in window:
             f.cancel()
-        pool.shutdown(wait=True)
+        if executor is None:
+            pool.shutdown(wait=True)

@@ -5,16 +5,14 @@
   from the best pyramid level.
 - :class:`Mask` reads a binary mask (level-0 size, or a known downsample of it) window by
   window, checks its values and its size against the slide.
-- :func:`list_cases` lists a dataset folder laid out like PAIP 2019.
 
-Used by notebooks 01 and 02 (and every later one through ``patches``). No torch here.
+Dataset folders (which slides, masks, labels, patients) are :mod:`helpers.dataset`'s. Used by
+every notebook. No torch here.
 """
 
-import csv
 import math
 import numbers
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,8 @@ SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".v
 WSI_ONLY_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm")
 #: The largest plain image opened (loaded whole): 16,384 x 16,384 px.
 MAX_PLAIN_PIXELS = 2 ** 28
+#: The largest region read at once (1 Gpx, 3 GB of RGB): a bigger one is a parameter mistake.
+MAX_READ_PIXELS = 2 ** 30
 #: Name endings of PAIP 2019 mask files, which are never taken for slides.
 MASK_KINDS = ("whole", "viable")
 
@@ -47,6 +47,67 @@ def _import_openslide():
             "openslide could not be imported; install it with `pip install openslide-python "
             f"openslide-bin` ({exc})") from exc
     return openslide
+
+
+_WARNED = set()
+
+
+def _warn_once(path, message):
+    """A :class:`SlideWarning` about ``path``, once per file and process (a slide is opened
+    by many workers and threads during one run)."""
+    key = (str(Path(path).resolve()), message)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"{Path(path).name}: {message}", SlideWarning, stacklevel=3)
+
+
+def _float_pair(props, kx, ky):
+    try:
+        return float(props[kx]), float(props[ky])
+    except (KeyError, ValueError):
+        return None
+
+
+def _open_any(path):
+    """``(handle, vendor)``: an OpenSlide handle, or an ImageSlide for a plain image.
+
+    Raises:
+        InputError: naming the file and the likely cause (not a slide, truncated, too large).
+    """
+    openslide = _import_openslide()
+    try:
+        fmt = openslide.OpenSlide.detect_format(str(path))
+    except Exception:
+        fmt = None
+    try:
+        if fmt is not None:
+            return openslide.OpenSlide(str(path)), fmt
+        if path.suffix.lower() in WSI_ONLY_SUFFIXES:
+            with open(path, "rb") as f:
+                head = f.read(4)
+            why = ("it looks like a TIFF but OpenSlide cannot parse it: probably truncated or damaged, copy it again"
+                   if head[:2] in (b"II", b"MM") else
+                   "its content is not a whole-slide image format; check that the file is the slide")
+            raise InputError(f"{path}: cannot be read as a slide ({why})")
+        img = Image.open(path)
+        if img.width * img.height > MAX_PLAIN_PIXELS:
+            raise InputError(f"{path}: a plain (non-pyramidal) image of {img.width}x{img.height} px would be "
+                             "loaded whole; convert it to a tiled pyramidal TIFF (e.g. with vips tiffsave "
+                             "--tile --pyramid) so it can be read window by window")
+        img.load()
+        return openslide.ImageSlide(img), "image"
+    except InputError:
+        raise
+    except MemoryError:
+        raise InputError(f"{path}: not enough memory to open it as a plain image; convert it to a tiled "
+                         "pyramidal TIFF") from None
+    except (openslide.OpenSlideError, OSError, ValueError, SyntaxError) as exc:
+        if fmt is None and path.suffix.lower() not in SLIDE_SUFFIXES:
+            raise InputError(f"{path}: not a slide nor an image that can be read (OpenSlide does not "
+                             f"recognise it: {exc}); pass a .svs/.tif/.ndpi/... slide or a PNG/JPEG/TIFF "
+                             "image") from None
+        raise InputError(f"{path}: cannot be read ({type(exc).__name__}: {exc}); the file may be truncated "
+                         "or damaged: copy it again") from None
 
 
 class Slide:
@@ -71,72 +132,39 @@ class Slide:
     """
 
     def __init__(self, path, verify=True):
-        openslide = _import_openslide()
         self.path = Path(path)
         self.name = self.path.stem
         if not self.path.exists():
             raise InputError(f"{self.path}: no such slide file; check the path (or data_dir)")
         if self.path.is_dir():
             raise InputError(f"{self.path}: is a folder, not a slide file")
-        try:
-            fmt = openslide.OpenSlide.detect_format(str(self.path))
-        except Exception:
-            fmt = None
-        try:
-            if fmt is not None:
-                self._osr = openslide.OpenSlide(str(self.path))
-                self.vendor = fmt
-            elif self.path.suffix.lower() in WSI_ONLY_SUFFIXES:
-                with open(self.path, "rb") as f:
-                    head = f.read(4)
-                if head[:2] in (b"II", b"MM"):
-                    why = "it looks like a TIFF but OpenSlide cannot parse it: probably truncated or damaged, copy it again"
-                else:
-                    why = "its content is not a whole-slide image format; check that the file is the slide"
-                raise InputError(f"{self.path}: cannot be read as a slide ({why})")
-            else:
-                img = Image.open(self.path)
-                if img.width * img.height > MAX_PLAIN_PIXELS:
-                    raise InputError(
-                        f"{self.path}: a plain (non-pyramidal) image of {img.width}x{img.height} px would be "
-                        "loaded whole; convert it to a tiled pyramidal TIFF (e.g. with vips tiffsave "
-                        "--tile --pyramid) so it can be read window by window")
-                img.load()
-                self._osr = openslide.ImageSlide(img)
-                self.vendor = "image"
-        except InputError:
-            raise
-        except (openslide.OpenSlideError, OSError, ValueError, SyntaxError) as exc:
-            if fmt is None and self.path.suffix.lower() not in SLIDE_SUFFIXES:
-                raise InputError(f"{self.path}: not a slide nor an image that can be read "
-                                 f"(OpenSlide does not recognise it: {exc}); pass a .svs/.tif/"
-                                 ".ndpi/... slide or a PNG/JPEG/TIFF image") from None
-            raise InputError(f"{self.path}: cannot be read ({type(exc).__name__}: {exc}); the file "
-                             "may be truncated or damaged: copy it again") from None
-        self.dimensions = tuple(int(v) for v in self._osr.dimensions)
-        self.level_count = int(self._osr.level_count)
-        self.level_dimensions = [tuple(int(v) for v in d) for d in self._osr.level_dimensions]
-        self.level_downsamples = [float(d) for d in self._osr.level_downsamples]
-        props = dict(self._osr.properties)
-        self.properties = props
-        try:
-            self.mpp = (float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"]))
-        except (KeyError, ValueError):
-            self.mpp = None
-            warnings.warn(f"{self.path.name}: the file gives no microns per pixel (mpp); sizes in "
-                          "micrometres are unknown, pixel-based processing goes on", SlideWarning,
-                          stacklevel=2)
-        try:
-            self.objective_power = float(props["openslide.objective-power"])
-        except (KeyError, ValueError):
-            self.objective_power = None
+        self._osr, self.vendor = _open_any(self.path)
+        osr = self._osr
+        self.dimensions = tuple(int(v) for v in osr.dimensions)
+        self.level_count = int(osr.level_count)
+        self.level_dimensions = [tuple(int(v) for v in d) for d in osr.level_dimensions]
+        self.level_downsamples = [float(d) for d in osr.level_downsamples]
+        self.properties = dict(osr.properties)
+        self.mpp = _float_pair(self.properties, "openslide.mpp-x", "openslide.mpp-y")
+        if self.mpp is None:
+            _warn_once(self.path, "the file gives no microns per pixel (mpp); sizes in micrometres are "
+                                  "unknown, pixel-based processing goes on")
+        power = _float_pair(self.properties, "openslide.objective-power", "openslide.objective-power")
+        self.objective_power = None if power is None else power[0]
         self._tiff = self._tiff_levels() if self.vendor in ("aperio", "generic-tiff") else None
-        # A truncated file often opens fine and fails on its last tiles: the smallest level is
-        # usually written last, so decoding it all is a cheap and telling check.
+        if verify:
+            self._verify()
+
+    def _verify(self):
+        """Decode the smallest level: a truncated file often opens fine and fails on its last
+        tiles, and the smallest level is usually written last, so this is a cheap, telling check."""
+        import openslide
+
+        lw, lh = self.level_dimensions[-1]
+        if lw * lh > 4096 * 4096:
+            return
         try:
-            lw, lh = self.level_dimensions[-1]
-            if verify and lw * lh <= 4096 * 4096:
-                self._osr.read_region((0, 0), self.level_count - 1, (lw, lh))
+            self._osr.read_region((0, 0), self.level_count - 1, (lw, lh))
         except openslide.OpenSlideError as exc:
             self.close()
             raise InputError(f"{self.path}: cannot be decoded ({exc}); the file is probably "
@@ -232,54 +260,29 @@ class Slide:
         lw, lh = math.ceil(width * f - 1e-6), math.ceil(height * f - 1e-6)
         k = round(f)
         integral = abs(f - k) < 1e-6 and lw == width * k and lh == height * k
-        if self._tiff is not None:
-            ds = self.level_downsamples[level]
-            lx, ly = int(math.floor(x / ds + 1e-9)), int(math.floor(y / ds + 1e-9))
-            try:
-                raw = self._tiff[level][ly:ly + lh, lx:lx + lw]
-            except Exception as exc:
-                raise InputError(f"{self.path}: cannot decode level {level} near ({x}, {y}) ({type(exc).__name__}: "
-                                 f"{exc}); the file may be damaged: copy it again") from None
-        elif self.vendor != "image":
-            raw = self._read_raw(int(x), int(y), level, lw, lh)
-        else:
-            raw = None
-        if raw is not None:
-            rgb = raw
-            if (lw, lh) != (width, height):
-                if integral:
-                    rgb = box_reduce(rgb, k)
-                else:
-                    rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((width, height), Image.BOX))
-            return rgb
-        img = self._osr.read_region((int(x), int(y)), level, (lw, lh))
-        if (lw, lh) != (width, height):
-            img = img.reduce(k) if integral else img.resize((width, height), Image.BOX)
-        return rgba_to_rgb(np.asarray(img))
-
-    def _read_raw(self, x, y, level, w, h):
-        """OpenSlide's premultiplied ARGB straight into numpy, skipping PIL (about 1.5x faster).
-
-        Returns an ``(h, w, 3)`` RGB *view* (channels reversed from the BGRA bytes), or ``None``
-        where this path is not available (then the public API is used).
-        """
+        if lw * lh > MAX_READ_PIXELS:
+            raise InputError(f"{self.path}: a region of {lw}x{lh} px of level {level} is too large to read at "
+                             f"once (over {MAX_READ_PIXELS:,} px); read smaller windows (a smaller patch_size)")
         try:
-            import ctypes
-
-            from openslide import lowlevel
-
-            handle = self._osr._osr
-        except (ImportError, AttributeError):
-            return None
-        if w <= 0 or h <= 0 or np.little_endian is False:
-            return None
-        buf = np.empty((h, w), np.uint32)
-        lowlevel._read_region(handle, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), x, y, level, w, h)
-        bgra = buf.view(np.uint8).reshape(h, w, 4)
-        alpha = bgra[..., 3]
-        rgb = bgra[..., 2::-1]
-        if alpha.min() < 255:  # outside the slide
-            rgb = _premultiplied_on_white(rgb, alpha)
+            if self._tiff is not None:
+                ds = self.level_downsamples[level]
+                lx, ly = int(math.floor(x / ds + 1e-9)), int(math.floor(y / ds + 1e-9))
+                rgb = self._tiff[level][ly:ly + lh, lx:lx + lw]
+            else:
+                rgb = rgba_to_rgb(np.asarray(self._osr.read_region((int(x), int(y)), level, (lw, lh))))
+        except MemoryError:
+            raise InputError(f"{self.path}: not enough memory to read a region of {lw}x{lh} px at level {level}; "
+                             "read smaller windows (a smaller patch_size, fewer workers)") from None
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{self.path}: cannot decode level {level} near ({x}, {y}) ({type(exc).__name__}: "
+                             f"{exc}); the file may be damaged: copy it again") from None
+        if (lw, lh) != (width, height):
+            if integral:
+                rgb = box_reduce(rgb, k)
+            else:
+                rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((width, height), Image.BOX))
         return rgb
 
     def thumbnail(self, max_size=1024):
@@ -317,11 +320,6 @@ def rgba_to_rgb(arr):
     if alpha.min() < 255:
         rgb = _premultiplied_on_white(rgb, alpha)
     return rgb
-
-
-def open_slide(path):
-    """Open a slide (see :class:`Slide`); a clear :class:`InputError` for anything unreadable."""
-    return Slide(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,7 +583,7 @@ class Mask:
         return n
 
 
-def check_viable_inside_whole(whole, viable, step=4, tolerance=0.01, max_pixels=2 ** 25):
+def check_viable_inside_whole(whole, viable, step=4, tolerance=0.01, max_pixels=2 ** 25, warn=True):
     """Check that the viable-tumour mask lies inside the whole-tumour mask.
 
     PAIP 2019 has one training case (01_01_0107) whose two files are swapped; this catches it.
@@ -595,11 +593,12 @@ def check_viable_inside_whole(whole, viable, step=4, tolerance=0.01, max_pixels=
         whole, viable: :class:`Mask` objects of one slide.
         step: sampling step in mask pixels (1 = every pixel).
         tolerance: the largest fraction of viable pixels allowed outside whole.
+        warn: also warn (:class:`SlideWarning`) when the masks are not consistent.
 
     Returns:
         A dict: ``whole_px``, ``viable_px`` (sampled counts), ``viable_outside`` (fraction of
-        viable pixels outside whole), ``ok`` and ``swapped`` (whole looks inside viable).
-        Warns with :class:`SlideWarning` when not ok.
+        viable pixels outside whole), ``ok``, ``swapped`` (whole looks inside viable) and
+        ``message`` (what is wrong and what to do; empty when ok).
     """
     if (whole.width, whole.height) != (viable.width, viable.height):
         raise InputError(f"{whole.path.name} is {whole.width}x{whole.height} but {viable.path.name} is "
@@ -617,101 +616,21 @@ def check_viable_inside_whole(whole, viable, step=4, tolerance=0.01, max_pixels=
     frac = outside / nv if nv else 0.0
     ok = frac <= tolerance
     swapped = (not ok) and nw > 0 and whole_outside / nw <= tolerance
-    result = {"whole_px": nw, "viable_px": nv, "viable_outside": round(frac, 4), "ok": ok, "swapped": swapped}
+    message = ""
     if not ok:
         hint = ("the two files look swapped (as PAIP 2019 case 01_01_0107): swap them or pass "
                 "label_mask accordingly" if swapped else "check the annotation")
-        warnings.warn(f"{viable.path.name}: {frac:.1%} of viable-tumour pixels lie outside "
-                      f"{whole.path.name}; {hint}", SlideWarning, stacklevel=2)
-    return result
+        message = f"{viable.path.name}: {frac:.1%} of viable-tumour pixels lie outside {whole.path.name}; {hint}"
+        if warn:
+            warnings.warn(message, SlideWarning, stacklevel=2)
+    return {"whole_px": nw, "viable_px": nv, "viable_outside": round(frac, 4), "ok": ok, "swapped": swapped,
+            "message": message}
 
 
-# ---------------------------------------------------------------------------------------------
-# Dataset folders
-# ---------------------------------------------------------------------------------------------
+def __getattr__(name):
+    # Transition: the dataset listing moved to helpers.dataset.
+    if name in ("Case", "list_cases", "read_labels"):
+        from . import dataset
 
-@dataclass(frozen=True)
-class Case:
-    """One case of a dataset folder: its slide, its masks (if any) and its slide label."""
-
-    case_id: str
-    slide: Path
-    whole: Path = None
-    viable: Path = None
-    label: int = None
-
-    def mask_path(self, kind):
-        """The ``whole`` or ``viable`` mask path (``None`` if the case has none)."""
-        if kind not in MASK_KINDS:
-            raise InputError(f"mask kind must be one of {MASK_KINDS}, got {kind!r}")
-        return getattr(self, kind)
-
-
-def _find_mask(folder, case_id, kind):
-    for suf in (".tif", ".tiff", ".png"):
-        p = folder / f"{case_id}_{kind}{suf}"
-        if p.exists():
-            return p
-    return None
-
-
-def read_labels(path):
-    """Read a ``labels.csv`` (columns ``case_id,label``; label 0/1 or normal/tumor).
-
-    Returns:
-        ``{case_id: 0 or 1}``.
-    """
-    names = {"0": 0, "1": 1, "normal": 0, "non-tumor": 0, "tumor": 1, "tumour": 1, "cancer": 1}
-    out = {}
-    with open(path, newline="") as f:
-        rd = csv.DictReader(f)
-        if rd.fieldnames is None or not {"case_id", "label"} <= set(rd.fieldnames):
-            raise InputError(f"{path}: needs the columns case_id,label (got {rd.fieldnames})")
-        for i, row in enumerate(rd, start=2):
-            v = str(row["label"]).strip().lower()
-            if v not in names:
-                raise InputError(f"{path}, line {i}: label {row['label']!r} is not 0/1 (or normal/tumor)")
-            out[row["case_id"].strip()] = names[v]
-    return out
-
-
-def list_cases(data_dir):
-    """List the cases of a dataset folder laid out like PAIP 2019.
-
-    The folder holds ``<id>.svs`` (or any slide format, or a PNG/JPEG/TIFF image), with
-    optional ``<id>_whole.tif`` and ``<id>_viable.tif`` masks, and an optional ``labels.csv``
-    (``case_id,label``). Files whose stem ends in ``_whole`` or ``_viable`` are masks, never
-    slides.
-
-    Args:
-        data_dir: the folder.
-
-    Returns:
-        A list of :class:`Case`, sorted by id.
-    """
-    folder = Path(data_dir)
-    if not folder.exists():
-        raise InputError(f"data_dir {folder}: no such folder; point data_dir at a folder of slides "
-                         "(or leave it empty for the built-in demo data)")
-    if not folder.is_dir():
-        raise InputError(f"data_dir {folder}: is a file, not a folder of slides")
-    labels = {}
-    if (folder / "labels.csv").exists():
-        labels = read_labels(folder / "labels.csv")
-    cases = []
-    for p in sorted(folder.iterdir()):
-        if not p.is_file() or p.name.startswith(".") or p.suffix.lower() not in SLIDE_SUFFIXES:
-            continue
-        if any(p.stem.endswith("_" + k) for k in MASK_KINDS):
-            continue
-        cid = p.stem
-        cases.append(Case(cid, p, _find_mask(folder, cid, "whole"), _find_mask(folder, cid, "viable"),
-                          labels.get(cid)))
-    if not cases:
-        raise InputError(f"data_dir {folder}: holds no slides ({', '.join(SLIDE_SUFFIXES[:4])}, ...); "
-                         "put the slides (and their _whole/_viable masks) there")
-    unknown = sorted(set(labels) - {c.case_id for c in cases})
-    if unknown:
-        warnings.warn(f"{folder / 'labels.csv'}: labels for cases with no slide: {unknown[:5]}", SlideWarning,
-                      stacklevel=2)
-    return cases
+        return getattr(dataset, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

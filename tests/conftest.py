@@ -119,12 +119,12 @@ def forget_open_slides():
     """
     import helpers.patches as hp
 
-    for obj in list(hp._WORKER_SLIDES.values()):
+    for obj in list(hp._OPEN.values()):
         try:
-            obj.close()
+            getattr(obj, "close", lambda: None)()
         except Exception:
             pass
-    hp._WORKER_SLIDES.clear()
+    hp._OPEN.clear()
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,9 @@ import pytest
 
 import helpers.patches as hp
 from helpers.atomic import atomic_dir, atomic_path, remove_stale_temporaries, write_json
-from helpers.patches import ExtractionParams, extract_slide, load_patch_set
-from helpers.slides import list_cases
+from helpers.caches import ExtractionParams, load_patch_set
+from helpers.dataset import list_cases
+from helpers.patches import extract_slide
 
 
 def _tmp_leftovers(root):
@@ -98,7 +99,7 @@ def t1(small_dataset):
 @pytest.mark.parametrize("exc", [Interrupted, KeyboardInterrupt])
 def test_interrupted_extraction_leaves_no_cache(t1, tmp_path, monkeypatch, exc):
     root = tmp_path / "cache"
-    real = hp._extract_row_job
+    real = hp._extract_rows_job
     calls = []
 
     def flaky(args):
@@ -107,7 +108,7 @@ def test_interrupted_extraction_leaves_no_cache(t1, tmp_path, monkeypatch, exc):
             raise exc("simulated interruption")
         return real(args)
 
-    monkeypatch.setattr(hp, "_extract_row_job", flaky)
+    monkeypatch.setattr(hp, "_extract_rows_job", flaky)
     monkeypatch.setattr(hp, "ROWS_PER_TASK_MAX", 1)  # one grid row per task
     with pytest.raises(exc):
         extract_slide(t1, 1, root, workers=1)
@@ -115,7 +116,7 @@ def test_interrupted_extraction_leaves_no_cache(t1, tmp_path, monkeypatch, exc):
     assert not list(root.rglob("x1_*")) and not list(root.rglob("meta.json"))
     assert _tmp_leftovers(root) == []
     # A rerun succeeds and is complete; a third call loads it.
-    monkeypatch.setattr(hp, "_extract_row_job", real)
+    monkeypatch.setattr(hp, "_extract_rows_job", real)
     ps, cached = extract_slide(t1, 1, root, workers=1)
     assert not cached and len(ps.table) == 11 * 13
     assert ps.meta["n_kept"] == ps.patches.shape[0] > 0

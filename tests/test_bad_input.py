@@ -14,8 +14,10 @@ import tifffile
 
 from conftest import write_png, write_tiff_mask
 from helpers.errors import InputError, check_fraction, check_positive, check_type
-from helpers.patches import ExtractionParams, check_scales, extract_dataset, extract_slide
-from helpers.slides import Case, Mask, Slide, list_cases
+from helpers.caches import ExtractionParams, check_scales
+from helpers.dataset import Case, list_cases
+from helpers.patches import extract_dataset, extract_slide
+from helpers.slides import Mask, Slide
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -282,7 +284,7 @@ def test_extract_dataset_bad_workers(small_dataset, tmp_path, workers):
     ({"pos_threshold": 1.5}, "pos_threshold"),
     ({"neg_threshold": 0.5, "pos_threshold": 0.5}, "neg_threshold"),
     ({"neg_threshold": 0.6, "pos_threshold": 0.4}, "neg_threshold"),
-    ({"store_masks": "yes"}, "store_masks"),
+    ({"mask_scale": "yes"}, "mask_scale"),
 ])
 def test_extraction_params_rejected(kwargs, name, tmp_path):
     with pytest.raises(InputError) as ei:
@@ -365,7 +367,7 @@ def test_disk_full_during_extraction_is_one_clear_error_and_a_rerun_resumes(smal
     with pytest.raises(InputError) as ei:
         extract_dataset(cases, [4], cache, workers=1, progress=False)
     msg = _one_line(ei)
-    assert "filled up" in msg and "tiny_t1" in msg and "4x" in msg and "rerun" in msg
+    assert "is full" in msg and "tiny_t1" in msg and "4x" in msg and "rerun" in msg
     # The slide before is kept whole; no cache of tiny_t1 is left half-written (its mask count
     # maps, finished before, are whole files and are reused).
     assert list((cache / "tiny_n0").glob("x4_*/meta.json"))

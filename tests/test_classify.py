@@ -10,18 +10,19 @@ from helpers.classify import (PREDICTION_COLUMNS, class_batches, class_prepare, 
                               make_class_evaluator, predict_patches, prediction_table, require_both_classes)
 from helpers.errors import InputError
 from helpers.models import build_classifier
-from helpers.patches import ExtractionParams, extract_dataset
-from helpers.slides import list_cases
+from helpers.caches import ExtractionParams
+from helpers.dataset import list_cases
+from helpers.patches import extract_dataset
 
 
 @pytest.fixture(scope="module")
 def cls_run(small_dataset, tmp_path_factory):
     """4x caches (stride 112: overlapping) of the tiny dataset."""
     root = tmp_path_factory.mktemp("clsrun")
-    params = ExtractionParams(stride=112, store_masks=False)
+    params = ExtractionParams(stride=112, mask_scale=0)
     cases = list_cases(small_dataset)
     # The tiny slides are too small for 16x: extraction says so, naming each one.
-    with pytest.warns(UserWarning, match=r"3 \(slide, scale\) pairs fit no 224 px patch: .*tiny_t1@16x"):
+    with pytest.warns(UserWarning, match=r"3 \(slide, scale\) pairs fit no patch and are skipped: .*tiny_t1@16x"):
         extract_dataset(cases, [4, 16], root, params, workers=1, progress=False)
     return root, cases, params
 

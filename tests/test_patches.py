@@ -16,10 +16,11 @@ from skimage.filters import threshold_otsu
 
 import helpers.patches as hp
 from conftest import forget_open_slides, write_png
-from helpers.patches import (TABLE_COLUMNS, ExtractionParams, extract_dataset, extract_slide,
-                             grid_shape, label_patches, load_patch_set, otsu_thresholds,
-                             tissue_fractions, to_gray)
-from helpers.slides import Case, Mask, Slide, SlideWarning, list_cases
+from helpers.caches import TABLE_COLUMNS, ExtractionParams, grid_shape, label_patches, load_patch_set
+from helpers.dataset import Case, list_cases
+from helpers.patches import extract_dataset, extract_slide
+from helpers.slides import Mask, Slide, SlideWarning
+from helpers.tissue import otsu_thresholds, tissue_fractions, to_gray
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -255,7 +256,7 @@ def test_loaded_patch_set_roundtrip(t1_scale1):
 
 def test_different_params_different_cache(t1_scale1):
     case, root, ps = t1_scale1
-    p = ExtractionParams(tissue_threshold=0.2, label_mask="whole", store_masks=False)
+    p = ExtractionParams(tissue_threshold=0.2, label_mask="whole", mask_scale=0)
     ps2, cached = extract_slide(case, 1, root, p, workers=1)
     assert cached is False and ps2.folder != ps.folder
     assert ps2.folder.parent == ps.folder.parent
@@ -325,7 +326,7 @@ def test_extract_dataset_summary(small_dataset, tmp_path):
     p = ExtractionParams(tissue_threshold=0.3)
     summary, sets = extract_dataset(cases, [1, 4], tmp_path / "cache", p, workers=2, progress=False)
     assert list(summary.columns) == ["case_id", "scale", "grid", "kept", "pos", "neg", "ambiguous",
-                                     "seconds", "from_cache"]
+                                     "seconds", "from_cache", "note"]
     assert len(summary) == 6 and set(sets) == {(c.case_id, s) for c in cases for s in (1, 4)}
     dims = {"tiny_t1": (3072, 2560), "tiny_n0": (2048, 2048), "tiny_t2": (2560, 3584)}
     for r in summary.itertuples():
@@ -351,7 +352,7 @@ def test_extract_dataset_summary(small_dataset, tmp_path):
 
 def test_extract_dataset_warns_for_scales_without_patches(small_dataset, tmp_path):
     cases = [c for c in list_cases(small_dataset) if c.case_id in ("tiny_n0", "tiny_t1")]
-    with pytest.warns(UserWarning, match="fit no 224 px patch: tiny_n0@16x, tiny_t1@16x"):
+    with pytest.warns(UserWarning, match="fit no patch and are skipped: tiny_n0@16x, tiny_t1@16x"):
         summary, sets = extract_dataset(cases, [16], tmp_path / "c", workers=1, progress=False)
     assert summary["grid"].tolist() == [0, 0]
     assert sets[("tiny_n0", 16)].patches.shape == (0, 224, 224, 3)
@@ -375,7 +376,7 @@ def test_slide_without_tissue_gives_zero_patches_and_a_warning(tmp_path):
     assert [c.case_id for c in cases] == ["blank"] and cases[0].whole is None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SlideWarning)  # "no mpp" for a PNG: expected
-        with pytest.warns(UserWarning, match="no tissue patch: blank@1x"):
+        with pytest.warns(UserWarning, match="no tissue patch and are skipped: blank@1x"):
             summary, sets = extract_dataset(cases, [1], tmp_path / "cache", workers=1, progress=False)
     assert summary["grid"].tolist() == [12] and summary["kept"].tolist() == [0]
     ps = sets[("blank", 1)]
@@ -441,8 +442,9 @@ _FORK_SCRIPT = textwrap.dedent("""
     threading.Timer(float(sys.argv[3]), lambda: os._exit(3)).start()   # a hang is a failure
     warnings.simplefilter("ignore")
     import numpy as np
-    from helpers.slides import list_cases
-    from helpers.patches import ExtractionParams, extract_slide
+    from helpers.caches import ExtractionParams
+    from helpers.dataset import list_cases
+    from helpers.patches import extract_slide
     case = [c for c in list_cases(sys.argv[1]) if c.case_id == "tiny_t1"][0]
     p = ExtractionParams(tissue_threshold=0.0)
     ps1, _ = extract_slide(case, 1, sys.argv[2] + "/serial", p, workers=1)

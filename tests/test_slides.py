@@ -1,4 +1,4 @@
-"""helpers.slides: the real CMU slide, plain images as slides, masks, dataset folders."""
+"""helpers.slides: the real CMU slide, plain images as slides, masks."""
 
 import warnings
 
@@ -8,8 +8,7 @@ from PIL import Image
 
 from conftest import write_png, write_tiff_mask
 from helpers.errors import InputError
-from helpers.slides import (Case, Mask, Slide, SlideWarning, box_reduce, check_viable_inside_whole,
-                            list_cases, read_labels, rgba_to_rgb)
+from helpers.slides import Mask, Slide, SlideWarning, box_reduce, check_viable_inside_whole, rgba_to_rgb
 
 CMU_DIMS = (2220, 2967)
 
@@ -344,40 +343,14 @@ def test_check_viable_inside_whole_size_mismatch(tmp_path):
         check_viable_inside_whole(ma, mb)
 
 
-# ---------------------------------------------------------------------------------------------
-# Dataset folders
-# ---------------------------------------------------------------------------------------------
-
-def test_list_cases_layout(tmp_path):
-    a = np.full((300, 300, 3), 240, np.uint8)
-    write_png(tmp_path / "b.png", a)
-    write_png(tmp_path / "a.jpg", a)
-    write_png(tmp_path / "a_whole.png", np.zeros((300, 300), np.uint8))
-    write_tiff_mask(tmp_path / "b_viable.tif", np.zeros((300, 300), np.uint8))
-    (tmp_path / "notes.txt").write_text("not a slide")
-    (tmp_path / ".hidden.png").write_bytes(b"")
-    (tmp_path / "labels.csv").write_text("case_id,label\na,tumor\nb,normal\nzzz,1\n")
-    with pytest.warns(SlideWarning, match="zzz"):
-        cases = list_cases(tmp_path)
-    assert [c.case_id for c in cases] == ["a", "b"]
-    a_, b_ = cases
-    assert a_.whole == tmp_path / "a_whole.png" and a_.viable is None and a_.label == 1
-    assert b_.whole is None and b_.viable == tmp_path / "b_viable.tif" and b_.label == 0
-    assert b_.mask_path("viable") == b_.viable
-    with pytest.raises(InputError, match="tumor"):
-        b_.mask_path("tumor")
+def test_missing_mpp_is_warned_once_per_slide(tmp_path):
+    p = write_png(tmp_path / "img.png", np.full((40, 50, 3), 200, np.uint8))
+    with pytest.warns(SlideWarning, match="no microns per pixel") as rec:
+        for _ in range(5):
+            Slide(p).close()
+    assert len([w for w in rec if "microns" in str(w.message)]) == 1
 
 
-def test_read_labels_bad(tmp_path):
-    p = tmp_path / "labels.csv"
-    p.write_text("case,label\nx,1\n")
-    with pytest.raises(InputError, match="case_id,label"):
-        read_labels(p)
-    p.write_text("case_id,label\nx,1\ny,maybe\n")
-    with pytest.raises(InputError, match="line 3.*maybe"):
-        read_labels(p)
-
-
-def test_case_defaults():
-    c = Case("x", "x.svs")
-    assert c.whole is None and c.viable is None and c.label is None
+def test_an_impossibly_large_read_is_refused_as_a_parameter_problem(cmu):
+    with pytest.raises(InputError, match="too large to read at once.*smaller patch_size"):
+        cmu.read_region(0, 0, 100_000, 100_000)
