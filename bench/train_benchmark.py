@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from helpers.models import build_classifier  # noqa: E402
-from helpers.patches import load_patch_set  # noqa: E402
+from helpers.caches import load_patch_set  # noqa: E402
 from helpers.train import TrainConfig, fit, select_device  # noqa: E402
 from helpers.unetpp import build_segmenter, deep_supervision_dice_loss  # noqa: E402
 
@@ -66,10 +66,19 @@ def make(name):
     return build_classifier(name), False
 
 
-def bare(name, batch, steps, device, size=224):
+def bare(name, batch, steps, device, size=224, channels_last=None, warmup=1):
+    """Images/s of the bare training step after ``warmup`` untimed steps.
+
+    On a GPU: bf16 autocast, and channels_last by default (as ``fit`` and
+    ``shared/bench/gpu_model_ceiling.py`` use them).
+    """
     model, seg = make(name)
     model.to(device).train()
+    cl = device.type == "cuda" if channels_last is None else channels_last
     x = torch.rand(batch, 3, size, size, device=device)
+    if cl:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     y = (torch.rand(batch, size, size, device=device) > 0.5).float() if seg else torch.randint(0, 2, (batch,), device=device)
     lossf = deep_supervision_dice_loss if seg else torch.nn.functional.cross_entropy
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -83,7 +92,8 @@ def bare(name, batch, steps, device, size=224):
         loss.backward()
         opt.step()
 
-    step()
+    for _ in range(warmup):
+        step()
     if cuda:
         torch.cuda.synchronize()
     t = time.perf_counter()
@@ -98,12 +108,13 @@ def seg_source(run, batch, n):
     """The segmentation input pipeline of notebook 03 over the run's training slides."""
     import pandas as pd
 
-    from helpers.patches import load_extraction_record
+    from helpers.caches import load_extraction_record
+    from helpers.dataset import list_cases
     from helpers.segmentation import load_segmentation_patches, segmentation_batches
-    from helpers.slides import list_cases
 
     folder = REPO / "runs" / run
-    data_dir, _, params = load_extraction_record(folder)
+    rec = load_extraction_record(folder)
+    data_dir, params = rec["data_dir"], rec["params"]
     split = pd.read_csv(folder / "split.csv")
     cases = [c for c in list_cases(data_dir) if c.case_id in set(split.case_id[split.split == "train"])]
     data = load_segmentation_patches(cases, folder / "patches", params)
@@ -114,12 +125,13 @@ def cls_source(run, batch, n, scale=4):
     """The classification input pipeline of notebook 04 over the run's training slides."""
     import pandas as pd
 
+    from helpers.caches import load_extraction_record
     from helpers.classify import class_batches, load_class_patches
-    from helpers.patches import load_extraction_record
-    from helpers.slides import list_cases
+    from helpers.dataset import list_cases
 
     folder = REPO / "runs" / run
-    data_dir, _, params = load_extraction_record(folder)
+    rec = load_extraction_record(folder)
+    data_dir, params = rec["data_dir"], rec["params"]
     split = pd.read_csv(folder / "split.csv")
     cases = [c for c in list_cases(data_dir) if c.case_id in set(split.case_id[split.split == "train"])]
     data = load_class_patches(cases, folder / "patches", params, scale)

@@ -11,9 +11,21 @@ The caller supplies the data as functions, so the loop knows nothing of patches 
 ``train_batches(epoch)`` yields CPU batches ``(x, y)``, ``prepare`` moves one to the device
 (and augments it, on the device, for training), ``evaluate(model, device)`` returns the
 validation metrics.
+
+Exact resume: every random state lives in ``last.pt`` (torch, CUDA, numpy and Python, and the
+augmentation generators of a ``prepare`` that has ``state_dict()``, such as
+:class:`SeededPrepare`), and epoch ``e``'s batches depend only on ``e``, so a run killed at any
+moment and rerun ends with the same weights and history, bit for bit, as one never
+interrupted (same machine, same thread count).
+
+Several GPUs: when a ``torch.distributed`` process group of more than one process is
+initialised (see :mod:`helpers.distributed`; one process per GPU, started by ``torchrun``),
+:func:`fit` trains with ``DistributedDataParallel``: see its docstring.
 """
 
 import contextlib
+import errno
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,12 +33,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch.optim.swa_utils import update_bn
 
+from . import distributed as dd
 from .atomic import atomic_path
 from .errors import InputError, check_positive, check_type
 from .prefetch import ReadAhead, pin_batch
 from .progress import progress_bar
-from .setup import library_versions, seed_everything
+from .notebook import library_versions, seed_everything
+
+#: ``OSError.errno`` values that mean the disk (or the user's quota) is full.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -93,9 +110,14 @@ def select_device(pref="auto"):
 
 
 def save_checkpoint(path, payload):
-    """``torch.save`` through a temporary file: an interrupted save leaves the old checkpoint."""
+    """``torch.save`` through a temporary file: an interrupted save leaves the old checkpoint.
+
+    The file is written through a Python file object, so a full disk raises ``OSError``
+    (``ENOSPC``) rather than torch's unspecific ``RuntimeError`` for a path.
+    """
     with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(payload, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
 
 
 def load_checkpoint(path):
@@ -148,16 +170,71 @@ def _better(a, b, mode):
     return b is None or (a < b if mode == "min" else a > b)
 
 
+class SeededPrepare:
+    """A ``prepare`` callable whose augmentation draws from generators of its own, which
+    :func:`fit` saves in ``last.pt`` and restores on resume (so a resumed run is exact).
+
+    One ``torch.Generator`` per device type, created on first use and seeded with ``seed``
+    (in distributed training, rank ``r`` > 0 uses :func:`helpers.distributed.rank_seed`, so the
+    ranks' slices are augmented differently).
+
+    Args:
+        fn: ``fn(x, y, device, train, generator)`` -> the device batch, where
+            ``generator(device)`` returns this object's generator for that device.
+        seed: the augmentation seed.
+
+    Example:
+        ``prepare = SeededPrepare(lambda x, y, dev, train, gen: (augment_batch(x.to(dev),
+        generator=gen(dev)), y.to(dev)), seed=0)``
+    """
+
+    def __init__(self, fn, seed=0):
+        check_type("seed", seed, int)
+        self.fn, self.seed = fn, seed
+        self._generators, self._pending = {}, {}
+
+    def generator(self, device):
+        """This object's generator on ``device`` (created, and seeded or restored, on first use)."""
+        device = torch.device(device)
+        g = self._generators.get(device.type)
+        if g is None:
+            g = torch.Generator(device=device)
+            state = self._pending.pop(device.type, None)
+            if state is None:
+                g.manual_seed(dd.rank_seed(self.seed))
+            else:
+                g.set_state(state)
+            self._generators[device.type] = g
+        return g
+
+    def __call__(self, x, y, device, train):
+        return self.fn(x, y, device, train, self.generator)
+
+    def state_dict(self):
+        """``{"seed", "generators": {device type: state}}``: what :meth:`load_state_dict` takes."""
+        states = dict(self._pending)
+        states.update({k: g.get_state() for k, g in self._generators.items()})
+        return {"seed": self.seed, "generators": states}
+
+    def load_state_dict(self, state):
+        """Continue each generator from ``state`` (one not yet created continues when it is)."""
+        self._pending = {}
+        for kind, s in state["generators"].items():
+            if kind in self._generators:
+                self._generators[kind].set_state(s)
+            else:
+                self._pending[kind] = s
+
+
 def recalibrate_batchnorm(model, batches, prepare, device, autocast=contextlib.nullcontext):
     """Recompute every BatchNorm layer's running statistics as a plain average over ``batches``.
 
-    BatchNorm normalises with the batch's own statistics while training but with running
-    averages (momentum 0.1: mostly the last ten or so batches) at evaluation. Early in training,
-    with a high learning rate, the weights move faster than those averages follow, so a model
-    that is good in training mode can be poor in evaluation mode (measured on the demo: a
-    validation Dice of 0.43 with the running averages against 0.98 recomputed, same weights).
-    Recomputing the statistics with the final weights (Wu and Johnson, 2021, "precise BN")
-    removes that gap at the cost of a few forward passes.
+    BatchNorm normalises with each batch's own statistics in training but with running averages
+    (mostly the last ten or so batches) at evaluation; early in training, with a high learning
+    rate, the weights move faster than those averages follow, and a model good in training mode
+    can be poor in evaluation mode (on the demo: validation Dice 0.43 with the running averages,
+    0.98 recomputed, same weights). Recomputing them with the final weights ("precise BN", Wu and
+    Johnson 2021; ``torch.optim.swa_utils.update_bn``) closes that gap for a few forward passes.
 
     Args:
         model: the network.
@@ -165,48 +242,164 @@ def recalibrate_batchnorm(model, batches, prepare, device, autocast=contextlib.n
             is applied: ``prepare`` is called with ``train=False``).
         prepare: as for :func:`fit`.
         device: the model's device.
+        autocast: a context manager factory for the forward passes (as in training).
 
     Returns:
         The number of batches used (0 when the model has no BatchNorm layer).
     """
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return 0
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None          # cumulative average over the batches below
-    was = model.training
-    model.train()
-    n = 0
+    momenta, was = [m.momentum for m in bns], model.training
+    count = 0
+
+    def inputs():
+        nonlocal count
+        for x, y in batches:
+            count += 1
+            yield prepare(x, y, device, False)[0]
+
     try:
-        with torch.no_grad(), autocast():
-            for x, y in batches:
-                x, _ = prepare(x, y, device, False)
-                model(x)
-                n += 1
-    finally:
-        for m, mo in zip(bns, saved):
+        with autocast():
+            update_bn(inputs(), model)
+    finally:   # update_bn leaves momentum None (a cumulative average) if a batch fails
+        for m, mo in zip(bns, momenta):
             m.momentum = mo
         model.train(was)
-    return n
+    return count
+
+
+def _training_device(config, distributed):
+    """The device of this process: one GPU per process in distributed training."""
+    device = select_device(config.device)
+    if not distributed:
+        return device
+    backend = torch.distributed.get_backend()
+    if device.type == "cuda":
+        device = torch.device("cuda", dd.local_rank())
+        torch.cuda.set_device(device)
+    elif backend == "nccl":
+        raise InputError("the process group uses NCCL, which needs GPUs, but parameter 'device' is 'cpu'; use "
+                         "device='auto' (or 'cuda'), or initialise the group with backend='gloo'")
+    return device
+
+
+def _rng_state(prepare, device):
+    """Every random state of this process: torch (and CUDA), numpy, Python, and ``prepare``'s."""
+    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    if hasattr(prepare, "state_dict"):
+        s["prepare"] = prepare.state_dict()
+    return s
+
+
+def _restore_rng(saved, prepare, device, log):
+    """Set this rank's random states from a checkpoint's ``rng`` entry (a list, one per rank)."""
+    if isinstance(saved, dict):        # checkpoints written before the states were kept per rank
+        saved = [saved]
+    world = dd.world_size()
+    if not saved or len(saved) != world:
+        log(f"note: last.pt was written by {len(saved or [])} processes and {world} resume it: the random "
+            "streams (augmentation) start again from the seed, so the numbers differ from an uninterrupted run")
+        return
+    s = saved[dd.rank()]
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    if "python" in s:
+        random.setstate(s["python"])
+    if "cuda" in s and device.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"], device)
+    if hasattr(prepare, "load_state_dict"):
+        if "prepare" in s:
+            prepare.load_state_dict(s["prepare"])
+        else:
+            log("note: last.pt holds no augmentation state (written by an older version): augmentation "
+                "continues from its seed, so the numbers differ slightly from an uninterrupted run")
+
+
+def _slicer(rank, world):
+    """``(x, y) -> (x_r, y_r, n)``: rank ``rank``'s slice of a global batch of ``n`` patches.
+
+    Slices are contiguous and differ in size by at most one patch (only a last, smaller batch
+    of an epoch can be uneven).
+    """
+
+    def take(batch):
+        x, y = batch
+        n = len(x)
+        lo, hi = n * rank // world, n * (rank + 1) // world
+        return x[lo:hi], y[lo:hi], n
+
+    return take
+
+
+def _save_epoch(out, payload, history, improved, held):
+    """Write ``best.pt`` (if improved), ``last.pt`` and ``history.csv``; a full disk is one
+    :class:`InputError` naming the file. ``held``: the epoch ``last.pt`` holds before this."""
+    last = out / "last.pt"
+    files = ([out / "best.pt"] if improved else []) + [last, out / "history.csv"]
+    for path in files:
+        try:
+            if path.suffix == ".pt":
+                save_checkpoint(path, payload)
+            else:
+                with atomic_path(path) as tmp:
+                    pd.DataFrame(history).to_csv(tmp, index=False)
+        except OSError as exc:
+            # ENOSPC/EDQUOT, or the disk-full error that helpers.atomic may already have made of it
+            # (an InputError that is also an OSError): either way, say which checkpoint is intact.
+            if exc.errno not in DISK_FULL and not isinstance(exc, InputError):
+                raise
+            state = (f"{last} holds epoch {held} and is intact (files are replaced only by complete new ones): "
+                     "free some space and rerun; training resumes from it" if held else
+                     "no checkpoint was written yet: free some space and rerun to train from the start")
+            raise InputError(f"{path}: the disk is full (no space left on the device) while saving epoch "
+                             f"{payload['epoch']}; {state}") from None
+        if path == last:
+            held = payload["epoch"]
+
+
+def _quiet(*_):
+    pass
 
 
 def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, prepare=default_prepare,
-        progress=True, log=print, bn_batches=None, read_ahead=2):
+        progress=True, log=print, bn_batches=None, read_ahead=2, batch_size=None):
     """Train ``model``, resuming from ``out_dir/last.pt`` when it is there.
+
+    In distributed training (a ``torch.distributed`` process group of more than one process,
+    e.g. under ``torchrun``; see :mod:`helpers.distributed`) every process runs this function
+    with the same arguments and the model is wrapped in ``DistributedDataParallel``:
+
+    - each process takes its slice of every batch of ``train_batches`` (a global batch of
+      ``batch_size``, which must divide by the number of processes), and DDP averages the
+      gradients, so a step is the step of one process on the whole batch (a loss pooled over
+      the batch, such as a batch-pooled Dice, is pooled over each slice). The learning rate
+      is used as configured, not scaled with the number of processes;
+    - on GPUs BatchNorm layers become ``SyncBatchNorm`` (statistics over the global batch);
+      on CPUs (gloo) torch has no SyncBatchNorm, so each process normalises over its slice
+      and rank 0's running statistics are the ones kept;
+    - rank 0 alone validates, logs and writes the checkpoints and the history; the validation
+      metrics reach every process, so the learning-rate schedule and early stopping agree;
+    - every process loads ``last.pt`` on resume (``out_dir`` must be visible to all of them),
+      and the random states of every rank are saved in it.
 
     Args:
         model: a ``torch.nn.Module``.
-        train_batches: ``train_batches(epoch)`` -> iterable of CPU batches ``(x, y)``.
+        train_batches: ``train_batches(epoch)`` -> iterable of CPU batches ``(x, y)``; the
+            same batches for a given ``epoch`` whenever it is called (a resumed run redoes the
+            epoch that was interrupted).
         evaluate: ``evaluate(model, device)`` -> dict of validation metrics (run under
             ``torch.no_grad`` with the model in eval mode); must hold ``config.monitor``.
-        loss_fn: ``loss_fn(output, y)`` -> scalar tensor.
+        loss_fn: ``loss_fn(output, y)`` -> scalar tensor (the batch's mean).
         config: :class:`TrainConfig`.
         out_dir: folder for ``last.pt``, ``best.pt`` and ``history.csv``.
         meta: a dict of everything else that defines the run (architecture, data parameters):
             stored in the checkpoints; a rerun with different ``meta`` or config is refused.
         prepare: ``prepare(x, y, device, train)`` -> device batch (augment there for training).
+            When it has ``state_dict()``/``load_state_dict()`` (e.g. :class:`SeededPrepare`),
+            its random state is checkpointed too.
         progress: progress bar over the batches of each epoch (stderr).
         log: where the one-line epoch summaries go.
         bn_batches: optional ``bn_batches(epoch)`` -> iterable of CPU batches; when given, the
@@ -215,22 +408,42 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
         read_ahead: training batches gathered ahead in a background thread (see
             :mod:`helpers.prefetch`); 0 gathers each batch only when it is needed. The batches
             and their order are the same either way.
+        batch_size: the global batch size ``train_batches`` yields, checked against the number
+            of processes in distributed training (default: the first batch's size).
 
     Returns:
-        The history as a DataFrame (one row per epoch).
+        The history as a DataFrame (one row per epoch), the same in every process.
+
+    Raises:
+        InputError: bad settings, a ``last.pt`` of another run, a batch size that does not
+            divide by the number of processes, or a full disk while saving.
     """
     config = config.validate()
     if read_ahead:
         check_positive("read_ahead", read_ahead, integer=True)
+    if batch_size is not None:
+        check_positive("batch_size", batch_size, integer=True)
     meta = dict(meta or {})
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = select_device(config.device)
-    seed_everything(config.seed)
+    world, rank = dd.world_size(), dd.rank()
+    ddp = world > 1
+    if ddp and batch_size is not None and batch_size % world:
+        raise InputError(f"parameter 'batch_size' ({batch_size}) must divide by the {world} processes training "
+                         f"together (each takes an equal slice of every batch): use a multiple of {world}")
+    if rank != 0:
+        log, progress = _quiet, False
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+    device = _training_device(config, ddp)
+    seed_everything(dd.rank_seed(config.seed))
     cuda = device.type == "cuda"
+    identity = {"config": {k: v for k, v in asdict(config).items() if k != "epochs"}, "meta": meta,
+                "model": type(model).__name__}
     model.to(device)
     if cuda and config.channels_last:
         model.to(memory_format=torch.channels_last)
+    if ddp and cuda:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -239,8 +452,6 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=config.mode, factor=config.lr_factor,
                                                        patience=config.lr_patience)
     history, best, start, stale = [], None, 0, 0
-    identity = {"config": {k: v for k, v in asdict(config).items() if k != "epochs"}, "meta": meta,
-                "model": type(model).__name__}
     last = out / "last.pt"
     if last.exists():
         ck = load_checkpoint(last)
@@ -260,8 +471,7 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         history, best, start, stale = ck["history"], ck["best"], ck["epoch"], ck["stale"]
-        torch.set_rng_state(ck["rng"]["torch"])
-        np.random.set_state(ck["rng"]["numpy"])
+        _restore_rng(ck.get("rng"), prepare, device, log)
         log(f"resumed from {last} after epoch {start}")
         if start > config.epochs:
             log(f"note: {last} already holds {start} epochs, more than epochs={config.epochs}; nothing is "
@@ -269,28 +479,61 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
                 f"train {config.epochs} epochs)")
         if config.early_stop_patience and stale >= config.early_stop_patience:
             start = config.epochs  # it had stopped early: nothing more to do
+    held = start                   # the epoch last.pt holds
+    net = model
+    if ddp:
+        # Broadcasts rank 0's weights and buffers, then averages the gradients in every step.
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
+                                                        static_graph=True)
+    take = _slicer(rank, world) if ddp else None
+    announced = not ddp
     versions = library_versions()
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and config.amp else contextlib.nullcontext
     for epoch in range(start, config.epochs):
         t0 = time.perf_counter()
-        model.train()
-        total, n = 0.0, 0
+        net.train()
+        total, n = torch.zeros((), dtype=torch.float64, device=device), 0
         batches = train_batches(epoch)
         bar = progress_bar(len(batches) if hasattr(batches, "__len__") else None, f"epoch {epoch + 1}/{config.epochs}",
                            "batch", progress)
+        transform = take
         if read_ahead:
-            # The next batches are gathered (and pinned, for asynchronous copies to a GPU) in a
-            # thread while the model works on this one; same batches, same order.
-            batches = ReadAhead(batches, read_ahead, pin_batch if cuda else None)
-        for x, y in batches:
+            # The next batches are gathered (sliced, and pinned for asynchronous copies to a GPU)
+            # in a thread while the model works on this one; same batches, same order.
+            pin = pin_batch if cuda else None
+            transform = (lambda b: pin(take(b))) if take and pin else (take or pin)
+            batches = ReadAhead(batches, read_ahead, transform)
+        for batch in batches:
+            if transform is not None and not read_ahead:
+                batch = transform(batch)
+            x, y = batch[0], batch[1]
+            if ddp:
+                whole = batch[2]
+                if not announced:
+                    if batch_size is None and whole % world:
+                        raise InputError(f"the first training batch holds {whole} patches, which does not divide "
+                                         f"by the {world} processes training together: use a batch_size that is "
+                                         f"a multiple of {world}")
+                    log(f"distributed training: {world} processes ({torch.distributed.get_backend()}), global "
+                        f"batch {batch_size or whole} = {(batch_size or whole) // world} per process; learning "
+                        f"rate {config.lr:g} as configured (not scaled with the number of processes); BatchNorm "
+                        + ("synchronised across processes (SyncBatchNorm)" if cuda else
+                           "per process (torch's SyncBatchNorm needs GPUs)"))
+                    announced = True
+                if whole < world:      # a last batch too small to give every process a patch
+                    bar.update()
+                    continue
             x, y = prepare(x, y, device, True)
             if cuda and config.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
-                outp = model(x)
+                outp = net(x)
                 loss = loss_fn(outp, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages the processes' gradients; a slice of another size than the others
+            # (an uneven last batch) is weighted so that the step is the whole batch's mean.
+            weight = len(x) * world / whole if ddp else 1.0
+            (loss * weight if weight != 1.0 else loss).backward()
             opt.step()
             # Summed on the device: reading the loss each step would make the host wait for the
             # GPU, and the next batch would not be gathered while the GPU computes.
@@ -298,17 +541,32 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
             n += len(x)
             bar.update()
         bar.close()
+        if ddp:
+            sums = torch.stack([total, torch.tensor(float(n), dtype=torch.float64, device=device)])
+            torch.distributed.all_reduce(sums)
+            total, n = sums[0], int(sums[1])
         if n == 0:
             raise InputError("train_batches yielded no batch: the training split is empty")
         if bn_batches is not None:
-            recalibrate_batchnorm(model, bn_batches(epoch), prepare, device, autocast)
-        model.eval()
-        with torch.no_grad(), autocast():
-            val = dict(evaluate(model, device))
-        if config.monitor not in val:
-            raise InputError(f"evaluate() returned {sorted(val)}, which lacks the monitored {config.monitor!r}")
-        row = {"epoch": epoch + 1, "train_loss": float(total) / n, **{k: float(v) for k, v in val.items()},
-               "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2)}
+            source = bn_batches(epoch)
+            if ddp:
+                source = ((xb, yb) for xb, yb, whole in map(take, source) if whole >= world)
+            recalibrate_batchnorm(model, source, prepare, device, autocast)
+            if ddp and not cuda:       # without SyncBatchNorm the ranks' statistics differ: keep rank 0's
+                for buf in model.buffers():
+                    torch.distributed.broadcast(buf, 0)
+        train_loss, lr = float(total) / n, opt.param_groups[0]["lr"]
+
+        def validate():
+            model.eval()
+            with torch.no_grad(), autocast():
+                val = dict(evaluate(model, device))
+            if config.monitor not in val:
+                raise InputError(f"evaluate() returned {sorted(val)}, which lacks the monitored {config.monitor!r}")
+            return {"epoch": epoch + 1, "train_loss": train_loss, **{k: float(v) for k, v in val.items()},
+                    "lr": lr, "seconds": round(time.perf_counter() - t0, 2)}
+
+        row = dd.run_on_main(validate)   # rank 0 validates; every rank gets the same row
         history.append(row)
         score = row[config.monitor]
         sched.step(score)
@@ -317,17 +575,15 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
             best, stale = score, 0
         else:
             stale += 1
+        rng = dd.all_gather_object(_rng_state(prepare, device))    # every rank's random state
         payload = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                    "epoch": epoch + 1, "history": history, "best": best, "stale": stale, "identity": identity,
-                   "versions": versions, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
-        if improved:
-            save_checkpoint(out / "best.pt", payload)
-        save_checkpoint(last, payload)
-        with atomic_path(out / "history.csv") as tmp:
-            pd.DataFrame(history).to_csv(tmp, index=False)
+                   "versions": versions, "rng": rng, "world_size": world}
+        dd.run_on_main(lambda: _save_epoch(out, payload, history, improved, held))
+        held = epoch + 1
         log(f"epoch {epoch + 1}/{config.epochs}: train_loss {row['train_loss']:.4f}, "
-            + ", ".join(f"{k} {float(v):.4f}" for k, v in val.items()) + f", lr {row['lr']:.2g}"
-            + (" (best)" if improved else ""))
+            + ", ".join(f"{k} {row[k]:.4f}" for k in row if k not in ("epoch", "train_loss", "lr", "seconds"))
+            + f", lr {row['lr']:.2g}" + (" (best)" if improved else ""))
         if config.early_stop_patience and stale >= config.early_stop_patience:
             log(f"stopped early: {config.monitor} did not improve for {stale} epochs")
             break
