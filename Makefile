@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test env bench clean-runs
+.PHONY: demo test env bench clean-runs refresh-committed lint
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,17 @@ demo: $(STAMP)
 	$(PY) -m helpers.run --profile demo
 
 test: $(STAMP)
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 	TQDM_DISABLE=1 $(PY) -m pytest tests -q
 	TQDM_DISABLE=1 $(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider notebooks -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+# Maintainers: re-execute the committed notebooks on the demo data (figures inline) and copy
+# the demo run's figures into figures/.
+refresh-committed: $(STAMP)
+	$(PY) tools/refresh_committed.py
 
 bench: $(STAMP)
 	$(PY) bench/extraction_benchmark.py

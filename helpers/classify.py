@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 from .augment import augment_batch, balance_indices
 from .errors import InputError, check_positive
-from .patches import cache_folder, load_patch_set
+from .metrics import classification_report
+from .caches import cache_folder, load_patch_set
+from .train import SeededPrepare
 
 #: Columns of a prediction table (one row per patch, model and scale).
 PREDICTION_COLUMNS = ["case_id", "model", "scale", "x", "y", "footprint", "prob", "pred", "label"]
@@ -56,6 +58,12 @@ class ClassPatches:
         """``(tumour, non-tumour)`` patch counts."""
         return int((self.labels == 1).sum()), int((self.labels == 0).sum())
 
+    def subset(self, idx):
+        """The patches ``idx`` as a dataset of their own."""
+        idx = np.asarray(idx, int)
+        return ClassPatches(self.scale, self.sets, self.owner[idx], self.local[idx], self.labels[idx],
+                            self.rows.iloc[idx].reset_index(drop=True), self.no_patch)
+
     def take(self, idx):
         """uint8 patches ``(k, P, P, 3)`` for dataset rows ``idx`` (read set by set)."""
         idx = np.asarray(idx)
@@ -72,15 +80,17 @@ class ClassPatches:
         return x
 
 
-def load_class_patches(cases, cache_root, params, scale, what="training"):
-    """Open the labelled patches of ``cases`` at ``scale`` (ambiguous patches left out).
+def load_class_patches(cases, cache_root, params, scale, what="training", labelled_only=True):
+    """Open the patches of ``cases`` at ``scale`` as one dataset (memory-mapped).
 
     Args:
-        cases: :class:`helpers.slides.Case` objects of one split.
+        cases: :class:`helpers.dataset.Case` objects of one split.
         cache_root: the folder of the patch caches.
-        params: the :class:`helpers.patches.ExtractionParams` the caches were made with.
+        params: the :class:`helpers.caches.ExtractionParams` the caches were made with.
         scale: 4, 16, 64 ...
         what: the split's name, for messages.
+        labelled_only: leave out ambiguous and unlabelled patches (label -1), as training and
+            Table 1 do; ``False`` keeps every kept patch (the slide's vote counts them all).
 
     Raises:
         InputError: a cache is missing (run the extraction first).
@@ -90,10 +100,11 @@ def load_class_patches(cases, cache_root, params, scale, what="training"):
         folder, _ = cache_folder(cache_root, case, scale, params)
         if not (folder / "meta.json").exists():
             raise InputError(f"no {scale}x patch cache for {case.case_id} at {folder}: run the patch "
-                             f"extraction for this scale first (notebook 02, or notebook 04's extraction cell)")
+                             f"extraction for this scale first (notebook 02, or notebook 04's section 1)")
         ps = load_patch_set(folder)
         k = ps.kept
-        k = k[k["label"] >= 0]
+        if labelled_only:
+            k = k[k["label"] >= 0]
         if not len(k):
             none.append(case.case_id)
             continue
@@ -104,7 +115,7 @@ def load_class_patches(cases, cache_root, params, scale, what="training"):
         rows.append(k)
     if not sets:
         return ClassPatches(scale, [], np.zeros(0, int), np.zeros(0, int), np.zeros(0, np.int64),
-                            pd.DataFrame(), none)
+                            pd.DataFrame(columns=["case_id", "x", "y", "footprint", "label"]), none)
     return ClassPatches(scale, sets, np.concatenate(owner), np.concatenate(local), np.concatenate(labels),
                         pd.concat(rows, ignore_index=True), none)
 
@@ -160,22 +171,22 @@ def class_batches(data, batch_size, balance=True, seed=0, max_batches=None):
 
 
 def class_prepare(input_size, augment=True, color=0.0, seed=0):
-    """``prepare(x, y, device, train)``: to the device, to [0, 1], resized, augmented in training."""
-    gens = {}
+    """``prepare(x, y, device, train)``: to the device, to [0, 1], resized, augmented in training.
 
-    def prepare(x, y, device, train):
+    Returns:
+        A :class:`helpers.train.SeededPrepare`: its augmentation generator (seeded with
+        ``seed``) is checkpointed by ``fit``, so a resumed run is exact.
+    """
+
+    def prepare(x, y, device, train, generator):
         x = x.to(device, non_blocking=True).float().div_(255)
         if x.shape[-1] != input_size:
             x = F.interpolate(x, size=input_size, mode="area")
         if train and augment:
-            g = gens.get(device)
-            if g is None:
-                g = gens[device] = torch.Generator(device=device)
-                g.manual_seed(seed)
-            x = augment_batch(x, generator=g, color=color)
+            x = augment_batch(x, generator=generator(device), color=color)
         return x, y.to(device, non_blocking=True)
 
-    return prepare
+    return SeededPrepare(prepare, seed)
 
 
 def predict_patches(model, data, input_size, batch_size=64, device=None):
@@ -193,20 +204,29 @@ def predict_patches(model, data, input_size, batch_size=64, device=None):
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def make_class_evaluator(data, input_size, batch_size=64):
+def make_class_evaluator(data, input_size, batch_size=64, max_patches=0, seed=0):
     """``evaluate(model, device)`` -> validation loss, accuracy and balanced accuracy.
 
     Balanced accuracy (the mean of sensitivity and specificity) is what the checkpoint should
     be chosen on when the validation classes are unbalanced: accuracy rewards predicting the
-    majority class.
+    majority class. With ``max_patches``, a fixed, seeded sample of at most that many patches
+    (half from each class where possible) is evaluated every epoch.
     """
     if not len(data):
         raise InputError(f"the validation split has no labelled patch at {data.scale}x; put slides that "
                          f"give patches at this scale in it, or drop the scale")
-    y = torch.from_numpy(data.labels)
+    idx = np.arange(len(data))
+    if max_patches and len(data) > max_patches:
+        rng = np.random.default_rng(seed)
+        per = [np.flatnonzero(data.labels == c) for c in (0, 1)]
+        half = max_patches // 2
+        take = [rng.choice(p, min(len(p), half + max(0, half - len(q))), replace=False) for p, q in zip(per, per[::-1])]
+        idx = np.sort(np.concatenate(take))
+    sub = data.subset(idx)
+    y = torch.from_numpy(sub.labels)
 
     def evaluate(model, device):
-        p = torch.from_numpy(predict_patches(model, data, input_size, batch_size, device))
+        p = torch.from_numpy(predict_patches(model, sub, input_size, batch_size, device))
         eps = 1e-6
         loss = float(-(y * torch.log(p + eps) + (1 - y) * torch.log(1 - p + eps)).mean())
         pred = (p >= 0.5).long()
@@ -215,6 +235,7 @@ def make_class_evaluator(data, input_size, batch_size=64):
         return {"val_loss": loss, "val_acc": float((pred == y).float().mean()),
                 "val_bal_acc": sum(recalls) / len(recalls)}
 
+    evaluate.n_patches = len(sub)
     return evaluate
 
 
@@ -231,3 +252,310 @@ def prediction_table(data, probs, model_name, threshold=0.5):
                          "x": r["x"].to_numpy(), "y": r["y"].to_numpy(), "footprint": r["footprint"].to_numpy(),
                          "prob": probs.round(5), "pred": (probs >= threshold).astype(int),
                          "label": data.labels})[PREDICTION_COLUMNS]
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 04's plan: which classifiers, on which patches; training, prediction, Table 1
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ClassificationPlan:
+    """What notebook 04 does with a run.
+
+    Attributes:
+        mode: ``train`` (train on this run's split, predict its test slides) or ``apply``
+            (predict every slide with the classifiers of ``models_from``).
+        models, scales, strides: the classifiers (model x scale) and each scale's grid step.
+        params: ``{scale: ExtractionParams}`` of each scale's caches.
+        sources: ``{"<model>_x<scale>": checkpoint folder}`` of the classifiers that predict.
+        models_from: the run whose classifiers are applied.
+        trainable: ``[(model, scale)]`` with both classes in training and validation (after
+            :meth:`load_patches`).
+        skipped: ``{"<model>_x<scale>": why}`` for the others.
+        notes: what to tell about slides without patches.
+    """
+
+    mode: str
+    models: list
+    scales: list
+    strides: list
+    params: dict
+    sources: dict
+    models_from: str = ""
+    trainable: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+    sets: dict = field(default_factory=dict)
+
+    def describe(self):
+        """One line for the notebook."""
+        what = (f"applying {len(self.sources)} classifiers of run {self.models_from!r} to every slide"
+                if self.mode == "apply" else f"training {len(self.models)} models x scales {self.scales}")
+        return f"{what}; strides {dict(zip(self.scales, self.strides))} px at each scale"
+
+    def target_split(self):
+        """The split whose slides are predicted (``test``), or ``all`` in apply mode."""
+        return "test" if self.mode == "train" else "all"
+
+    def load_patches(self, run, progress=True):
+        """Cut the caches each scale needs (another stride than notebook 02's), open the
+        patches of every split, and find which classifiers can be trained.
+
+        Returns:
+            ``(sets, counts)``: ``{(scale, split): ClassPatches}`` and a table of tumour and
+            non-tumour patches per scale and split, with the slides that give none.
+        """
+        import warnings
+
+        from .caches import too_small_reason
+        from .patches import extract_dataset
+        from .slides import Slide
+
+        splits = ("train", "val", "test") if self.mode == "train" else ("all",)
+        cases = {"all": list(run.cases.values()), **run.by_split}
+        rows = []
+        for sc in self.scales:
+            p = self.params[sc]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")        # slides without a patch are counted below
+                extract_dataset(list(run.cases.values()), [sc], run.cache_root, p, progress=progress)
+            for s in splits:
+                d = load_class_patches(cases[s], run.cache_root, p, sc, s, labelled_only=(s != "test" and s != "all"))
+                self.sets[(sc, s)] = d
+                t, n = d.counts()
+                rows.append({"scale": f"{sc}x", "stride": p.stride, "split": s, "tumour": t, "non-tumour": n,
+                             "unlabelled": int((d.labels < 0).sum()),
+                             "slides without a patch": f"{len(d.no_patch)} of {len(cases[s])}"})
+            small = []
+            for c in run.cases.values():
+                with Slide(c.slide, verify=False) as sl:
+                    why = too_small_reason(sl.dimensions, sc, p.patch_size)
+                if why:
+                    small.append(c.case_id)
+            if small:
+                self.notes.append(f"{len(small)} slides are smaller than one patch at {sc}x (no stride fixes that), "
+                                  f"e.g. {small[0]}")
+        if self.mode == "train":
+            for arch in self.models:
+                for sc in self.scales:
+                    tr, va = self.sets[(sc, "train")].counts(), self.sets[(sc, "val")].counts()
+                    lack = [f"{what} has no {cls} patch" for what, (t, n) in (("training", tr), ("validation", va))
+                            for cls, k in (("tumour", t), ("non-tumour", n)) if k == 0]
+                    if lack:
+                        self.skipped[f"{arch}_x{sc}"] = f"at {sc}x the " + " and the ".join(lack)
+                    else:
+                        self.trainable.append((arch, sc))
+        return self.sets, pd.DataFrame(rows)
+
+    def read_patches(self, run, rows):
+        """The cached patch images of prediction-table ``rows`` (for figures)."""
+        out = []
+        for r in rows.itertuples():
+            d = self.sets[(r.scale, self.target_split())]
+            hit = np.flatnonzero((d.rows["case_id"].to_numpy() == r.case_id) & (d.rows["x"].to_numpy() == r.x)
+                                 & (d.rows["y"].to_numpy() == r.y))
+            if len(hit):
+                out.append(d.take(hit[:1])[0])
+        return out
+
+
+def classification_plan(run, models_from, models, scales, strides):
+    """Decide what notebook 04 does, or stop with one message saying why it cannot.
+
+    Raises:
+        InputError: ``models_from`` has none of the requested classifiers, or a stride that
+            does not fit the run's patches.
+    """
+    from dataclasses import replace
+
+    from .paths import runs_root
+    from .train import load_checkpoint
+
+    params = {sc: replace(run.params, stride=st, mask_scale=run.params.mask_scale if st == run.params.stride else 0)
+              for sc, st in zip(scales, strides)}
+    if models_from:
+        src = runs_root() / models_from / "classification"
+        sources = {}
+        for arch in models:
+            for sc in scales:
+                ck = src / f"{arch}_x{sc}" / "best.pt"
+                if ck.exists():
+                    sources[f"{arch}_x{sc}"] = ck.parent
+        if not sources:
+            raise InputError(f"parameter 'models_from': run {models_from!r} has no trained classifier of {models} at "
+                             f"{scales}x (no {src}/<model>_x<scale>/best.pt); run its notebook 04 first")
+        for key, folder in sources.items():
+            meta = (load_checkpoint(folder / "best.pt").get("identity") or {}).get("meta", {})
+            sc = int(meta.get("scale", 0))
+            if meta.get("patch_size", run.params.patch_size) != run.params.patch_size:
+                raise InputError(f"{folder / 'best.pt'} was trained on {meta.get('patch_size')} px patches but this run "
+                                 f"cuts {run.params.patch_size} px ones; rerun notebook 02 with patch_size "
+                                 f"{meta.get('patch_size')}")
+            if sc in params and meta.get("stride"):
+                params[sc] = replace(params[sc], stride=int(meta["stride"]), mask_scale=0)
+        return ClassificationPlan("apply", list(models), list(scales), [params[s].stride for s in scales], params,
+                                  sources, models_from)
+    folder = run.folder / "classification"
+    return ClassificationPlan("train", list(models), list(scales), list(strides), params,
+                              {f"{a}_x{s}": folder / f"{a}_x{s}" for a in models for s in scales})
+
+
+def _job(run, plan, out_dir, arch, sc, recipe, settings, seed, device, augment=True):
+    from dataclasses import asdict
+
+    from .jobs import ClassifierJob
+
+    p = plan.params[sc]
+    meta = {"arch": arch, "scale": sc, "stride": p.stride, "patch_size": p.patch_size,
+            "input_size": settings["input_size"], "label_mask": p.label_mask, "pretrained": settings["pretrained"],
+            "weights_path": settings["weights"][arch] or None, "frozen_stages": settings["frozen"][arch],
+            "batch_size": settings["batch_size"], "steps": settings["steps"], "balance": settings["balance"],
+            "color_jitter": settings["color_jitter"], "bn_batches": settings["bn_batches"], "augment": augment,
+            "data": run.data_key(sc, ("train", "val"), p)}
+    return ClassifierJob(arch=arch, scale=sc, params=asdict(p), cache_root=str(run.cache_root),
+                         data_dir=str(run.data_dir), train_cases=[c.case_id for c in run.by_split["train"]],
+                         val_cases=[c.case_id for c in run.by_split["val"]], out_dir=str(out_dir),
+                         input_size=settings["input_size"], batch_size=settings["batch_size"],
+                         steps=settings["steps"], balance=settings["balance"], augment=augment,
+                         color_jitter=settings["color_jitter"], bn_batches=settings["bn_batches"],
+                         pretrained=settings["pretrained"], weights_path=settings["weights"][arch] or None,
+                         frozen_stages=settings["frozen"][arch],
+                         config={**recipe, "monitor": "val_loss", "mode": "min", "seed": seed, "device": device},
+                         meta=meta, progress=True)
+
+
+def train_classifiers(run, plan, out_dir, recipes, settings, seed=0, device="auto", gpus=1):
+    """Train every trainable (model, scale) of ``plan`` into ``<out_dir>/<model>_x<scale>/``.
+
+    One after another in this process, or side by side, one per GPU, with ``gpus`` > 1
+    (:func:`helpers.jobs.run_jobs`); each resumes from its ``last.pt``. Skipped classifiers are
+    printed with the reason.
+
+    Returns:
+        ``{"<model>_x<scale>": history DataFrame}``.
+    """
+    from .jobs import run_job, run_jobs
+
+    for key, why in plan.skipped.items():
+        print(f"{key}: skipped: {why}")
+    if plan.mode != "train" or not plan.trainable:
+        if plan.mode == "train":
+            print("no classifier can be trained on this dataset: notebook 05 will say so")
+        return {}
+    keys = [f"{a}_x{s}" for a, s in plan.trainable]
+    jobs = [_job(run, plan, out_dir / k, a, s, recipes[a], settings, seed, device) for k, (a, s) in zip(keys, plan.trainable)]
+    n_gpu = min(gpus, torch.cuda.device_count())
+    if n_gpu > 1:
+        return dict(zip(keys, run_jobs(jobs, devices=list(range(n_gpu)))))
+    out = {}
+    for key, job in zip(keys, jobs):     # one after another in this process, each line naming its classifier
+        out[key] = run_job(job, log=lambda m, k=key: print(f"{k}: {m}"))
+    return out
+
+
+def _predict(plan, key, data, input_size, device):
+    from .train import load_checkpoint
+    from .models import build_classifier
+
+    folder = plan.sources[key]
+    ck = load_checkpoint(folder / "best.pt")
+    arch = (ck.get("identity") or {}).get("meta", {}).get("arch", key.rsplit("_x", 1)[0])
+    model = build_classifier(arch)
+    model.load_state_dict(ck["model"])
+    meta = (ck.get("identity") or {}).get("meta", {})
+    return predict_patches(model.to(device), data, int(meta.get("input_size", input_size)), device=device)
+
+
+def predict_classifiers(run, plan, out_dir, input_size=64, device=None):
+    """Predict the target slides' patches with every classifier that has a checkpoint; write
+    ``predictions.csv`` (with its provenance: each classifier's weights and the caches) and
+    ``table1.csv``.
+
+    Returns:
+        ``(predictions, table1)``.
+    """
+    from .atomic import atomic_path
+    from .paths import runs_root
+    from .provenance import file_sha256, write_stamp
+    from .voting import PAPER_TABLE1
+
+    split = plan.target_split()
+    slides = sorted({c.case_id for c in (run.cases.values() if split == "all" else run.by_split[split])})
+    preds, rows, used, skipped = [], [], {}, dict(plan.skipped)
+    for arch in plan.models:
+        for sc in plan.scales:
+            key = f"{arch}_x{sc}"
+            folder = plan.sources.get(key)
+            data = plan.sets[(sc, split)]
+            row = {"model": arch, "scale": f"{sc}x", "paper acc %": PAPER_TABLE1.get((arch, sc), float("nan"))}
+            why = skipped.get(key) or (None if folder is not None and (folder / "best.pt").exists()
+                                       else "no trained checkpoint")
+            if why is None and not len(data):
+                why = f"no test patch at {sc}x"
+            if why:
+                skipped[key] = why
+                rows.append({**row, "evaluated": False, "why": why})
+                continue
+            prob = _predict(plan, key, data, input_size, device)
+            table = prediction_table(data, prob, arch)
+            preds.append(table)
+            ck = folder / "best.pt"
+            used[key] = {"weights": file_sha256(ck), "checkpoint": str(ck.resolve().relative_to(runs_root().resolve()))
+                         if ck.resolve().is_relative_to(runs_root().resolve()) else str(ck),
+                         "data": run.data_key(sc, (split,) if split != "all" else (), plan.params[sc])}
+            lab = table[table.label >= 0]
+            r = classification_report(lab.label, lab.pred) if len(lab) else None
+            rows.append({**row, "evaluated": r is not None, "why": "" if r else "no labelled patch",
+                         "acc %": 100 * r["accuracy"] if r else float("nan"),
+                         "sensitivity %": 100 * r["sensitivity"] if r else float("nan"),
+                         "specificity %": 100 * r["specificity"] if r else float("nan"),
+                         "tumour": int((lab.label == 1).sum()), "non_tumour": int((lab.label == 0).sum()),
+                         "confusion [[TN FP] [FN TP]]": r["confusion"].tolist() if r else "-"})
+    pred = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame(columns=PREDICTION_COLUMNS)
+    table1 = pd.DataFrame(rows).reindex(columns=["model", "scale", "paper acc %", "acc %", "sensitivity %",
+                                                 "specificity %", "tumour", "non_tumour", "evaluated", "why",
+                                                 "confusion [[TN FP] [FN TP]]"])
+    table1[["tumour", "non_tumour"]] = table1[["tumour", "non_tumour"]].fillna(0).astype(int)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, t in (("predictions.csv", pred), ("table1.csv", table1)):
+        with atomic_path(out_dir / name) as tmp:
+            t.to_csv(tmp, index=False)
+    write_stamp(out_dir / "predictions.csv", {"extraction": run.extraction_key, "split": run.split_key,
+                                              "slides": slides, "mode": plan.mode, "models_from": plan.models_from,
+                                              "classifiers": used, "skipped": skipped})
+    return pred, table1
+
+
+def augmentation_comparison(run, plan, out_dir, recipes, settings, seed=0, device="auto"):
+    """EfficientNet-B0 at the first trainable scale, trained again with augmentation off, against
+    the run's own (same seed, epochs and batches), on the same test patches.
+
+    Returns:
+        A table: augmentation, best validation balanced accuracy, test accuracy, sensitivity and
+        specificity (%).
+    """
+    from .jobs import run_job
+
+    pairs = [(a, s) for a, s in plan.trainable if a == "efficientnet_b0"] or plan.trainable[:1]
+    if not pairs:
+        return pd.DataFrame()
+    arch, sc = pairs[0]
+    key = f"{arch}_x{sc}"
+    folders = {True: plan.sources[key], False: out_dir / f"{key}_no_augmentation"}
+    hist_off = run_job(_job(run, plan, folders[False], arch, sc, recipes[arch], settings, seed, device, augment=False))
+    test = plan.sets[(sc, "test")]
+    rows = []
+    for aug, folder in folders.items():
+        h = hist_off if not aug else pd.read_csv(folder / "history.csv")
+        lab_idx = np.flatnonzero(test.labels >= 0)
+        r = None
+        if len(lab_idx):
+            prob = _predict(ClassificationPlan("train", [], [], [], {}, {key: folder}), key, test.subset(lab_idx),
+                            settings["input_size"], torch.device("cpu"))
+            r = classification_report(test.labels[lab_idx], (prob >= 0.5).astype(int))
+        rows.append({"classifier": f"{arch} {sc}x", "augmentation": "on (the paper's)" if aug else "off",
+                     "best val balanced acc %": 100 * float(h.val_bal_acc.max()),
+                     "test acc %": 100 * r["accuracy"] if r else float("nan"),
+                     "sensitivity %": 100 * r["sensitivity"] if r else float("nan"),
+                     "specificity %": 100 * r["specificity"] if r else float("nan")})
+    return pd.DataFrame(rows)

@@ -25,6 +25,7 @@ figure.
 import argparse
 import datetime as _dt
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,9 +33,10 @@ from pathlib import Path
 
 import yaml
 
-from .atomic import write_json
+from .atomic import remove_stale_temporaries, write_json
 from .errors import InputError
-from .paths import REPO_ROOT, run_dir
+from .params import SPECS, check_parameters
+from .paths import REPO_ROOT, run_dir, runs_root
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 PROFILE_DIR = REPO_ROOT / "profiles"
@@ -80,20 +82,10 @@ def load_profile(name):
     return prof
 
 
-def _type_ok(default, value):
-    if default is None or value is None:
-        return True
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, type(default))
-
-
-def resolve_parameters(profile, overrides, nbs):
-    """Merge the profile and the overrides; check every name and type against the notebooks.
+def resolve_parameters(profile, overrides, nbs, check_files=True):
+    """Merge the profile and the overrides; check every name against the notebooks and every
+    value against :data:`helpers.params.SPECS` (types, ranges, the rules tying them), before
+    anything runs.
 
     Returns:
         ``(merged, per_notebook)``: all parameters, and for each notebook the ones it takes.
@@ -117,14 +109,16 @@ def resolve_parameters(profile, overrides, nbs):
     for k in profile["parameters"]:
         if k not in all_known:
             raise InputError(f"profile parameter {k!r} is declared by no notebook; known: {sorted(all_known)}")
-    for k, v in merged.items():
-        if k in known and not _type_ok(known[k], v):
-            raise InputError(f"parameter {k!r} must be of type {type(known[k]).__name__} "
-                             f"(like the notebook default {known[k]!r}), got {v!r}")
     for k in profile["requires"]:
         if merged.get(k) in (None, ""):
             raise InputError(f"this profile needs parameter {k!r}: pass -p {k} VALUE")
-    per = {p: {k: v for k, v in merged.items() if k in declared[p]} for p in nbs}
+    unchecked = sorted(k for k in merged if k not in SPECS)
+    if unchecked:   # a notebook declares a parameter that helpers.params does not know
+        raise InputError(f"parameters {unchecked} have no entry in helpers.params.SPECS; add them there")
+    merged = {**merged, **check_parameters(merged, check_files=check_files)}
+    # Each notebook gets all its parameters (its defaults where the profile and the command line
+    # say nothing), so params.json records exactly what ran.
+    per = {p: {**declared[p], **{k: v for k, v in merged.items() if k in declared[p]}} for p in nbs}
     return merged, per
 
 
@@ -136,18 +130,54 @@ def _git_commit():
         return None
 
 
-def check_run_folder(folder, params, overwrite=False):
-    """Refuse to mix two different runs in one folder (unless ``overwrite``)."""
+#: What each notebook writes into its run folder (``--overwrite`` removes them before a rerun;
+#: patch caches, keyed by their content, are kept and reused).
+OUTPUTS = {"02": ("extraction.json", "split.csv", "split.csv.key.json", "patch_counts.csv"),
+           "03": ("segmentation",),
+           "04": ("classification",),
+           "05": ("voting", "report.json", "summary.json")}
+
+
+def check_run_folder(folder, per_notebook, overwrite=False):
+    """Refuse to mix two different runs in one folder (unless ``overwrite``).
+
+    ``params.json`` records, per notebook, the parameters of its last *finished* run; a rerun
+    of a notebook with other values of its own parameters is refused. A run that was refused
+    or failed records nothing, so a corrected rerun is compared with what actually produced
+    the folder's outputs.
+
+    Args:
+        folder: the run folder.
+        per_notebook: ``{notebook name: {parameter: value}}`` of the notebooks to run.
+        overwrite: allow it (the caller then removes their old outputs).
+    """
     pf = folder / "params.json"
     if not pf.exists() or overwrite:
         return
-    old = json.loads(pf.read_text()).get("parameters", {})
-    diff = sorted(k for k in set(old) | set(params)
-                  if k not in RUN_ONLY and old.get(k) != params.get(k))
-    if diff:
-        detail = ", ".join(f"{k}: {old.get(k)!r} -> {params.get(k)!r}" for k in diff[:6])
-        raise InputError(f"run folder {folder} holds a run with other parameters ({detail}); "
-                         "use another --run-name, or --overwrite to replace that run")
+    done = json.loads(pf.read_text()).get("finished_notebooks", {})
+    diffs = []
+    for nb, params in per_notebook.items():
+        old = done.get(nb, {}).get("parameters")
+        if old is None:
+            continue
+        diffs += [f"{k}: {old.get(k)!r} -> {params.get(k)!r}" for k in sorted(set(old) | set(params))
+                  if k not in RUN_ONLY and old.get(k) != params.get(k)]
+    if diffs:
+        raise InputError(f"run folder {folder} holds results made with other parameters ({', '.join(sorted(set(diffs))[:6])}); "
+                         "use another --run-name, or --overwrite to replace them")
+
+
+def clear_outputs(folder, nbs):
+    """Remove what the notebooks ``nbs`` wrote into ``folder`` before (for ``--overwrite``)."""
+    import shutil
+
+    for nb in nbs:
+        for name in OUTPUTS.get(nb.name[:2], ()):
+            p = folder / name
+            if p.is_symlink() or p.is_file():
+                p.unlink()
+            elif p.is_dir():
+                shutil.rmtree(p)
 
 
 def main(argv=None):
@@ -174,8 +204,6 @@ def main(argv=None):
 
 
 def _run(args):
-    import papermill as pm
-
     nbs = notebooks(args.only)
     if args.list:
         for p in notebooks():
@@ -196,33 +224,39 @@ def _run(args):
     overrides.setdefault("run_name", run_name)
     merged, per = resolve_parameters(profile, overrides, nbs)
     folder = run_dir(run_name)
-    check_run_folder(folder, merged, args.overwrite)
+    per_name = {nb.name: per[nb] for nb in nbs}
+    check_run_folder(folder, per_name, args.overwrite)
+    if args.overwrite:
+        clear_outputs(folder, nbs)
     if "data_dir" in merged and merged["data_dir"] == "":
         from .synthetic import ensure_demo_dataset
 
         print("demo data:", ensure_demo_dataset(progress=not args.no_progress), flush=True)
     out_dir = folder / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = {"profile": args.profile, "parameters": merged, "notebooks": [p.name for p in nbs],
-              "git_commit": _git_commit(), "started": _dt.datetime.now().isoformat(timespec="seconds")}
-    write_json(folder / "params.json", record)
+    pf = folder / "params.json"
+    record = json.loads(pf.read_text()) if pf.exists() and not args.overwrite else {}
+    record.setdefault("finished_notebooks", {})
+    record.update({"profile": args.profile, "parameters": merged, "notebooks": [p.name for p in nbs],
+                   "git_commit": _git_commit(), "started": _dt.datetime.now().isoformat(timespec="seconds")})
+    record.pop("finished", None)
+    write_json(pf, record)
     t_all = time.perf_counter()
     for i, nb in enumerate(nbs, 1):
-        out = out_dir / nb.name
         print(f"[{i}/{len(nbs)}] {nb.name}", flush=True)
         t = time.perf_counter()
-        try:
-            pm.execute_notebook(str(nb), str(out), parameters=per[nb], kernel_name="python3",
-                                cwd=str(NOTEBOOK_DIR), progress_bar=not args.no_progress)
-        except pm.PapermillExecutionError as exc:
-            print(f"\nFAILED: {nb.name}, cell {exc.cell_index} (execution count {exc.exec_count}): "
-                  f"{exc.ename}: {exc.evalue}\nThe executed notebook, with the traceback, is {out}",
-                  file=sys.stderr)
+        failure = execute(nb, out_dir, per[nb], folder, progress=not args.no_progress)
+        if failure:
+            print(failure, file=sys.stderr, flush=True)
             return 1
+        record["finished_notebooks"][nb.name] = {"parameters": per[nb], "seconds": round(time.perf_counter() - t, 1),
+                                                 "finished": _dt.datetime.now().isoformat(timespec="seconds")}
+        write_json(pf, record)
+        out = out_dir / nb.name
         print(f"      done in {time.perf_counter() - t:.0f} s -> {out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out}", flush=True)
     record["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
     record["seconds"] = round(time.perf_counter() - t_all, 1)
-    write_json(folder / "params.json", record)
+    write_json(pf, record)
     print(f"All {len(nbs)} notebooks ran in {record['seconds']:.0f} s. Outputs: {folder}", flush=True)
     summary = write_summary(folder, record)
     if summary:
@@ -231,6 +265,137 @@ def _run(args):
         print(f"Summary: {summary}\nReproduction report: {figures_dir(run_name) / '05_reproduction_report.md'}",
               flush=True)
     return 0
+
+
+class _Interrupted(KeyboardInterrupt):
+    """The runner was asked to stop (SIGTERM, SIGHUP, Ctrl-C)."""
+
+
+def _kernel_manager_class():
+    """A kernel manager that remembers its kernel's pid and how the kernel process ended."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class WatchedKernel(AsyncKernelManager):
+        pid = None
+        exit_code = None
+
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            await super()._async_launch_kernel(kernel_cmd, **kw)
+            WatchedKernel.pid = getattr(self.provisioner, "pid", None)
+
+        async def _async_is_alive(self):
+            proc = getattr(self.provisioner, "process", None)
+            if proc is not None and proc.poll() is not None:
+                WatchedKernel.exit_code = proc.returncode
+            return await super()._async_is_alive()
+
+    return WatchedKernel
+
+
+def _running_cell(path):
+    """``(index, first line)`` of the cell papermill marked as running in a partial output."""
+    try:
+        import nbformat
+
+        nb = nbformat.read(str(path), as_version=4)
+    except Exception:
+        return None, ""
+    # Cells run in order: the first code cell without a reply is the one the kernel died in
+    # (papermill saves the partial notebook now and then, so it may not show that it started).
+    for i, c in enumerate(nb.cells):
+        if c.cell_type == "code" and "shell.execute_reply" not in c.get("metadata", {}).get("execution", {}):
+            return i, (c.source.strip().splitlines() or [""])[0][:60]
+    return None, ""
+
+
+def _death_cause(code, folder):
+    """Words for how a kernel ended, with the likely cause and what to do."""
+    import shutil
+    import signal
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    low_disk = free is not None and free < 200 * 2 ** 20
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        cause = {"SIGKILL": "most often the out-of-memory killer: lower 'workers' or the batch sizes, or use a "
+                            "machine with more memory",
+                 "SIGBUS": "most often a full disk under a memory-mapped file: free space",
+                 "SIGSEGV": "a crash in native code (a damaged slide file?)"}.get(name, "")
+        what = f"killed by {name}" + (f", {cause}" if cause else "")
+    elif code is not None:
+        what = f"exited with code {code}"
+    else:
+        what = "died"
+    if low_disk:
+        what += f"; the disk holding {folder} has only {free / 2 ** 20:.0f} MB free"
+    return what
+
+
+def execute(nb, out_dir, parameters, folder, progress=True):
+    """Execute one notebook with papermill; return ``None``, or the one-line failure message.
+
+    The executed notebook is written under a temporary name and renamed into place only when it
+    finishes: a failed rerun keeps the last good executed notebook and writes its own as
+    ``<name>.failed.ipynb``. A killed kernel is reported with the cell it was running and the
+    likely cause; temporary files it left in the run folder are removed. SIGTERM or Ctrl-C stop
+    the kernel (and, with it, its worker processes) before the runner exits.
+    """
+    import signal
+
+    import papermill as pm
+    from nbclient.exceptions import DeadKernelError
+
+    out = out_dir / nb.name
+    tmp = out_dir / f".{Path(nb.name).stem}.running.ipynb"
+    failed = out_dir / f"{Path(nb.name).stem}.failed.ipynb"
+    km = _kernel_manager_class()
+
+    def stop(signum, frame):
+        raise _Interrupted(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    message = None
+    try:
+        pm.execute_notebook(str(nb), str(tmp), parameters=parameters, kernel_name="python3",
+                            cwd=str(NOTEBOOK_DIR), progress_bar=progress, kernel_manager_class=km,
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])   # no transport warnings
+        os.replace(tmp, out)
+        failed.unlink(missing_ok=True)
+        return None
+    except pm.PapermillExecutionError as exc:
+        message = (f"FAILED: {nb.name}, cell {exc.cell_index} (execution count {exc.exec_count}): "
+                   f"{exc.ename}: {exc.evalue} [the executed notebook, with the traceback: {failed}]")
+    except DeadKernelError:
+        idx, line = _running_cell(tmp)
+        where = f"cell {idx} ({line!r})" if idx is not None else "a cell"
+        message = (f"FAILED: {nb.name}, {where}: the notebook's kernel {_death_cause(km.exit_code, folder)}. "
+                   f"Finished results are kept: rerun to resume. Partial notebook: {failed}")
+    except KeyboardInterrupt as exc:
+        message = f"STOPPED ({exc or 'interrupted'}) during {nb.name}: rerun to resume. Partial notebook: {failed}"
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if message is not None:
+            _kill(km.pid)
+            if tmp.exists():
+                os.replace(tmp, failed)
+            for d, _, _ in os.walk(folder):        # symlinked inputs (sweeps) are not entered
+                remove_stale_temporaries(d)
+    return message
+
+
+def _kill(pid):
+    """Kill a kernel process that is still alive (its workers die with it)."""
+    import signal
+
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def write_summary(folder, record):
@@ -251,8 +416,40 @@ def write_summary(folder, record):
     return out
 
 
-#: Outputs of notebooks 02-04 that a sweep over later notebooks links from its base run.
-SHARED_OUTPUTS = ("extraction.json", "split.csv", "patch_counts.csv", "patches", "segmentation", "classification")
+def link_inputs(base, folder, nbs):
+    """Make the outputs of the notebooks *not* in ``nbs`` readable in ``folder`` from run ``base``.
+
+    Files and result folders are linked, never copied; the patch caches are linked one cache
+    folder at a time under real per-slide folders, so a cache an entry cuts itself (notebook
+    04 with another stride) lands in the entry's own folder. Nothing an entry runs writes into
+    ``base``: its own notebooks' outputs are never linked.
+
+    Raises:
+        InputError: ``base`` lacks an output that the entry needs.
+    """
+    running = {nb.name[:2] for nb in nbs}
+    first = min(running)
+    need = [n for nb, names in OUTPUTS.items() if nb < first for n in names if not n.endswith(".key.json")]
+    lacking = [n for n in need if not (base / n).exists()]
+    if lacking:
+        raise InputError(f"base_run {base.name!r} lacks {lacking}: run its notebooks first (python -m helpers.run "
+                         f"--run-name {base.name})")
+    for nb, names in OUTPUTS.items():
+        if nb in running:
+            continue
+        for n in names:
+            src, dst = base / n, folder / n
+            if src.exists() and not dst.exists() and not dst.is_symlink():
+                dst.symlink_to(src.resolve(), target_is_directory=src.is_dir())
+    if "02" not in running and (base / "patches").is_dir():
+        for case_dir in (base / "patches").iterdir():
+            if not case_dir.is_dir():
+                continue
+            own = folder / "patches" / case_dir.name
+            own.mkdir(parents=True, exist_ok=True)
+            for item in case_dir.iterdir():
+                if not item.name.startswith(".") and not (own / item.name).exists():
+                    (own / item.name).symlink_to(item.resolve(), target_is_directory=item.is_dir())
 
 
 def load_sweep(path):
@@ -280,8 +477,6 @@ def run_sweep(path, progress=True):
 
     Every entry's parameter names and types are checked before the first notebook runs.
     """
-    import os
-
     import pandas as pd
 
     spec = load_sweep(path)
@@ -290,12 +485,10 @@ def run_sweep(path, progress=True):
     only = [str(o).zfill(2) for o in spec.get("only", [])] or None
     nbs = notebooks(only)
     base = spec.get("base_run")
-    if base:
-        bdir = Path(os.environ.get("PAIP_REPRO_RUNS", REPO_ROOT / "runs")) / base
-        lacking = [n for n in SHARED_OUTPUTS if not (bdir / n).exists()]
-        if lacking:
-            raise InputError(f"base_run {base!r} lacks {lacking}: run it first (python -m helpers.run "
-                             f"--run-name {base})")
+    bdir = runs_root() / base if base else None
+    if base and not bdir.is_dir():
+        raise InputError(f"base_run {base!r}: no such run in {runs_root()}; run it first "
+                         f"(python -m helpers.run --run-name {base})")
     names = []
     for i, entry in enumerate(spec["entries"]):
         run_name = f"{spec['name']}-{i:02d}"
@@ -305,10 +498,7 @@ def run_sweep(path, progress=True):
     for run_name, entry in zip(names, spec["entries"]):
         folder = run_dir(run_name)
         if base:
-            for n in SHARED_OUTPUTS:
-                link = folder / n
-                if not link.exists():
-                    link.symlink_to((bdir / n).resolve(), target_is_directory=(bdir / n).is_dir())
+            link_inputs(bdir, folder, nbs)
         args = argparse.Namespace(profile=profile_name, param=[[k, yaml.safe_dump(v, default_flow_style=True).strip()]
                                                                for k, v in entry.items()],
                                   only=only, run_name=run_name, overwrite=True, list=False, no_progress=not progress)

@@ -17,17 +17,19 @@ Used by notebook 03 and ``bench/``.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from .augment import augment_batch
 from .errors import InputError, check_fraction, check_positive
-from .metrics import dice_jaccard, paip_score, soft_dice_loss
-from .patches import cache_folder, load_patch_set
-from .slides import Mask, box_reduce  # noqa: F401  (box_reduce re-exported for notebooks)
-from .train import load_trained  # noqa: F401  (notebooks 03 and 04 load checkpoints with it)
+from .caches import cache_folder, load_patch_set
+from .metrics import dice_jaccard, dice_jaccard_per_patch, paip_score, soft_dice_loss
+from .slides import Mask
+from .train import SeededPrepare
 from .unetpp import as_head_list, probabilities
 
 
@@ -68,12 +70,13 @@ class SegmentationPatches:
 
 
 def load_segmentation_patches(cases, cache_root, params, what="training"):
-    """Open the 1x patch caches of ``cases`` (written by notebook 02) as one dataset.
+    """Open the segmentation-scale patch caches of ``cases`` (written by notebook 02) as one dataset.
 
     Args:
-        cases: :class:`helpers.slides.Case` objects (one split).
+        cases: :class:`helpers.dataset.Case` objects (one split).
         cache_root: ``runs/<run>/patches``.
-        params: the :class:`helpers.patches.ExtractionParams` notebook 02 used.
+        params: the :class:`helpers.caches.ExtractionParams` notebook 02 used (its
+            ``mask_scale`` is the segmentation scale).
         what: the split's name, for messages.
 
     Raises:
@@ -82,11 +85,12 @@ def load_segmentation_patches(cases, cache_root, params, what="training"):
     """
     sets, ids, owner, local, frac = [], [], [], [], []
     col = f"{params.label_mask}_frac"
+    scale = params.mask_scale
     for case in cases:
-        folder, _ = cache_folder(cache_root, case, 1, params)
+        folder, _ = cache_folder(cache_root, case, scale, params)
         if not (folder / "meta.json").exists():
-            raise InputError(f"no 1x patch cache for {case.case_id} at {folder}: run notebook 02 "
-                             "(with scale 1 among its scales and the same parameters) first")
+            raise InputError(f"no {scale}x patch cache for {case.case_id} at {folder}: run notebook 02 "
+                             f"(with {scale} among its scales and the same parameters) first")
         ps = load_patch_set(folder)
         if ps.masks is None:
             raise InputError(f"{case.case_id}: its patch cache holds no masks (the slide has no "
@@ -98,7 +102,7 @@ def load_segmentation_patches(cases, cache_root, params, what="training"):
         local.append(kept["index"].to_numpy())
         frac.append(kept[col].to_numpy(np.float32))
     if not sets or sum(len(o) for o in owner) == 0:
-        raise InputError(f"the {what} split holds no tissue patch at scale 1; check the split and "
+        raise InputError(f"the {what} split holds no tissue patch at scale {scale}; check the split and "
                          "notebook 02's tissue_threshold")
     return SegmentationPatches(sets, ids, np.concatenate(owner), np.concatenate(local), np.concatenate(frac))
 
@@ -163,22 +167,22 @@ def segmentation_prepare(input_size, augment=True, color=0.0, seed=0):
     Moves a uint8 batch to the device, scales it to [0, 1], resizes it to ``input_size`` and,
     when training, augments images and masks with one geometry (on the device: a GPU does the
     augmentation too).
-    """
-    gens = {}
 
-    def prepare(x, m, device, train):
+    Returns:
+        A :class:`helpers.train.SeededPrepare`: its augmentation generator (seeded with
+        ``seed``) has ``state_dict()``/``load_state_dict()``, so ``fit`` checkpoints it and a
+        resumed run draws the same augmentations as an uninterrupted one.
+    """
+
+    def prepare(x, m, device, train, generator):
         x = x.to(device, non_blocking=True).float().div_(255)
         m = m.to(device, non_blocking=True).float()
         x, m = resize_pair(x, m, input_size)
         if train and augment:
-            g = gens.get(device)
-            if g is None:
-                g = gens[device] = torch.Generator(device=device)
-                g.manual_seed(seed)
-            x, m = augment_batch(x, generator=g, masks=m, color=color)
+            x, m = augment_batch(x, generator=generator(device), masks=m, color=color)
         return x, m
 
-    return prepare
+    return SeededPrepare(prepare, seed)
 
 
 def make_evaluator(data, input_size, max_patches=512, batch_size=32, per_image=False, seed=0):
@@ -262,15 +266,16 @@ def slide_metrics(pred, truth, coverage, patch_cells, empty=1.0, paip_threshold=
         pred: the binary prediction at the canvas's scale.
         truth: the binary ground truth at the same scale.
         coverage: patches covering each canvas cell (0 = not predicted: glass).
-        patch_cells: a patch's side in canvas cells (``patch_size // downsample``).
+        patch_cells: a patch's side in canvas cells.
         empty: the per-patch value when a patch has no tumour and none is predicted.
         paip_threshold: the PAIP 2019 cut-off under which a slide's Jaccard scores 0.
 
     Returns:
         A dict: ``dice_pooled``, ``jaccard_pooled`` (over every pixel of the slide, at the
-        canvas's scale), ``dice_patch``, ``jaccard_patch`` (mean over the predicted patches,
-        ``empty`` for empty-empty ones), ``n_patches``, ``n_empty_patches``, ``paip`` (the
-        pooled Jaccard, 0 below the cut-off) and the tumour areas in canvas cells.
+        canvas's scale), ``dice_patch``, ``jaccard_patch`` (mean over the predicted grid
+        cells of a patch's size, ``empty`` for empty-empty ones), ``n_patches``,
+        ``n_empty_patches``, ``paip`` (the pooled Jaccard, 0 below the cut-off) and the tumour
+        areas in canvas cells.
     """
     pred = np.asarray(pred).astype(bool)
     truth = np.asarray(truth).astype(bool)
@@ -284,89 +289,81 @@ def slide_metrics(pred, truth, coverage, patch_cells, empty=1.0, paip_threshold=
         return a[:h, :w].reshape(h // e, e, w // e, e).swapaxes(1, 2).reshape(-1, e * e)
 
     predicted = blocks(np.asarray(coverage) > 0).any(1)
-    pb, tb = blocks(pred)[predicted], blocks(truth)[predicted]
-    inter = (pb & tb).sum(1)
-    tot = pb.sum(1) + tb.sum(1)
-    is_empty = tot == 0
-    dp = np.where(is_empty, empty, 2 * inter / np.maximum(tot, 1))
-    jp = np.where(is_empty, empty, inter / np.maximum(tot - inter, 1))
-    n = int(predicted.sum())
-    return {"dice_pooled": d, "jaccard_pooled": j,
-            "dice_patch": float(dp.mean()) if n else float("nan"),
-            "jaccard_patch": float(jp.mean()) if n else float("nan"),
-            "n_patches": n, "n_empty_patches": int(is_empty.sum()),
-            "paip": paip_score(j, paip_threshold),
+    dp, jp, n_empty = dice_jaccard_per_patch(blocks(pred)[predicted], blocks(truth)[predicted], empty=empty)
+    return {"dice_pooled": d, "jaccard_pooled": j, "dice_patch": dp, "jaccard_patch": jp,
+            "n_patches": int(predicted.sum()), "n_empty_patches": n_empty, "paip": paip_score(j, paip_threshold),
             "pred_cells": int(pred.sum()), "true_cells": int(truth.sum())}
 
 
-def segment_cases(model, cases, out_folder, input_size, params, out_downsample=8, stride=None,
-                  threshold=0.5, batch_size=32, device=None, progress=True, log=print, tag=""):
+def segment_cases(model, cases, out_folder, input_size, params, weights, out_downsample=8, stride=None,
+                  threshold=0.5, batch_size=32, device=None, progress=True, log=print):
     """Whole-slide segmentation of ``cases``, with per-slide metrics where a mask exists.
 
-    Each slide is predicted by :func:`helpers.inference.predict_slide`, thresholded, and saved as
-    ``<out_folder>/<case>_pred.tif`` (plus the probability canvas ``<case>_prob.npy``), both
-    atomically. A slide whose files exist for the same ``tag`` (e.g. the checkpoint's epoch
-    and the inference settings) is not predicted again, so an interrupted run resumes.
+    Each slide is predicted by :func:`helpers.inference.predict_slide` at the segmentation
+    scale (``params.mask_scale``), thresholded, and saved as ``<out_folder>/<case>_pred.tif``
+    (plus the probability canvas ``<case>_prob.npy`` and coverage ``<case>_cov.npy``), all
+    atomically. Each slide's files carry a provenance key (:mod:`helpers.provenance`): the
+    slide's content, the model's weights and every inference setting. A slide whose files hold
+    the same key is not predicted again (an interrupted run resumes); any other key (new
+    weights, another stride ...) predicts it anew.
 
     Args:
         model: the trained network.
-        cases: :class:`helpers.slides.Case` objects.
+        cases: :class:`helpers.dataset.Case` objects.
         out_folder: where the masks go.
         input_size: the network's input side.
-        params: the run's :class:`helpers.patches.ExtractionParams` (patch size, glass test,
-            which mask is the ground truth).
+        params: the run's :class:`helpers.caches.ExtractionParams` (patch size, segmentation
+            scale, tissue test, which mask is the ground truth).
+        weights: what identifies the weights (e.g. the SHA-256 of ``best.pt``).
         out_downsample: the canvas's downscale (the masks' and the metrics' resolution).
-        stride: the inference grid step (default: ``params.patch_size``, no overlap).
+        stride: the inference grid step at the segmentation scale (default: the patch size).
         threshold: probability above which a canvas cell is tumour.
-        tag: identifies the model and settings; files made under another tag are redone.
 
     Returns:
         ``(table, canvases)``: a DataFrame with one row per case (metrics NaN where the case
-        has no mask) and ``{case_id: {"prob", "pred", "truth" or None}}``.
+        has no mask) and ``{case_id: {"prob", "pred", "truth" or None, "coverage"}}``.
     """
-    import json
     import warnings
-    from pathlib import Path
 
-    import pandas as pd
-
-    from .atomic import atomic_path, write_json
+    from .atomic import atomic_path
     from .inference import predict_slide, save_mask_tiff
+    from .provenance import file_fingerprint, read_stamp, write_stamp
     from .slides import Slide
 
     check_fraction("threshold", threshold)
     out = Path(out_folder)
     out.mkdir(parents=True, exist_ok=True)
-    P = params.patch_size
+    P, scale = params.patch_size, params.mask_scale
     stride = stride or P
-    settings = {"tag": tag, "input_size": input_size, "out_downsample": out_downsample, "stride": stride,
-                "patch_size": P, "glass_level": params.glass_level, "tissue_threshold": params.tissue_threshold}
     rows, canvases = [], {}
     for case in cases:
-        stamp = out / f"{case.case_id}_prob.json"
         prob_path = out / f"{case.case_id}_prob.npy"
+        key = {"slide": file_fingerprint(case.slide), "weights": weights, "input_size": input_size,
+               "out_downsample": out_downsample, "stride": stride, "scale": scale, "patch_size": P,
+               "tissue": {k: getattr(params, k) for k in ("tissue_method", "glass_level", "tissue_threshold",
+                                                           "tissue_subsample")}}
         with Slide(case.slide) as s:
             dims = s.dimensions
-        if stamp.exists() and prob_path.exists() and json.loads(stamp.read_text()).get("settings") == settings:
-            info = json.loads(stamp.read_text())
+        info = read_stamp(prob_path)
+        if info is not None and info.get("key") == key and prob_path.exists():
             prob = np.load(prob_path)
             cov = np.load(out / f"{case.case_id}_cov.npy")
-            log(f"{case.case_id}: reusing the prediction made earlier with the same model and settings")
+            log(f"{case.case_id}: reusing its prediction (same slide, weights and settings)")
         else:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 res = predict_slide(model, case.slide, probabilities, out_downsample=out_downsample, stride=stride,
                                     patch_size=P, batch_size=batch_size, device=device, tissue=params,
-                                    progress=progress, input_size=input_size)
+                                    progress=progress, input_size=input_size, scale=scale)
             for w in caught:
                 log(f"{case.case_id}: {w.message}")
             prob, cov = res["prob"], res["coverage"]
-            info = {"settings": settings, "n_patches": res["n_patches"], "seconds": round(res["seconds"], 2)}
-            for name, arr in (("prob", prob), ("cov", cov)):
+            info = {"key": key, "n_patches": res["n_patches"], "seconds": round(res["seconds"], 2)}
+            for name, arr in (("cov", cov), ("prob", prob)):
                 with atomic_path(out / f"{case.case_id}_{name}.npy", suffix=".npy") as tmp:
                     np.save(tmp, arr)
             save_mask_tiff(out / f"{case.case_id}_pred.tif", prob > threshold, out_downsample)
-            write_json(stamp, info)
+            write_stamp(prob_path, info)
         pred = prob > threshold
         mask_path = case.mask_path(params.label_mask)
         row = {"case_id": case.case_id, "n_patches": info["n_patches"], "seconds": info["seconds"]}
@@ -375,7 +372,167 @@ def segment_cases(model, cases, out_folder, input_size, params, out_downsample=8
             log(f"{case.case_id}: no {params.label_mask} mask, so no metrics (the prediction is saved)")
         else:
             truth = mask_fraction_map(mask_path, dims, out_downsample) > 0.5
-            row.update(slide_metrics(pred, truth, cov, P // out_downsample))
+            row.update(slide_metrics(pred, truth, cov, P * scale // out_downsample))
         rows.append(row)
         canvases[case.case_id] = {"prob": prob, "pred": pred, "truth": truth, "coverage": cov}
     return pd.DataFrame(rows), canvases
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 03's plan: train on this run's slides, or apply an earlier run's model
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SegmentationPlan:
+    """What notebook 03 does with a run.
+
+    Attributes:
+        mode: ``train`` (train on this run's split, segment its test slides) or ``apply``
+            (segment every slide with the model of ``source``).
+        train, val: the training and validation slides (with masks), in ``train`` mode.
+        targets: the slides to segment.
+        source: the folder of the checkpoint to segment with.
+        models_from: the run whose model is applied (``apply`` mode).
+    """
+
+    mode: str
+    train: list
+    val: list
+    targets: list
+    source: object
+    models_from: str = ""
+
+    def describe(self):
+        """One line for the notebook."""
+        if self.mode == "apply":
+            return (f"applying the UNet++ of run {self.models_from!r} to all {len(self.targets)} slides "
+                    "(no training here)")
+        return (f"training on {len(self.train)} slides with masks, validating on {len(self.val)}, "
+                f"segmenting the {len(self.targets)} test slides")
+
+
+def segmentation_plan(run, models_from=""):
+    """Decide what notebook 03 can do with ``run``, or stop with one message saying why not.
+
+    Args:
+        run: the :class:`helpers.notebook.Run`.
+        models_from: a run name whose trained UNet++ to apply to every slide instead of training.
+
+    Raises:
+        InputError: ``models_from`` has no trained model; or, to train, the training or
+            validation split has no slide with a mask, or no training patch holds tumour.
+    """
+    from .caches import cache_folder
+    from .paths import runs_root
+
+    if models_from:
+        src = runs_root() / models_from / "segmentation"
+        if not (src / "best.pt").exists():
+            raise InputError(f"parameter 'models_from': run {models_from!r} has no trained UNet++ ({src / 'best.pt'}); "
+                             "run its notebook 03 first, or name another run")
+        return SegmentationPlan("apply", [], [], list(run.cases.values()), src, models_from)
+    kind = run.params.label_mask
+    fix = ("add the slides' masks, or set models_from to an earlier run whose model to apply "
+           "(README, 'Applying trained models')")
+    split = {s: [c for c in run.by_split[s] if c.mask_path(kind) is not None] for s in ("train", "val")}
+    for s, what in (("train", "training"), ("val", "validation")):
+        if not split[s]:
+            raise InputError(f"no slide of the {what} split ({len(run.by_split[s])} slides) has a {kind} mask, so "
+                             f"segmentation cannot be trained here: {fix}")
+    with_tumour = 0
+    for c in split["train"]:
+        folder, _ = cache_folder(run.cache_root, c, run.params.mask_scale, run.params)
+        if (folder / "table.csv").exists():
+            t = pd.read_csv(folder / "table.csv", usecols=["kept", f"{kind}_frac"])
+            with_tumour += int(((t[f"{kind}_frac"] >= 0.05) & t["kept"]).sum())
+    if not with_tumour:
+        raise InputError(f"no training patch at {run.params.mask_scale}x holds tumour (the {len(split['train'])} "
+                         f"training slides' {kind} masks are empty, or their slides too small for a patch): "
+                         f"segmentation has nothing to learn. {fix[0].upper() + fix[1:]}")
+    return SegmentationPlan("train", split["train"], split["val"], list(run.by_split["test"]),
+                            run.folder / "segmentation")
+
+
+def train_segmenter(run, plan, out_dir, gpus=1, config=None, **settings):
+    """Train notebook 03's UNet++ (resuming from ``last.pt``) as a :mod:`helpers.jobs` job.
+
+    On one device it trains in this process; with ``gpus`` > 1 and that many GPUs, with DDP
+    (a torchrun subprocess). The checkpoint's ``meta`` records the network's settings and the
+    data it was trained on (the split's key and every training and validation cache's key), so
+    a rerun on other patches is refused instead of resumed.
+
+    Args:
+        run, plan: as from :func:`helpers.notebook.load_run` and :func:`segmentation_plan`.
+        out_dir: the checkpoints' folder.
+        gpus: GPUs for DDP.
+        config: :class:`helpers.train.TrainConfig` fields.
+        settings: the :class:`helpers.jobs.SegmentationJob` fields (``variant``,
+            ``input_size``, ``batch_size``, ``steps``, ...; ``weights_path`` "" = none).
+
+    Returns:
+        The history DataFrame.
+    """
+    from dataclasses import asdict
+
+    from .jobs import SegmentationJob, run_distributed, run_job
+
+    settings = dict(settings)
+    settings["weights_path"] = settings.get("weights_path") or None
+    scale = run.params.mask_scale
+    meta = {"variant": settings.get("variant", "paper"), "input_size": settings.get("input_size"),
+            "patch_size": run.params.patch_size, "scale": scale, "label_mask": run.params.label_mask,
+            **{k: settings.get(k) for k in ("pretrained", "weights_path", "batch_size", "steps", "tumour_share",
+                                            "color_jitter", "dice_per_image", "bn_batches")},
+            "data": {"split": run.split_key,
+                     "caches": {s: run.data_key(scale, (s,))["caches"][s] for s in ("train", "val")}}}
+    job = SegmentationJob(params=asdict(run.params), cache_root=str(run.cache_root), data_dir=str(run.data_dir),
+                          train_cases=[c.case_id for c in plan.train], val_cases=[c.case_id for c in plan.val],
+                          out_dir=str(out_dir), config=dict(config or {}), meta=meta, progress=True, **settings)
+    import torch
+
+    if gpus > 1 and torch.cuda.device_count() >= gpus:
+        return run_distributed([job], gpus)[0]
+    return run_job(job)
+
+
+def trained_segmenter(folder):
+    """The UNet++ of ``<folder>/best.pt`` with its settings (``meta``) and the file's SHA-256."""
+    from .provenance import file_sha256
+    from .train import load_checkpoint
+    from .unetpp import build_segmenter
+
+    ck_path = Path(folder) / "best.pt"
+    ck = load_checkpoint(ck_path)
+    meta = (ck.get("identity") or {}).get("meta", {})
+    model = build_segmenter(meta.get("variant", "paper"))
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as exc:
+        raise InputError(f"{ck_path}: its weights do not fit the UNet++ it names ({str(exc)[:160]})") from None
+    return model, meta, ck_path, file_sha256(ck_path)
+
+
+def segment_with(run, plan, out_dir, device=None, out_downsample=8, stride=0, threshold=0.5, batch_size=32):
+    """Segment the plan's slides with its trained model; write ``metrics.csv`` with its key.
+
+    The patch size, segmentation scale and input size are the model's (as trained); the tissue
+    test is this run's. Returns :func:`segment_cases`'s ``(table, canvases)``.
+    """
+    from dataclasses import replace
+
+    from .atomic import atomic_path
+    from .provenance import write_stamp
+
+    model, meta, ck_path, weights = trained_segmenter(plan.source)
+    params = replace(run.params, patch_size=int(meta["patch_size"]), mask_scale=int(meta["scale"]))
+    model.to(device or torch.device("cpu"))
+    table, canvases = segment_cases(model, plan.targets, out_dir, int(meta["input_size"]), params, weights,
+                                    out_downsample=out_downsample, stride=stride or None, threshold=threshold,
+                                    batch_size=batch_size, device=device)
+    path = Path(out_dir) / "metrics.csv"
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+    write_stamp(path, {"extraction": run.extraction_key, "split": run.split_key, "weights": weights,
+                       "models_from": plan.models_from, "slides": [c.case_id for c in plan.targets],
+                       "out_downsample": out_downsample, "stride": stride, "threshold": threshold})
+    return table, canvases

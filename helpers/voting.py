@@ -130,17 +130,174 @@ def provenance(pred, votes, final):
     return p[cols].sort_values(["unit", "model", "scale", "y", "x"]).reset_index(drop=True)
 
 
-def check_predictions(pred, models, scales, test_cases):
-    """Name what is missing from notebook 04's predictions before voting.
+def load_predictions(run, models, scales):
+    """Notebook 04's patch predictions for voting, checked to come from this run's data.
+
+    Args:
+        run: the :class:`helpers.notebook.Run`.
+        models, scales: the classifiers whose votes count.
+
+    Returns:
+        ``(pred, info)``: the prediction table of those classifiers, and a dict with
+        ``slides`` (how many slides notebook 04 predicted), ``skipped`` (``{classifier: why}``
+        for the requested classifiers without predictions) and ``key`` (the table's
+        provenance).
 
     Raises:
-        InputError: the table is empty, or a (model, scale) that notebook 04 was to train has
-            no prediction (with the notebook to rerun), or the test split is empty.
+        InputError: no predictions (run notebook 04), predictions made from other caches, another
+            split or other weights (rerun notebook 04), or none of the requested classifiers has
+            any (with notebook 04's reasons).
     """
-    if not test_cases:
-        raise InputError("the test split is empty: notebook 02's split_fractions leave no test slide")
-    if pred is None or not len(pred):
-        raise InputError("no patch predictions: run notebook 04 (python -m helpers.run --only 04)")
-    have = set(zip(pred["model"], pred["scale"]))
-    missing = [f"{m} at {s}x" for m in models for s in scales if (m, s) not in have]
-    return missing
+    from .provenance import file_sha256, read_stamp
+    from .paths import runs_root
+
+    path = run.folder / "classification" / "predictions.csv"
+    fix = f"rerun notebook 04 (python -m helpers.run --only 04 --run-name {run.name})"
+    if not path.exists():
+        raise InputError(f"{path}: not found; {fix}")
+    key = read_stamp(path)
+    if key is None:
+        raise InputError(f"{path} has no provenance record (made by an older version, or interrupted); {fix}")
+    if key.get("extraction") != run.extraction_key or key.get("split") != run.split_key:
+        raise InputError(f"{path} was made from other patch caches or another split (notebook 02 ran again "
+                         f"since); {fix}")
+    for name, c in key.get("classifiers", {}).items():
+        ck = runs_root() / c["checkpoint"]
+        if ck.exists() and file_sha256(ck) != c["weights"]:
+            raise InputError(f"{path}: the predictions of {name} come from other weights than {ck} (retrained "
+                             f"since); {fix}")
+    pred = pd.read_csv(path, dtype={"case_id": str})
+    want = [f"{m}_x{s}" for m in models for s in scales]
+    skipped = {k: key.get("skipped", {}).get(k, "no prediction in notebook 04's table (not trained there)")
+               for k in want if k not in key.get("classifiers", {})}
+    pred = pred[pred.model.isin(models) & pred.scale.isin(scales)].copy()
+    if not len(pred):
+        reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "its table is empty"
+        raise InputError(f"nothing to vote on: notebook 04 gave no prediction of {models} at {scales}x ({reasons})")
+    return pred, {"slides": len(key.get("slides", [])), "skipped": skipped, "key": key}
+
+
+def region_labels(run, case_ids, region_size, min_tumour=0.5):
+    """True labels of the regions of ``case_ids`` from their masks (slides without one are left
+    out), indexed by unit (see :func:`region_truth`)."""
+    from .segmentation import mask_fraction_map
+    from .slides import Slide
+
+    cell = 64
+    while region_size % cell:
+        cell //= 2
+    out = []
+    for cid in case_ids:
+        case = run.cases[cid]
+        mp = case.mask_path(run.params.label_mask)
+        if mp is None:
+            continue
+        with Slide(case.slide, verify=False) as s:
+            frac = mask_fraction_map(mp, s.dimensions, cell)
+        out.append(region_truth(frac, cell, region_size, cid, min_tumour))
+    if not out:
+        return pd.DataFrame(columns=["tumour_fraction", "label"])
+    return pd.concat(out).set_index("unit")
+
+
+def segmentation_opinion(run, case_ids, threshold=0.5, area_threshold=0.01):
+    """Per slide segmented by notebook 03 (with this run's split and caches): the predicted
+    tumour's share of the slide's tissue, and whether that calls the slide tumour."""
+    from .provenance import read_stamp
+
+    seg = run.folder / "segmentation"
+    key = read_stamp(seg / "metrics.csv")
+    rows = []
+    if key is None or key.get("split") != run.split_key or key.get("extraction") != run.extraction_key:
+        return pd.DataFrame(rows)
+    for cid in case_ids:
+        prob_f, cov_f = seg / f"{cid}_prob.npy", seg / f"{cid}_cov.npy"
+        if not prob_f.exists():
+            continue
+        prob, cov = np.load(prob_f), np.load(cov_f)
+        area = float((prob > threshold).sum() / max(1, (cov > 0).sum()))
+        rows.append({"slide": cid, "truth": run.split.set_index("case_id").label.get(cid),
+                     "segmentation area": area, "segmentation says": int(area >= area_threshold)})
+    return pd.DataFrame(rows).set_index("slide") if rows else pd.DataFrame(rows)
+
+
+def save_voting(run, prov, votes, slides):
+    """Write ``voting/provenance.csv``, ``votes.csv`` and ``slides.csv``, atomically."""
+    from .atomic import atomic_path
+
+    folder = run.folder / "voting"
+    for name, table, index in (("provenance", prov, False), ("votes", votes, False), ("slides", slides, True)):
+        with atomic_path(folder / f"{name}.csv") as tmp:
+            table.to_csv(tmp, index=index)
+    return folder
+
+
+#: The paper's Table 1 (patch accuracy, %), by model and scale.
+PAPER_TABLE1 = {("efficientnet_b0", 4): 96.2, ("efficientnet_b0", 16): 92.8, ("efficientnet_b0", 64): 89.21,
+                ("resnet50", 4): 93.31, ("resnet50", 16): 89.8, ("resnet50", 64): 86.21}
+
+
+def reproduction_report(run, final, reg_final, region_size, region_min_tumour, tie, pred_info):
+    """Every number the paper reports beside this run's; written to ``report.json`` and
+    ``figures/05_reproduction_report.md`` of the run.
+
+    Args:
+        run: the :class:`helpers.notebook.Run`.
+        final: the slide votes (``final`` and ``truth`` columns).
+        reg_final: the region votes with their ``label``, or ``None``.
+        region_size, region_min_tumour, tie: the voting parameters (recorded).
+        pred_info: :func:`load_predictions`'s info (its provenance is recorded).
+
+    Returns:
+        A DataFrame ``quantity, paper, ours, convention``.
+    """
+    from .atomic import atomic_path, write_json
+    from .paths import figures_dir
+    from .provenance import read_stamp
+
+    rows = []
+
+    def add(what, paper, ours, convention):
+        ok = ours is not None and not (isinstance(ours, float) and np.isnan(ours))
+        rows.append({"quantity": what, "paper": paper, "ours": ours if ok else None, "convention": convention})
+
+    seg = run.folder / "segmentation" / "metrics.csv"
+    seg_key = read_stamp(seg)
+    m = pd.read_csv(seg) if seg_key is not None and seg_key.get("split") == run.split_key else pd.DataFrame()
+    tum = m[m["true_cells"] > 0] if "true_cells" in m else m.iloc[:0]
+    for name, col, paper, conv in (("Dice (segmentation)", "dice_pooled", 0.69, "pooled per slide, mean over test slides with tumour"),
+                                   ("Jaccard (segmentation)", "jaccard_pooled", 0.68, "pooled per slide, mean over test slides with tumour"),
+                                   ("Dice, per patch", "dice_patch", None, "mean over patches, empty = 1"),
+                                   ("Jaccard, per patch", "jaccard_patch", None, "mean over patches, empty = 1"),
+                                   ("PAIP 2019 score", "paip", None, "pooled Jaccard, 0 below 0.65")):
+        add(name, paper, round(float(tum[col].mean()), 3) if len(tum) else None, conv)
+    t1 = run.folder / "classification" / "table1.csv"
+    t1 = pd.read_csv(t1) if t1.exists() else pd.DataFrame(columns=["model", "scale", "acc %"])
+    for (model, scale), paper in PAPER_TABLE1.items():
+        r = t1[(t1.model == model) & (t1.scale == f"{scale}x")]
+        acc = float(r["acc %"].iloc[0]) / 100 if len(r) and pd.notna(r["acc %"].iloc[0]) else None
+        add(f"patch accuracy {model} {scale}x", round(paper / 100, 4), None if acc is None else round(acc, 3),
+            "test patches, threshold 0.5")
+    lab = final.dropna(subset=["truth"])
+    add("slides classified correctly", "9 of 9",
+        f"{int((lab['final'] == lab['truth']).sum())} of {len(lab)}" if len(lab) else None,
+        f"majority of the classifiers' majority votes, tie = {tie}")
+    if reg_final is not None and len(reg_final):
+        add(f"regions classified correctly ({region_size} px)", None,
+            f"{int((reg_final['final'] == reg_final['label']).sum())} of {len(reg_final)}",
+            f"region truth: tumour share >= {region_min_tumour}")
+    report = pd.DataFrame(rows)
+    md = [f"# Reproduction report: run `{run.name}`", "",
+          "Generated by notebook 05 from this run's outputs; the paper's numbers are from its text "
+          "(Table 1, section 4).", "", "| quantity | paper | ours | convention |", "| --- | --- | --- | --- |"]
+    md += [f"| {r['quantity']} | {'-' if r['paper'] is None else r['paper']} | "
+           f"{'n/a' if r['ours'] is None else r['ours']} | {r['convention']} |" for r in rows]
+    if pred_info["skipped"]:
+        md += ["", "Not available in this run: " + "; ".join(f"{k} ({v})" for k, v in pred_info["skipped"].items())]
+    with atomic_path(figures_dir(run.name) / "05_reproduction_report.md") as tmp:
+        tmp.write_text("\n".join(md) + "\n")
+    write_json(run.folder / "report.json", {"run_name": run.name, "rows": rows,
+                                            "missing": list(pred_info["skipped"]),
+                                            "inputs": {"extraction": run.extraction_key, "split": run.split_key,
+                                                       "predictions": pred_info["key"], "segmentation": seg_key}})
+    return report

@@ -31,10 +31,12 @@ def test_profiles_only_name_declared_parameters():
         if prof == "paper":
             with pytest.raises(InputError, match="data_dir"):
                 runner.resolve_parameters(p, {}, nbs)
-            merged, per = runner.resolve_parameters(p, {"data_dir": "/somewhere"}, nbs)
+            merged, per = runner.resolve_parameters(p, {"data_dir": "/somewhere"}, nbs, check_files=False)
+            with pytest.raises(InputError, match="'data_dir': /somewhere is no such folder"):
+                runner.resolve_parameters(p, {"data_dir": "/somewhere"}, nbs)
         else:
             merged, per = runner.resolve_parameters(p, {}, nbs)
-        assert merged["patch_size"] == 224
+        assert merged["patch_size"] == {"demo": 64, "paper": 224}[prof]
 
 
 def test_unknown_parameter_and_wrong_type_are_refused():
@@ -56,22 +58,25 @@ def test_cli_exit_codes(capsys):
 
 
 def test_run_folder_refuses_to_mix(tmp_path):
-    (tmp_path / "params.json").write_text(json.dumps({"parameters": {"seed": 1, "workers": 2}}))
-    runner.check_run_folder(tmp_path, {"seed": 1, "workers": 1})  # workers may differ
+    done = {"02_x.ipynb": {"parameters": {"seed": 1, "workers": 2}}}
+    (tmp_path / "params.json").write_text(json.dumps({"finished_notebooks": done}))
+    runner.check_run_folder(tmp_path, {"02_x.ipynb": {"seed": 1, "workers": 1}})  # workers may differ
     with pytest.raises(InputError, match="seed"):
-        runner.check_run_folder(tmp_path, {"seed": 2, "workers": 2})
-    runner.check_run_folder(tmp_path, {"seed": 2}, overwrite=True)
+        runner.check_run_folder(tmp_path, {"02_x.ipynb": {"seed": 2, "workers": 2}})
+    runner.check_run_folder(tmp_path, {"02_x.ipynb": {"seed": 2}}, overwrite=True)
+    # A notebook that never finished in this folder constrains nothing.
+    runner.check_run_folder(tmp_path, {"03_y.ipynb": {"seed": 2}})
 
 
-def test_failing_notebook_is_named_with_its_cell(tmp_path, monkeypatch, capsys):
+def _fake_series(tmp_path, monkeypatch, body):
+    """A one-notebook series whose second cell runs ``body`` (parameters: run_name, seed, mode)."""
+    from helpers.params import SPECS, Spec
+
     nbdir = tmp_path / "notebooks"
     nbdir.mkdir()
     cells = [nbformat.v4.new_markdown_cell("# 01 - t"),
-             nbformat.v4.new_code_cell("run_name = 'demo'\nseed = 1\nboom = False"),
-             nbformat.v4.new_code_cell(textwrap.dedent("""
-                 if boom:
-                     raise ValueError("the cell that fails")
-                 print('fine')"""))]
+             nbformat.v4.new_code_cell("run_name = 'demo'\nseed = 1\nmode = 'fine'"),
+             nbformat.v4.new_code_cell(textwrap.dedent(body))]
     cells[1].metadata["tags"] = ["parameters"]
     nb = nbformat.v4.new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -81,10 +86,78 @@ def test_failing_notebook_is_named_with_its_cell(tmp_path, monkeypatch, capsys):
     (profdir / "demo.yaml").write_text("parameters: {seed: 1}\n")
     monkeypatch.setattr(runner, "NOTEBOOK_DIR", nbdir)
     monkeypatch.setattr(runner, "PROFILE_DIR", profdir)
+    monkeypatch.setitem(SPECS, "mode", Spec("str", choices=("fine", "boom", "oom")))
     monkeypatch.setenv("PAIP_REPRO_RUNS", str(tmp_path / "runs"))
-    assert runner.main(["--no-progress", "--run-name", "ok"]) == 0
-    rec = json.loads((tmp_path / "runs" / "ok" / "params.json").read_text())
+    return tmp_path / "runs"
+
+
+def test_failing_notebook_is_named_and_the_good_one_kept(tmp_path, monkeypatch, capsys):
+    runs = _fake_series(tmp_path, monkeypatch, """
+        if mode == "boom":
+            raise ValueError("the cell that fails")
+        print('fine')""")
+    assert runner.main(["--no-progress", "--run-name", "r"]) == 0
+    rec = json.loads((runs / "r" / "params.json").read_text())
     assert rec["parameters"]["seed"] == 1 and "finished" in rec
-    assert runner.main(["--no-progress", "--run-name", "bad", "-p", "boom", "true"]) == 1
+    assert rec["finished_notebooks"]["01_t.ipynb"]["parameters"]["mode"] == "fine"
+    good = (runs / "r" / "notebooks" / "01_t.ipynb").read_text()
+    # A failing rerun with --overwrite: named with its cell, the good executed notebook kept.
+    assert runner.main(["--no-progress", "--run-name", "r", "--overwrite", "-p", "mode", "boom"]) == 1
     err = capsys.readouterr().err
-    assert "FAILED: 01_t.ipynb, cell 3" in err and "the cell that fails" in err
+    assert "FAILED: 01_t.ipynb, cell 3" in err and "the cell that fails" in err and "01_t.failed.ipynb" in err
+    assert (runs / "r" / "notebooks" / "01_t.ipynb").read_text() == good
+    assert (runs / "r" / "notebooks" / "01_t.failed.ipynb").exists()
+    # A refused value never reaches params.json; the failed run did not mark 01 as finished.
+    assert runner.main(["--no-progress", "--run-name", "r", "-p", "mode", "nonsense"]) == 2
+    assert "must be one of" in capsys.readouterr().err
+    rec = json.loads((runs / "r" / "params.json").read_text())
+    assert "01_t.ipynb" not in rec["finished_notebooks"]
+    # So the corrected rerun is compared with nothing stale and runs.
+    assert runner.main(["--no-progress", "--run-name", "r"]) == 0
+    assert not (runs / "r" / "notebooks" / "01_t.failed.ipynb").exists()
+
+
+def test_a_killed_kernel_is_one_line_with_the_cell_and_the_cause(tmp_path, monkeypatch, capsys):
+    runs = _fake_series(tmp_path, monkeypatch, """
+        import os, signal
+        from helpers.paths import run_dir
+        (run_dir(run_name) / ".half.npy.tmp").write_bytes(b"x")   # what a killed writer leaves
+        if mode == "oom":
+            os.kill(os.getpid(), signal.SIGKILL)""")
+    import time
+
+    t0 = time.monotonic()
+    assert runner.main(["--no-progress", "--run-name", "k", "-p", "mode", "oom"]) == 1
+    assert time.monotonic() - t0 < 60
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "FAILED: 01_t.ipynb, cell 3" in err and "killed by SIGKILL" in err and "out-of-memory" in err
+    assert not list((runs / "k").glob(".*tmp*"))
+
+
+def test_a_sweep_entry_never_writes_into_its_base_run(tmp_path):
+    base, entry = tmp_path / "base", tmp_path / "entry"
+    for f in ("extraction.json", "split.csv", "patch_counts.csv"):
+        (base / f).parent.mkdir(parents=True, exist_ok=True)
+        (base / f).write_text("x")
+    (base / "segmentation").mkdir()
+    (base / "classification" / "efficientnet_b0_x4").mkdir(parents=True)
+    (base / "patches" / "s1" / "x4_aaa").mkdir(parents=True)
+    (base / "patches" / "s1" / "x4_aaa" / "meta.json").write_text("{}")
+    (base / "patches" / "s1" / "viable_counts.npy").write_text("x")
+    entry.mkdir()
+    nbs = [p for p in runner.notebooks() if p.name[:2] in ("04", "05")]
+    runner.link_inputs(base, entry, nbs)
+    assert (entry / "segmentation").is_symlink() and (entry / "split.csv").is_symlink()
+    assert not (entry / "classification").exists(), "notebook 04's own output must not be linked"
+    assert (entry / "patches" / "s1").is_dir() and not (entry / "patches" / "s1").is_symlink()
+    assert (entry / "patches" / "s1" / "x4_aaa").is_symlink()
+    # What the entry computes lands in its own folders.
+    (entry / "classification" / "efficientnet_b0_x1").mkdir(parents=True)
+    (entry / "patches" / "s1" / "x1_bbb").mkdir()
+    assert sorted(p.name for p in (base / "classification").iterdir()) == ["efficientnet_b0_x4"]
+    assert sorted(p.name for p in (base / "patches" / "s1").iterdir()) == ["viable_counts.npy", "x4_aaa"]
+    # A base run without notebook 03's outputs cannot serve an entry that starts at 04.
+    (base / "segmentation").rmdir()
+    with pytest.raises(InputError, match="base_run 'base' lacks \\['segmentation'\\]"):
+        runner.link_inputs(base, tmp_path / "entry2", nbs)

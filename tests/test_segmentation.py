@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from helpers.errors import InputError
-from helpers.patches import (ExtractionParams, extract_dataset, load_extraction_record,
-                             save_extraction_record)
-from helpers.segmentation import (load_segmentation_patches, load_trained, make_evaluator, mask_fraction_map,
-                                  segment_cases, segmentation_batches, segmentation_prepare, slide_metrics)
-from helpers.slides import Mask, Slide, list_cases
-from helpers.train import TrainConfig, fit
+from helpers.caches import ExtractionParams, load_extraction_record, save_extraction_record
+from helpers.dataset import Case, list_cases
+from helpers.patches import extract_dataset
+from helpers.segmentation import (load_segmentation_patches, make_evaluator, mask_fraction_map, segment_cases,
+                                  segmentation_batches, segmentation_prepare, slide_metrics)
+from helpers.slides import Mask, Slide
+from helpers.train import TrainConfig, fit, load_trained
 
 from conftest import write_tiff_mask
 from test_inference import Purple
@@ -26,18 +27,28 @@ def seg_run(small_dataset, tmp_path_factory):
     params = ExtractionParams()
     cases = list_cases(small_dataset)
     extract_dataset(cases, [1], run / "patches", params, workers=1, progress=False)
-    save_extraction_record(run, small_dataset, [1], params)
+    save_extraction_record(run, small_dataset, [1], params, cases)
     return run, cases, params
 
 
 def test_extraction_record_round_trip_and_errors(seg_run, small_dataset, tmp_path):
-    run, _, params = seg_run
-    folder, scales, p = load_extraction_record(run, small_dataset)
-    assert folder == small_dataset.resolve() and scales == [1] and p == params
+    import shutil
+
+    run, cases, params = seg_run
+    rec = load_extraction_record(run, small_dataset)
+    assert rec["data_dir"] == small_dataset.resolve() and rec["scales"] == [1] and rec["params"] == params
+    assert set(rec["caches"][1]) == {c.case_id for c in cases} and all(rec["caches"][1].values())
     with pytest.raises(InputError, match="run notebook 02"):
         load_extraction_record(tmp_path)
-    with pytest.raises(InputError, match="extracted its patches from"):
-        load_extraction_record(run, tmp_path)
+    # Other slides: refused. The same slides in another folder (a moved dataset): accepted.
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(small_dataset / "tiny_t1.svs", other / "tiny_t1.svs")
+    with pytest.raises(InputError, match="extracted its patches from the slides of"):
+        load_extraction_record(run, other)
+    moved = tmp_path / "moved"
+    shutil.copytree(small_dataset, moved)
+    assert load_extraction_record(run, moved)["data_dir"] == moved.resolve()
 
 
 def test_patches_of_a_split_and_their_tumour_fractions(seg_run):
@@ -59,10 +70,12 @@ def test_missing_cache_and_missing_masks_are_named(seg_run, tmp_path):
     run, cases, params = seg_run
     with pytest.raises(InputError, match="run notebook 02"):
         load_segmentation_patches(cases, tmp_path, params)
-    no_masks = ExtractionParams(store_masks=False)
-    extract_dataset(cases[:1], [1], tmp_path / "p", no_masks, workers=1, progress=False)
+    from dataclasses import replace
+
+    unmasked = [replace(cases[0], whole=None, viable=None)]
+    extract_dataset(unmasked, [1], tmp_path / "p", params, workers=1, progress=False)
     with pytest.raises(InputError, match="holds no masks"):
-        load_segmentation_patches(cases[:1], tmp_path / "p", no_masks)
+        load_segmentation_patches(unmasked, tmp_path / "p", params)
 
 
 def test_batches_hold_the_tumour_share_and_repeat_per_epoch(seg_run):
@@ -191,8 +204,8 @@ def test_segment_cases_metrics_missing_mask_and_resume(seg_run, tmp_path):
 
     unmasked = replace(t1, case_id="tiny_t1_nomask", viable=None, whole=None)
     logs = []
-    table, canv = segment_cases(PurpleHeads(), [t1, unmasked], tmp_path, 224, params, out_downsample=16,
-                                progress=False, log=logs.append, tag="a")
+    table, canv = segment_cases(PurpleHeads(), [t1, unmasked], tmp_path, 224, params, "weights-a",
+                                out_downsample=16, progress=False, log=logs.append)
     row = table.set_index("case_id")
     assert row.loc["tiny_t1", "dice_pooled"] > 0.3
     assert np.isnan(row.loc["tiny_t1_nomask", "dice_pooled"])
@@ -203,25 +216,25 @@ def test_segment_cases_metrics_missing_mask_and_resume(seg_run, tmp_path):
         with Mask(tmp_path / "tiny_t1_pred.tif", s.dimensions) as m:
             assert m.downsample == pytest.approx(16, rel=0.01)
             np.testing.assert_array_equal(m.read_native(0, 0, W // 16, H // 16), canv["tiny_t1"]["pred"])
-    stamp = json.loads((tmp_path / "tiny_t1_prob.json").read_text())
-    assert stamp["settings"]["tag"] == "a"
-    # Rerun with the same tag: reused, same numbers; another tag: predicted again.
+    stamp = json.loads((tmp_path / "tiny_t1_prob.npy.key.json").read_text())
+    assert stamp["key"]["key"]["weights"] == "weights-a"
+    # Rerun with the same weights: reused, same numbers; other weights (a retrained model):
+    # predicted again, never the old model's masks.
     logs.clear()
-    again, _ = segment_cases(PurpleHeads(), [t1], tmp_path, 224, params, out_downsample=16, progress=False,
-                             log=logs.append, tag="a")
+    again, _ = segment_cases(PurpleHeads(), [t1], tmp_path, 224, params, "weights-a", out_downsample=16,
+                             progress=False, log=logs.append)
     assert any("reusing" in m for m in logs)
     assert again.dice_pooled.iloc[0] == row.loc["tiny_t1", "dice_pooled"]
-    logs.clear()
-    segment_cases(PurpleHeads(), [t1], tmp_path, 224, params, out_downsample=16, progress=False,
-                  log=logs.append, tag="b")
-    assert not any("reusing" in m for m in logs)
+    for changed in ({"weights": "weights-b"}, {"stride": 112}):
+        logs.clear()
+        segment_cases(PurpleHeads(), [t1], tmp_path, 224, params, changed.get("weights", "weights-a"),
+                      out_downsample=16, stride=changed.get("stride"), progress=False, log=logs.append)
+        assert not any("reusing" in m for m in logs), changed
     assert not list(tmp_path.glob(".*tmp*"))
 
 
 def test_segment_cases_slide_without_tissue(tmp_path):
     from PIL import Image
-
-    from helpers.slides import Case
 
     folder = tmp_path / "d"
     folder.mkdir()
@@ -230,7 +243,7 @@ def test_segment_cases_slide_without_tissue(tmp_path):
     case = Case("glass", folder / "glass.png", None, folder / "glass_viable.tif")
     logs = []
     with pytest.warns(UserWarning):  # no mpp for a PNG
-        table, canv = segment_cases(PurpleHeads(), [case], tmp_path / "o", 224, ExtractionParams(),
+        table, canv = segment_cases(PurpleHeads(), [case], tmp_path / "o", 224, ExtractionParams(), "w",
                                     out_downsample=16, progress=False, log=logs.append)
     assert any("no tissue patch found" in m for m in logs)
     assert table.n_patches.iloc[0] == 0 and not canv["glass"]["pred"].any()

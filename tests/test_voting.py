@@ -8,8 +8,7 @@ import pandas as pd
 import pytest
 
 from helpers.errors import InputError
-from helpers.voting import (assign_units, check_predictions, combine_votes, provenance, region_truth,
-                            vote_units)
+from helpers.voting import assign_units, combine_votes, load_predictions, provenance, region_truth, vote_units
 
 
 def _pred(rows):
@@ -83,12 +82,46 @@ def test_provenance_traces_every_patch(pred):
     assert list(p.columns[:3]) == ["unit", "case_id", "model"]
 
 
+def test_predictions_are_used_only_for_this_runs_data_and_weights(pred, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from helpers.provenance import file_sha256, write_stamp
+
+    monkeypatch.setenv("PAIP_REPRO_RUNS", str(tmp_path))
+    run = SimpleNamespace(name="r", folder=tmp_path / "r", extraction_key="E1", split_key="S1")
+    cls = run.folder / "classification"
+    with pytest.raises(InputError, match="not found; rerun notebook 04"):
+        load_predictions(run, ["m1"], [4])
+    cls.mkdir(parents=True)
+    pred.to_csv(cls / "predictions.csv", index=False)
+    with pytest.raises(InputError, match="no provenance record"):
+        load_predictions(run, ["m1"], [4])
+    ck = cls / "m1_x4" / "best.pt"
+    ck.parent.mkdir()
+    ck.write_bytes(b"weights 1")
+    key = {"extraction": "E1", "split": "S1", "slides": ["A", "B"], "skipped": {"m2_x16": "at 16x no tumour patch"},
+           "classifiers": {"m1_x4": {"weights": file_sha256(ck), "checkpoint": "r/classification/m1_x4/best.pt"},
+                           "m1_x16": {"weights": "x", "checkpoint": "r/classification/m1_x16/best.pt"},
+                           "m2_x4": {"weights": "x", "checkpoint": "r/classification/m2_x4/best.pt"}}}
+    write_stamp(cls / "predictions.csv", key)
+    got, info = load_predictions(run, ["m1", "m2"], [4, 16])
+    assert len(got) == len(pred) and info["slides"] == 2 and info["skipped"] == {"m2_x16": "at 16x no tumour patch"}
+    # notebook 02 rerun since (other caches or another split): refused, not voted on
+    write_stamp(cls / "predictions.csv", {**key, "split": "S0"})
+    with pytest.raises(InputError, match="other patch caches or another split"):
+        load_predictions(run, ["m1"], [4])
+    # a classifier retrained after its predictions were saved: refused
+    write_stamp(cls / "predictions.csv", key)
+    ck.write_bytes(b"weights 2")
+    with pytest.raises(InputError, match="m1_x4 come from other weights"):
+        load_predictions(run, ["m1"], [4])
+    ck.write_bytes(b"weights 1")
+    # nothing of what was asked: the reasons of notebook 04
+    with pytest.raises(InputError, match="nothing to vote on.*m2_x16: at 16x no tumour patch"):
+        load_predictions(run, ["m2"], [16])
+
+
 def test_bad_input(pred):
-    with pytest.raises(InputError, match="test split is empty"):
-        check_predictions(pred, ["m1"], [4], [])
-    with pytest.raises(InputError, match="run notebook 04"):
-        check_predictions(pred.iloc[:0], ["m1"], [4], ["A"])
-    assert check_predictions(pred, ["m1", "m2"], [4, 16], ["A", "B"]) == ["m2 at 16x"]
     with pytest.raises(InputError, match="tie"):
         vote_units(assign_units(pred), 0.5, "maybe")
     with pytest.raises(InputError, match="no predictions"):
@@ -134,5 +167,5 @@ def test_sweep_with_an_unknown_parameter_fails_before_running(tmp_path, monkeypa
     assert ran == []
     # A base run that lacks the earlier notebooks' outputs is named.
     f.write_text("name: sw\nprofile: demo\nbase_run: nothere\nonly: ['05']\nentries:\n  - {vote_share: 0.5}\n")
-    with pytest.raises(InputError, match="base_run 'nothere' lacks"):
+    with pytest.raises(InputError, match="base_run 'nothere': no such run"):
         run.run_sweep(f)
