@@ -305,8 +305,6 @@ class ClassificationPlan:
             ``(sets, counts)``: ``{(scale, split): ClassPatches}`` and a table of tumour and
             non-tumour patches per scale and split, with the slides that give none.
         """
-        import warnings
-
         from .caches import too_small_reason
         from .patches import extract_dataset
         from .slides import Slide
@@ -316,9 +314,7 @@ class ClassificationPlan:
         rows = []
         for sc in self.scales:
             p = self.params[sc]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")        # slides without a patch are counted below
-                extract_dataset(list(run.cases.values()), [sc], run.cache_root, p, progress=progress)
+            extract_dataset(list(run.cases.values()), [sc], run.cache_root, p, progress=progress, warn=False)
             for s in splits:
                 d = load_class_patches(cases[s], run.cache_root, p, sc, s, labelled_only=(s != "test" and s != "all"))
                 self.sets[(sc, s)] = d
@@ -526,36 +522,41 @@ def predict_classifiers(run, plan, out_dir, input_size=64, device=None):
     return pred, table1
 
 
-def augmentation_comparison(run, plan, out_dir, recipes, settings, seed=0, device="auto"):
-    """EfficientNet-B0 at the first trainable scale, trained again with augmentation off, against
-    the run's own (same seed, epochs and batches), on the same test patches.
+def augmentation_comparison(run, plan, out_dir, recipes, settings, arch="resnet50", scale=16, seed=0, device="auto"):
+    """One classifier of the run trained again with augmentation off (same seed, epochs and
+    batches), against the run's own, on the same test patches.
+
+    Args:
+        run, plan, out_dir, recipes, settings, seed, device: as for :func:`train_classifiers`.
+        arch, scale: the classifier (the first trainable one when it was not trained).
 
     Returns:
-        A table: augmentation, best validation balanced accuracy, test accuracy, sensitivity and
-        specificity (%).
+        ``(table, curves)``: per augmentation (on, off) the best validation balanced accuracy and
+        the test accuracy, sensitivity and specificity (%); and their histories.
     """
     from .jobs import run_job
 
-    pairs = [(a, s) for a, s in plan.trainable if a == "efficientnet_b0"] or plan.trainable[:1]
-    if not pairs:
-        return pd.DataFrame()
-    arch, sc = pairs[0]
-    key = f"{arch}_x{sc}"
-    folders = {True: plan.sources[key], False: out_dir / f"{key}_no_augmentation"}
-    hist_off = run_job(_job(run, plan, folders[False], arch, sc, recipes[arch], settings, seed, device, augment=False))
-    test = plan.sets[(sc, "test")]
+    if (arch, scale) not in plan.trainable:
+        if not plan.trainable:
+            return pd.DataFrame(), {}
+        arch, scale = plan.trainable[0]
+    key = f"{arch}_x{scale}"
+    folders = {"on": plan.sources[key], "off": out_dir / f"{key}_no_augmentation"}
+    curves = {"on": pd.read_csv(folders["on"] / "history.csv"),
+              "off": run_job(_job(run, plan, folders["off"], arch, scale, recipes[arch], settings, seed, device,
+                                  augment=False), log=lambda m: None)}
+    test = plan.sets[(scale, "test")]
+    lab_idx = np.flatnonzero(test.labels >= 0)
     rows = []
-    for aug, folder in folders.items():
-        h = hist_off if not aug else pd.read_csv(folder / "history.csv")
-        lab_idx = np.flatnonzero(test.labels >= 0)
+    for name, folder in folders.items():
         r = None
         if len(lab_idx):
             prob = _predict(ClassificationPlan("train", [], [], [], {}, {key: folder}), key, test.subset(lab_idx),
                             settings["input_size"], torch.device("cpu"))
             r = classification_report(test.labels[lab_idx], (prob >= 0.5).astype(int))
-        rows.append({"classifier": f"{arch} {sc}x", "augmentation": "on (the paper's)" if aug else "off",
-                     "best val balanced acc %": 100 * float(h.val_bal_acc.max()),
+        rows.append({"classifier": f"{arch} {scale}x", "augmentation": "on (the paper's)" if name == "on" else "off",
+                     "best val balanced acc %": 100 * float(curves[name].val_bal_acc.max()),
                      "test acc %": 100 * r["accuracy"] if r else float("nan"),
                      "sensitivity %": 100 * r["sensitivity"] if r else float("nan"),
                      "specificity %": 100 * r["specificity"] if r else float("nan")})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), curves

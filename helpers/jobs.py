@@ -25,7 +25,7 @@ Kinds:
   ``frozen_stages``;
 - ``segmentation`` (notebook 03): ``variant``, the caches and cases as above,
   ``input_size``, ``batch_size``, ``steps`` (0: one pass over the training patches),
-  ``tumour_share``, ``color_jitter``, ``dice_per_image``, ``val_max_patches``,
+  ``tumour_share``, ``augment``, ``color_jitter``, ``dice_per_image``, ``val_max_patches``,
   ``bn_batches``, ``pretrained``/``weights_path``;
 
 and for both ``config`` (the ``TrainConfig`` fields; its ``seed`` also seeds the model's
@@ -91,6 +91,7 @@ class SegmentationJob:
     batch_size: int = 16
     steps: int = 0
     tumour_share: float = 0.5
+    augment: bool = True
     color_jitter: float = 0.0
     dice_per_image: bool = False
     val_max_patches: int = 384
@@ -264,7 +265,7 @@ def build_job(spec):
         return deep_supervision_dice_loss(out, m, per_image=per_image)
 
     return {"model": model, "train_batches": batches, "evaluate": evaluate, "loss_fn": loss_fn, "bn_batches": bn,
-            "prepare": segmentation_prepare(job.input_size, augment=True, color=job.color_jitter, seed=seed),
+            "prepare": segmentation_prepare(job.input_size, augment=job.augment, color=job.color_jitter, seed=seed),
             **common}
 
 

@@ -71,6 +71,9 @@ def setup_notebook(seed, show_versions=True):
     # tqdm.auto warns on import when ipywidgets is absent (libraries import it lazily, so the
     # warning would land in whichever cell first builds a model, with a machine-specific path).
     warnings.filterwarnings("ignore", message="IProgress not found")
+    # Warnings as one line, without the kernel's temporary file and line (they change per run,
+    # and nbval compares the outputs of checked cells).
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"{category.__name__}: {message}\n"
     seed_everything(seed)
     mpl.rcParams.update({"figure.dpi": 72, "savefig.dpi": 110, "font.size": 9,
                          "axes.titlesize": 9, "image.interpolation": "nearest"})

@@ -358,7 +358,7 @@ def _write_cache(case, scale, cache_root, params, pool, workers, rows, cols, ste
     return finish_table(table, case.case_id, scale, params), n_kept
 
 
-def extract_dataset(cases, scales, cache_root, params=None, workers=None, progress=True):
+def extract_dataset(cases, scales, cache_root, params=None, workers=None, progress=True, warn=True):
     """Extract every case at every scale, sharing one pool of worker processes.
 
     Slides without tissue, or too small for a patch at some scale, are not errors: they are
@@ -371,6 +371,8 @@ def extract_dataset(cases, scales, cache_root, params=None, workers=None, progre
         params: :class:`helpers.caches.ExtractionParams`.
         workers: processes (default: the machine's cores).
         progress: show one progress bar over all grid rows (stderr).
+        warn: warn about the skipped (slide, scale) pairs (a caller that shows the summary's
+            ``note`` column itself passes ``False``).
 
     Returns:
         ``(summary, sets)``: a DataFrame with one row per case and scale (grid size, kept,
@@ -419,7 +421,7 @@ def extract_dataset(cases, scales, cache_root, params=None, workers=None, progre
     summary = pd.DataFrame(rows)
     for what, sel in (("fit no patch", summary["grid"] == 0),
                       ("have no tissue patch", (summary["grid"] > 0) & (summary["kept"] == 0))):
-        if sel.any():
+        if warn and sel.any():
             warnings.warn(f"{int(sel.sum())} (slide, scale) pairs {what} and are skipped: "
                           + ", ".join(f"{r.case_id}@{r.scale}x" for r in summary[sel].head(8).itertuples())
                           + (" ..." if sel.sum() > 8 else "") + " (the summary's 'note' column says why)",

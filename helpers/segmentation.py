@@ -259,6 +259,11 @@ def mask_fraction_map(mask_path, slide_dimensions, downsample, max_pixels=2 ** 2
         return out
 
 
+#: The per-slide metrics of :func:`slide_metrics` (the columns of ``metrics.csv``).
+METRIC_COLUMNS = ("dice_pooled", "jaccard_pooled", "dice_patch", "jaccard_patch", "n_scored_patches",
+                  "n_empty_patches", "paip", "pred_cells", "true_cells")
+
+
 def slide_metrics(pred, truth, coverage, patch_cells, empty=1.0, paip_threshold=0.65):
     """Dice and Jaccard of one slide, three ways.
 
@@ -273,7 +278,7 @@ def slide_metrics(pred, truth, coverage, patch_cells, empty=1.0, paip_threshold=
     Returns:
         A dict: ``dice_pooled``, ``jaccard_pooled`` (over every pixel of the slide, at the
         canvas's scale), ``dice_patch``, ``jaccard_patch`` (mean over the predicted grid
-        cells of a patch's size, ``empty`` for empty-empty ones), ``n_patches``,
+        cells of a patch's size, ``empty`` for empty-empty ones), ``n_scored_patches``,
         ``n_empty_patches``, ``paip`` (the pooled Jaccard, 0 below the cut-off) and the tumour
         areas in canvas cells.
     """
@@ -291,7 +296,7 @@ def slide_metrics(pred, truth, coverage, patch_cells, empty=1.0, paip_threshold=
     predicted = blocks(np.asarray(coverage) > 0).any(1)
     dp, jp, n_empty = dice_jaccard_per_patch(blocks(pred)[predicted], blocks(truth)[predicted], empty=empty)
     return {"dice_pooled": d, "jaccard_pooled": j, "dice_patch": dp, "jaccard_patch": jp,
-            "n_patches": int(predicted.sum()), "n_empty_patches": n_empty, "paip": paip_score(j, paip_threshold),
+            "n_scored_patches": int(predicted.sum()), "n_empty_patches": n_empty, "paip": paip_score(j, paip_threshold),
             "pred_cells": int(pred.sum()), "true_cells": int(truth.sum())}
 
 
@@ -366,7 +371,8 @@ def segment_cases(model, cases, out_folder, input_size, params, weights, out_dow
             write_stamp(prob_path, info)
         pred = prob > threshold
         mask_path = case.mask_path(params.label_mask)
-        row = {"case_id": case.case_id, "n_patches": info["n_patches"], "seconds": info["seconds"]}
+        row = {"case_id": case.case_id, "n_patches": info["n_patches"], "seconds": info["seconds"],
+               **dict.fromkeys(METRIC_COLUMNS, float("nan"))}    # NaN where the slide has no mask
         truth = None
         if mask_path is None:
             log(f"{case.case_id}: no {params.label_mask} mask, so no metrics (the prediction is saved)")

@@ -159,7 +159,7 @@ def test_slide_metrics_three_conventions():
     r = slide_metrics(pred, truth, cov, 4)
     assert r["dice_pooled"] == pytest.approx(2 * 8 / (8 + 16))
     assert r["jaccard_pooled"] == pytest.approx(8 / 16)
-    assert r["n_patches"] == 3 and r["n_empty_patches"] == 2
+    assert r["n_scored_patches"] == 3 and r["n_empty_patches"] == 2
     assert r["dice_patch"] == pytest.approx((2 / 3 + 1 + 1) / 3)
     assert r["jaccard_patch"] == pytest.approx((0.5 + 1 + 1) / 3)
     assert r["paip"] == 0.0         # Jaccard 0.5 < 0.65

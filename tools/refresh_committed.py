@@ -35,7 +35,8 @@ def main(argv=None):
     for nb in notebooks(args.only):
         t = time.perf_counter()
         print(f"executing {nb.name} ...", flush=True)
-        pm.execute_notebook(str(nb), str(nb), kernel_name="python3", cwd=str(nb.parent), progress_bar=False)
+        pm.execute_notebook(str(nb), str(nb), kernel_name="python3", cwd=str(nb.parent), progress_bar=False,
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
         print(f"    {time.perf_counter() - t:.0f} s", flush=True)
     out = REPO / "figures"
     out.mkdir(exist_ok=True)
