@@ -63,8 +63,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 PATCH = 224
-TARGET_RATIO = 1.0       # ours >= 1.0x the single-process raw decode rate
-TARGET_PEAK_MB = 1536    # ours < 1.5 GB peak at 1x on the 32k slide
+TARGET_RATIO = 1.0  # ours >= 1.0x the single-process raw decode rate
+TARGET_PEAK_MB = 1536  # ours < 1.5 GB peak at 1x on the 32k slide
 
 
 def log(msg):
@@ -74,6 +74,7 @@ def log(msg):
 # ---------------------------------------------------------------------------------------------
 # The slide
 # ---------------------------------------------------------------------------------------------
+
 
 def case_tag(size):
     return f"{size // 1024}k" if size % 1024 == 0 else str(size)
@@ -85,8 +86,10 @@ def ensure_slide(size, seed, cache_dir):
 
     spec = CaseSpec(f"bench_{case_tag(size)}", size, size, True, seed)
     folder = Path(cache_dir) / spec.case_id
-    want = {"generator_version": GENERATOR_VERSION, "spec": [spec.case_id, spec.width, spec.height,
-                                                             spec.tumor, spec.seed]}
+    want = {
+        "generator_version": GENERATOR_VERSION,
+        "spec": [spec.case_id, spec.width, spec.height, spec.tumor, spec.seed],
+    }
     stamp = folder / "bench_spec.json"
     files = [folder / f"{spec.case_id}{s}" for s in (".svs", "_whole.tif", "_viable.tif")]
     if all(f.exists() for f in files):
@@ -101,8 +104,7 @@ def ensure_slide(size, seed, cache_dir):
             return folder
     for f in folder.glob(".*.tmp*"):  # leftovers of an interrupted generation
         f.unlink(missing_ok=True)
-    log(f"generating {spec.case_id} ({size} x {size} px, seed {seed}) into {folder}; this takes "
-        f"a few minutes at 32k")
+    log(f"generating {spec.case_id} ({size} x {size} px, seed {seed}) into {folder}; this takes a few minutes at 32k")
     t = time.perf_counter()
     write_case(spec, folder)
     stamp.write_text(json.dumps(want) + "\n")
@@ -122,13 +124,14 @@ def warm_page_cache(folder):
                     if not b:
                         break
                     n += len(b)
-    log(f"page cache warmed: {n / 2 ** 20:.0f} MB in {time.perf_counter() - t:.1f} s")
+    log(f"page cache warmed: {n / 2**20:.0f} MB in {time.perf_counter() - t:.1f} s")
     return n
 
 
 # ---------------------------------------------------------------------------------------------
 # The methods (each runs in its own child process)
 # ---------------------------------------------------------------------------------------------
+
 
 def _level_size(slide, scale):
     W, H = slide.dimensions
@@ -193,10 +196,10 @@ def method_paper(folder, scale, strip, glass_level, tissue_threshold, **_):
         t0 = time.perf_counter()
         level = np.empty((hs, ws, 3), np.uint8)
         for y in range(0, hs, strip):
-            level[y:y + strip] = s.read_region(0, y * scale, ws, min(strip, hs - y), downsample=scale)
+            level[y : y + strip] = s.read_region(0, y * scale, ws, min(strip, hs - y), downsample=scale)
         t_read = time.perf_counter() - t0
-        log(f"  paper: level {ws} x {hs} in memory ({level.nbytes / 2 ** 20:.0f} MB) after {t_read:.1f} s")
-    patches = patchify(level, (PATCH, PATCH, 3), step=PATCH)      # (rows, cols, 1, P, P, 3) view
+        log(f"  paper: level {ws} x {hs} in memory ({level.nbytes / 2**20:.0f} MB) after {t_read:.1f} s")
+    patches = patchify(level, (PATCH, PATCH, 3), step=PATCH)  # (rows, cols, 1, P, P, 3) view
     rows, cols = patches.shape[:2]
     kept = 0
     for r in range(rows):
@@ -218,8 +221,10 @@ def method_ours(folder, scale, workers, tmp_root, **_):
     """
     from helpers.caches import ExtractionParams
     from helpers.dataset import list_cases
-    from helpers.patches import _forget_open_files, extract_slide, mask_count_map
-    from helpers.prefetch import process_pool
+    from helpers.handles import forget_inherited
+    from helpers.maskcounts import mask_count_map
+    from helpers.patches import extract_slide
+    from helpers.parallel import process_pool
 
     case = list_cases(folder)[0]
     Path(tmp_root).mkdir(parents=True, exist_ok=True)
@@ -227,7 +232,7 @@ def method_ours(folder, scale, workers, tmp_root, **_):
     try:
         # The count maps: once per slide, before any scale, timed on their own.
         t0 = time.perf_counter()
-        pool = process_pool(workers, _forget_open_files) if workers > 1 else None
+        pool = process_pool(workers, forget_inherited) if workers > 1 else None
         try:
             for kind in ("whole", "viable"):
                 mask_count_map(case, kind, tmp, pool, workers)
@@ -244,9 +249,16 @@ def method_ours(folder, scale, workers, tmp_root, **_):
         del ps
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"seconds": sec, "kept": meta["n_kept"], "grid": meta["n_grid"], "n_pos": meta["n_pos"],
-            "n_neg": meta["n_neg"], "cache_MB": round(out_bytes / 2 ** 20, 1), "workers": workers,
-            "count_map_seconds": cm_sec}
+    return {
+        "seconds": sec,
+        "kept": meta["n_kept"],
+        "grid": meta["n_grid"],
+        "n_pos": meta["n_pos"],
+        "n_neg": meta["n_neg"],
+        "cache_MB": round(out_bytes / 2**20, 1),
+        "workers": workers,
+        "count_map_seconds": cm_sec,
+    }
 
 
 METHODS = {"raw": method_raw, "paper": method_paper, "ours": method_ours}
@@ -258,7 +270,7 @@ def child_main(spec):
     out = fn(**spec)
     ru_self = resource.getrusage(resource.RUSAGE_SELF)
     ru_children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out["maxrss_self_MB"] = round(ru_self.ru_maxrss / 1024, 1)          # KB on Linux
+    out["maxrss_self_MB"] = round(ru_self.ru_maxrss / 1024, 1)  # KB on Linux
     out["maxrss_children_MB"] = round(ru_children.ru_maxrss / 1024, 1)
     out["cpu_self_seconds"] = round(ru_self.ru_utime + ru_self.ru_stime, 2)
     out["cpu_children_seconds"] = round(ru_children.ru_utime + ru_children.ru_stime, 2)
@@ -269,6 +281,7 @@ def child_main(spec):
 # ---------------------------------------------------------------------------------------------
 # Peak memory of a process tree, sampled from /proc
 # ---------------------------------------------------------------------------------------------
+
 
 def _descendants(root):
     """``root`` and every process below it (from the ppid field of /proc/<pid>/stat)."""
@@ -281,7 +294,7 @@ def _descendants(root):
                 st = f.read()
         except OSError:
             continue
-        ppid = int(st[st.rfind(")") + 2:].split()[1])
+        ppid = int(st[st.rfind(")") + 2 :].split()[1])
         kids.setdefault(ppid, []).append(int(d))
     out, todo = [], [root]
     while todo:
@@ -362,16 +375,24 @@ def run_child(spec, sample_s):
     if proc.returncode != 0:
         raise RuntimeError(f"{spec['method']} at {spec['scale']}x failed (exit {proc.returncode})")
     line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1]
-    res = json.loads(line[len("RESULT "):])
-    res.update({"peak_rss_MB": round(mon.peak_rss / 1024, 1), "peak_pss_MB": round(mon.peak_pss / 1024, 1),
-                "procs": mon.max_procs, "mem_samples": mon.samples, "process_wall_s": round(wall, 2),
-                "other_load_cores": round(other, 2)})
+    res = json.loads(line[len("RESULT ") :])
+    res.update(
+        {
+            "peak_rss_MB": round(mon.peak_rss / 1024, 1),
+            "peak_pss_MB": round(mon.peak_pss / 1024, 1),
+            "procs": mon.max_procs,
+            "mem_samples": mon.samples,
+            "process_wall_s": round(wall, 2),
+            "other_load_cores": round(other, 2),
+        }
+    )
     return res
 
 
 # ---------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------
+
 
 def mem_available_mb():
     return _field_kb("/proc/meminfo", "MemAvailable:") / 1024
@@ -386,20 +407,50 @@ def fmt(v, nd=1):
 
 
 def markdown(rows, info):
-    head = ["scale", "method", "level px", "grid patches", "kept", "s", "CPU s", "patches/s", "Mpix/s",
-            "peak RSS MB", "peak PSS MB", "x raw", "other load"]
+    head = [
+        "scale",
+        "method",
+        "level px",
+        "grid patches",
+        "kept",
+        "s",
+        "CPU s",
+        "patches/s",
+        "Mpix/s",
+        "peak RSS MB",
+        "peak PSS MB",
+        "x raw",
+        "other load",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.get("skipped"):
-            lines.append(f"| {r['scale']}x | {r['label']} | {r['level_w']} x {r['level_h']} | "
-                         f"{fmt(r['grid'])} | - | skipped: {r['skipped']} | | | | | | | |")
+            lines.append(
+                f"| {r['scale']}x | {r['label']} | {r['level_w']} x {r['level_h']} | "
+                f"{fmt(r['grid'])} | - | skipped: {r['skipped']} | | | | | | | |"
+            )
             continue
-        lines.append("| " + " | ".join([
-            f"{r['scale']}x", r["label"], f"{r['level_w']} x {r['level_h']}", fmt(r["grid"]),
-            fmt(r["kept"]), fmt(r["seconds"], 2), fmt(r["cpu_seconds"], 1), fmt(r["patches_per_s"], 0), fmt(r["mpix_per_s"], 1),
-            fmt(r["peak_rss_MB"], 0), fmt(r["peak_pss_MB"], 0),
-            "-" if r["ratio"] != r["ratio"] else f"{r['ratio']:.2f}x",
-            f"{r['other_load_cores']:.2f}"]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"{r['scale']}x",
+                    r["label"],
+                    f"{r['level_w']} x {r['level_h']}",
+                    fmt(r["grid"]),
+                    fmt(r["kept"]),
+                    fmt(r["seconds"], 2),
+                    fmt(r["cpu_seconds"], 1),
+                    fmt(r["patches_per_s"], 0),
+                    fmt(r["mpix_per_s"], 1),
+                    fmt(r["peak_rss_MB"], 0),
+                    fmt(r["peak_pss_MB"], 0),
+                    "-" if r["ratio"] != r["ratio"] else f"{r['ratio']:.2f}x",
+                    f"{r['other_load_cores']:.2f}",
+                ]
+            )
+            + " |"
+        )
     notes = [
         "",
         f"Slide: {info['slide']} ({info['size']} x {info['size']} px, {info['slide_MB']:.0f} MB); "
@@ -417,7 +468,8 @@ def markdown(rows, info):
         "OpenSlide's read_region. "
         "paper: whole level in one array + patchify + per-patch skimage threshold_otsu on the full "
         "224 px gray patch + the white-glass rule of tissue_fractions (no masks, nothing written). "
-        "ours: extract_slide with both masks, writing the patch cache (then deleted); the per-slide mask count maps are built before it and timed apart.",
+        "ours: extract_slide with both masks, writing the patch cache (then deleted); the per-slide mask count "
+        "maps are built before it and timed apart.",
         f"Peak memory: largest sum over the method's process tree of VmRSS (/proc/<pid>/status) and "
         f"of Pss (/proc/<pid>/smaps_rollup), sampled every {info['sample_ms']} ms from the parent; "
         "RSS double-counts pages that forked workers share, PSS splits them. getrusage maxrss per "
@@ -431,53 +483,93 @@ def targets(rows, size):
     ours = {r["scale"]: r for r in rows if r["method"] == "ours" and not r.get("skipped")}
     for sc, r in sorted(ours.items()):
         ok = r["ratio"] >= TARGET_RATIO
-        out.append(f"- {sc}x: ours at {r['ratio']:.2f}x the raw decode rate (target >= {TARGET_RATIO:.1f}x): "
-                   f"{'met' if ok else 'NOT met'}")
-        osr = [x for x in rows if x["scale"] == sc and str(x.get("label", "")).startswith("raw-openslide")
-               and not x.get("skipped")]
+        out.append(
+            f"- {sc}x: ours at {r['ratio']:.2f}x the raw decode rate (target >= {TARGET_RATIO:.1f}x): "
+            f"{'met' if ok else 'NOT met'}"
+        )
+        osr = [
+            x
+            for x in rows
+            if x["scale"] == sc and str(x.get("label", "")).startswith("raw-openslide") and not x.get("skipped")
+        ]
         if osr:
-            out.append(f"  - {sc}x: ours at {r['patches_per_s'] / osr[0]['patches_per_s']:.2f}x OpenSlide's "
-                       "single-process read_region")
+            out.append(
+                f"  - {sc}x: ours at {r['patches_per_s'] / osr[0]['patches_per_s']:.2f}x OpenSlide's "
+                "single-process read_region"
+            )
         if r.get("count_map_seconds"):
-            out.append(f"  - {sc}x: the mask count maps took {r['count_map_seconds']:.1f} s before this row "
-                       "(once per slide, shared by every scale)")
+            out.append(
+                f"  - {sc}x: the mask count maps took {r['count_map_seconds']:.1f} s before this row "
+                "(once per slide, shared by every scale)"
+            )
     if 1 in ours:
         r = ours[1]
         note = "" if size >= 32768 else f" (target stated for the 32k slide; this one is {size} px)"
-        out.append(f"- 1x: ours peak {r['peak_rss_MB']:.0f} MB RSS / {r['peak_pss_MB']:.0f} MB PSS "
-                   f"(target < {TARGET_PEAK_MB} MB){note}: "
-                   f"{'met' if r['peak_rss_MB'] < TARGET_PEAK_MB else 'NOT met by RSS sum'}"
-                   f"{'' if r['peak_rss_MB'] < TARGET_PEAK_MB else (', met by PSS' if r['peak_pss_MB'] < TARGET_PEAK_MB else '')}")
+        out.append(
+            f"- 1x: ours peak {r['peak_rss_MB']:.0f} MB RSS / {r['peak_pss_MB']:.0f} MB PSS "
+            f"(target < {TARGET_PEAK_MB} MB){note}: "
+            f"{'met' if r['peak_rss_MB'] < TARGET_PEAK_MB else 'NOT met by RSS sum'}"
+            f"{'' if r['peak_rss_MB'] < TARGET_PEAK_MB or r['peak_pss_MB'] >= TARGET_PEAK_MB else ', met by PSS'}"
+        )
         p = [x for x in rows if x["method"] == "paper" and x["scale"] == 1 and not x.get("skipped")]
         if p:
-            out.append(f"- 1x: the paper's way peaks at {p[0]['peak_rss_MB']:.0f} MB "
-                       f"(the level alone is {p[0]['level_MB']:.0f} MB)")
+            out.append(
+                f"- 1x: the paper's way peaks at {p[0]['peak_rss_MB']:.0f} MB "
+                f"(the level alone is {p[0]['level_MB']:.0f} MB)"
+            )
     return "\n".join(out) + "\n"
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size", type=int, default=32768, help="slide side in level-0 px (default 32768)")
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16], help="downscale factors (default 1 4 16)")
-    ap.add_argument("--methods", nargs="+", default=["raw", "paper", "ours"], choices=list(METHODS),
-                    help="methods to run (default: raw paper ours)")
-    ap.add_argument("--raw-strips", type=int, nargs="+", default=[224, 1792],
-                    help="strip heights (px at the scale) of the raw decode runs (default 224 1792)")
-    ap.add_argument("--paper-strip", type=int, default=1792,
-                    help="strip height used to fill the paper's whole-level array (default 1792)")
-    ap.add_argument("--paper-max-mb", type=float, default=None,
-                    help="skip the paper's way where the level array is larger than this (default: "
-                         "skip only where it exceeds 70%% of MemAvailable)")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="runs per method and scale; the fastest is reported, peak memory is the "
-                         "largest of all (default 1; use 2-3 on a machine others share)")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["raw", "paper", "ours"],
+        choices=list(METHODS),
+        help="methods to run (default: raw paper ours)",
+    )
+    ap.add_argument(
+        "--raw-strips",
+        type=int,
+        nargs="+",
+        default=[224, 1792],
+        help="strip heights (px at the scale) of the raw decode runs (default 224 1792)",
+    )
+    ap.add_argument(
+        "--paper-strip",
+        type=int,
+        default=1792,
+        help="strip height used to fill the paper's whole-level array (default 1792)",
+    )
+    ap.add_argument(
+        "--paper-max-mb",
+        type=float,
+        default=None,
+        help="skip the paper's way where the level array is larger than this (default: "
+        "skip only where it exceeds 70%% of MemAvailable)",
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per method and scale; the fastest is reported, peak memory is the "
+        "largest of all (default 1; use 2-3 on a machine others share)",
+    )
     ap.add_argument("--workers", type=int, default=2, help="extract_slide workers (default 2)")
     ap.add_argument("--seed", type=int, default=2019, help="synthetic slide seed (default 2019)")
     ap.add_argument("--cache-dir", type=Path, default=HERE / "cache", help="slide cache (default bench/cache)")
     ap.add_argument("--results-dir", type=Path, default=HERE / "results", help="default bench/results")
-    ap.add_argument("--tmp-dir", type=Path, default=None,
-                    help="where ours writes its temporary patch cache (default <cache-dir>/tmp)")
+    ap.add_argument(
+        "--tmp-dir",
+        type=Path,
+        default=None,
+        help="where ours writes its temporary patch cache (default <cache-dir>/tmp)",
+    )
     ap.add_argument("--sample-ms", type=int, default=50, help="memory sampling interval (default 50 ms)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -497,25 +589,42 @@ def main(argv=None):
         dims = s.dimensions
         levels = list(zip(s.level_dimensions, s.level_downsamples))
     tmp_root = args.tmp_dir or args.cache_dir / "tmp"
-    cpu_model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    info = {"slide": case.slide.name, "size": args.size, "seed": args.seed, "dimensions": dims,
-            "levels": levels, "slide_MB": case.slide.stat().st_size / 2 ** 20,
-            "cpus": os.cpu_count(), "cpu_model": cpu_model,
-            "mem_total_GB": _field_kb("/proc/meminfo", "MemTotal:") / 2 ** 20,
-            "python": platform.python_version(), "workers": args.workers, "sample_ms": args.sample_ms,
-            "repeat": args.repeat,
-            "memory_measure": "peak of summed VmRSS and of summed Pss over the child's process tree, "
-                              "sampled from the parent; plus getrusage ru_maxrss (self, children)",
-            "command": " ".join([os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO))
-                                 else sys.executable, "bench/extraction_benchmark.py"] + sys.argv[1:]),
-            "started": datetime.now().isoformat(timespec="seconds"),
-            "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+    with open("/proc/cpuinfo") as f:
+        cpu_model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    info = {
+        "slide": case.slide.name,
+        "size": args.size,
+        "seed": args.seed,
+        "dimensions": dims,
+        "levels": levels,
+        "slide_MB": case.slide.stat().st_size / 2**20,
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "mem_total_GB": _field_kb("/proc/meminfo", "MemTotal:") / 2**20,
+        "python": platform.python_version(),
+        "workers": args.workers,
+        "sample_ms": args.sample_ms,
+        "repeat": args.repeat,
+        "memory_measure": "peak of summed VmRSS and of summed Pss over the child's process tree, "
+        "sampled from the parent; plus getrusage ru_maxrss (self, children)",
+        "command": " ".join(
+            [
+                os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO)) else sys.executable,
+                "bench/extraction_benchmark.py",
+            ]
+            + sys.argv[1:]
+        ),
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
     b0, t0 = _busy_seconds(), time.perf_counter()
     time.sleep(1.0)
     info["other_load_start"] = round((_busy_seconds() - b0) / (time.perf_counter() - t0), 2)
     if info["other_load_start"] > 0.3:
-        log(f"warning: other processes keep {info['other_load_start']:.2f} cores busy before the run; "
-            "timings (above all the multi-process ones) will be lower than on an idle machine")
+        log(
+            f"warning: other processes keep {info['other_load_start']:.2f} cores busy before the run; "
+            "timings (above all the multi-process ones) will be lower than on an idle machine"
+        )
     rows = []
     for scale in args.scales:
         W, H = dims
@@ -529,19 +638,32 @@ def main(argv=None):
         for m in args.methods:
             if m == "raw":
                 runs += [("raw", f"raw-{st}", {"strip": st}) for st in args.raw_strips]
-                runs.append(("raw", f"raw-openslide-{args.raw_strips[-1]}",
-                             {"strip": args.raw_strips[-1], "reader": "openslide"}))
+                runs.append(
+                    (
+                        "raw",
+                        f"raw-openslide-{args.raw_strips[-1]}",
+                        {"strip": args.raw_strips[-1], "reader": "openslide"},
+                    )
+                )
             elif m == "paper":
-                runs.append(("paper", "paper", {"strip": args.paper_strip, "glass_level": params.glass_level,
-                                                "tissue_threshold": params.tissue_threshold}))
+                runs.append(
+                    (
+                        "paper",
+                        "paper",
+                        {
+                            "strip": args.paper_strip,
+                            "glass_level": params.glass_level,
+                            "tissue_threshold": params.tissue_threshold,
+                        },
+                    )
+                )
             else:
-                runs.append(("ours", f"ours (w={args.workers})", {"workers": args.workers,
-                                                                  "tmp_root": str(tmp_root)}))
+                runs.append(("ours", f"ours (w={args.workers})", {"workers": args.workers, "tmp_root": str(tmp_root)}))
         base = {"scale": scale, "level_w": ws, "level_h": hs, "grid": grid}
         scale_rows = []
         for method, label, extra in runs:
             row = dict(base, method=method, label=label)
-            level_mb = ws * hs * 3 / 2 ** 20
+            level_mb = ws * hs * 3 / 2**20
             if method == "paper":
                 cap = args.paper_max_mb if args.paper_max_mb is not None else 0.7 * mem_available_mb()
                 row["level_MB"] = round(level_mb, 1)
@@ -556,8 +678,10 @@ def main(argv=None):
             for i in range(args.repeat):
                 r_i = run_child(spec, args.sample_ms / 1000)
                 if args.repeat > 1:
-                    log(f"  try {i + 1}/{args.repeat}: {r_i.get('seconds', 0):.2f} s, other load "
-                        f"{r_i['other_load_cores']:.2f}")
+                    log(
+                        f"  try {i + 1}/{args.repeat}: {r_i.get('seconds', 0):.2f} s, other load "
+                        f"{r_i['other_load_cores']:.2f}"
+                    )
                 if res is None or r_i.get("seconds", 0) < res.get("seconds", 0):
                     peak = max(r_i["peak_rss_MB"], res["peak_rss_MB"]) if res else r_i["peak_rss_MB"]
                     peak_pss = max(r_i["peak_pss_MB"], res["peak_pss_MB"]) if res else r_i["peak_pss_MB"]
@@ -575,9 +699,11 @@ def main(argv=None):
             row["grid"] = res.get("grid") or grid
             row["patches_per_s"] = row["grid"] / res["seconds"]
             row["mpix_per_s"] = ws * hs / 1e6 / res["seconds"]
-            log(f"scale {scale}x: {label}: {res['seconds']:.2f} s, {row['patches_per_s']:.0f} patches/s, "
+            log(
+                f"scale {scale}x: {label}: {res['seconds']:.2f} s, {row['patches_per_s']:.0f} patches/s, "
                 f"peak {res['peak_rss_MB']:.0f} MB RSS / {res['peak_pss_MB']:.0f} MB PSS"
-                + (f", kept {res['kept']}" if res.get("kept") is not None else ""))
+                + (f", kept {res['kept']}" if res.get("kept") is not None else "")
+            )
             scale_rows.append(row)
         raw_rates = [r["patches_per_s"] for r in scale_rows if r["method"] == "raw" and not r.get("skipped")]
         ref = max(raw_rates) if raw_rates else None
@@ -592,12 +718,18 @@ def main(argv=None):
     info["skewed_rows"] = [f"{r['scale']}x {r['label']}" for r in busy]
     table = markdown(rows, info)
     tgt = targets(rows, args.size) if "raw" in args.methods else ""
-    text = (f"# Extraction benchmark, {info['started']}\n\n`{info['command']}`\n\n" + table
-            + ("\nTargets (reported, not asserted):\n" + tgt if tgt else "")
-            + (f"\nWarning: other processes kept more than 0.3 cores busy during: "
-               f"{', '.join(info['skewed_rows'])}; rerun on an idle machine for clean numbers.\n"
-               if info["skewed_rows"] else "")
-            + f"\nTotal run time {info['total_seconds']:.0f} s.\n")
+    text = (
+        f"# Extraction benchmark, {info['started']}\n\n`{info['command']}`\n\n"
+        + table
+        + ("\nTargets (reported, not asserted):\n" + tgt if tgt else "")
+        + (
+            f"\nWarning: other processes kept more than 0.3 cores busy during: "
+            f"{', '.join(info['skewed_rows'])}; rerun on an idle machine for clean numbers.\n"
+            if info["skewed_rows"]
+            else ""
+        )
+        + f"\nTotal run time {info['total_seconds']:.0f} s.\n"
+    )
     print(text)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     stem = f"extraction_{case_tag(args.size)}_{datetime.now().strftime('%Y%m%d-%H%M%S')}"

@@ -27,6 +27,7 @@ Prints one table and writes it to ``bench/results/fault_injection_<time>.md``.
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -43,8 +44,26 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 #: The series' first notebooks on a small dataset: extraction with 2 workers, a short training.
-ARGS = ["--profile", "smoke", "--only", "02", "03", "--no-progress", "-p", "workers", "2",
-        "-p", "seg_epochs", "3", "-p", "seg_steps_per_epoch", "12", "-p", "seg_batch_size", "8"]
+ARGS = [
+    "--profile",
+    "smoke",
+    "--only",
+    "02",
+    "03",
+    "--no-progress",
+    "-p",
+    "workers",
+    "2",
+    "-p",
+    "seg_epochs",
+    "3",
+    "-p",
+    "seg_steps_per_epoch",
+    "12",
+    "-p",
+    "seg_batch_size",
+    "8",
+]
 
 
 def sha(path):
@@ -123,8 +142,9 @@ def alive(pid):
 
 def start(env, run_name, data):
     cmd = [sys.executable, "-m", "helpers.run", *ARGS, "-p", "data_dir", str(data), "--run-name", run_name]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def wait_for_notebook(proc, number, deadline):
@@ -133,7 +153,7 @@ def wait_for_notebook(proc, number, deadline):
         line = proc.stdout.readline()
         if not line:
             return False
-        if f"] {number}_" in line:            # the runner's "[2/2] 03_segmentation_training.ipynb"
+        if f"] {number}_" in line:  # the runner's "[2/2] 03_segmentation_training.ipynb"
             return True
     return False
 
@@ -170,10 +190,8 @@ def trial(target, number, env, data, run_name, window, hang_seconds, reference):
         killed = False
     else:
         for v in victims:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(v, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         killed = True
     t0 = time.monotonic()
     hang = False
@@ -193,15 +211,28 @@ def trial(target, number, env, data, run_name, window, hang_seconds, reference):
         os.kill(p, signal.SIGKILL)
     exit_s = time.monotonic() - t0
     # The same command again must finish and give the uninterrupted run's results.
-    rerun = subprocess.run([sys.executable, "-m", "helpers.run", *ARGS, "-p", "data_dir", str(data), "--run-name",
-                            run_name], cwd=REPO, env=env, capture_output=True, text=True)
+    rerun = subprocess.run(
+        [sys.executable, "-m", "helpers.run", *ARGS, "-p", "data_dir", str(data), "--run-name", run_name],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     run = Path(env["PAIP_REPRO_RUNS"]) / run_name
     got = fingerprint(run) if rerun.returncode == 0 else {}
     diff = sorted(k for k in set(got) | set(reference) if got.get(k) != reference.get(k))
-    return {"killed": killed, "hang": hang, "exit_s": exit_s, "message": err[-1] if err else "",
-            "left_procs": len(left_procs), "rerun_ok": rerun.returncode == 0, "diff": diff,
-            "stale": stale(run) if rerun.returncode == 0 else 0, "left_files": len(leftovers(run)),
-            "rerun_err": rerun.stderr.strip().splitlines()[-1:] if rerun.returncode else []}
+    return {
+        "killed": killed,
+        "hang": hang,
+        "exit_s": exit_s,
+        "message": err[-1] if err else "",
+        "left_procs": len(left_procs),
+        "rerun_ok": rerun.returncode == 0,
+        "diff": diff,
+        "stale": stale(run) if rerun.returncode == 0 else 0,
+        "left_files": len(leftovers(run)),
+        "rerun_err": rerun.stderr.strip().splitlines()[-1:] if rerun.returncode else [],
+    }
 
 
 def disk_full(env, data, root, reference):
@@ -214,20 +245,39 @@ def disk_full(env, data, root, reference):
         return {"error": f"cannot mount a tmpfs here ({exc}); scenario skipped"}
     try:
         small_env = {**env, "PAIP_REPRO_RUNS": str(mnt)}
-        first = subprocess.run([sys.executable, "-m", "helpers.run", *ARGS, "-p", "data_dir", str(data),
-                                "--run-name", "full"], cwd=REPO, env=small_env, capture_output=True, text=True)
+        first = subprocess.run(
+            [sys.executable, "-m", "helpers.run", *ARGS, "-p", "data_dir", str(data), "--run-name", "full"],
+            cwd=REPO,
+            env=small_env,
+            capture_output=True,
+            text=True,
+        )
         lines = first.stderr.strip().splitlines()
         message = lines[-1] if lines else ""
         subprocess.run(["mount", "-o", "remount,size=400m", str(mnt)], check=True, capture_output=True)
-        again = subprocess.run([sys.executable, "-m", "helpers.run", *ARGS, "-p", "data_dir", str(data),
-                                "--run-name", "full"], cwd=REPO, env=small_env, capture_output=True, text=True)
+        again = subprocess.run(
+            [sys.executable, "-m", "helpers.run", *ARGS, "-p", "data_dir", str(data), "--run-name", "full"],
+            cwd=REPO,
+            env=small_env,
+            capture_output=True,
+            text=True,
+        )
         run = mnt / "full"
         got = fingerprint(run) if again.returncode == 0 else {}
         diff = sorted(k for k in set(got) | set(reference) if got.get(k) != reference.get(k))
-        return {"killed": True, "hang": False, "exit_s": 0.0, "message": message, "left_procs": 0,
-                "first_failed": first.returncode != 0, "one_line": "is full" in message,
-                "rerun_ok": again.returncode == 0, "diff": diff, "stale": stale(run) if again.returncode == 0 else 0,
-                "left_files": len(leftovers(run))}
+        return {
+            "killed": True,
+            "hang": False,
+            "exit_s": 0.0,
+            "message": message,
+            "left_procs": 0,
+            "first_failed": first.returncode != 0,
+            "one_line": "is full" in message,
+            "rerun_ok": again.returncode == 0,
+            "diff": diff,
+            "stale": stale(run) if again.returncode == 0 else 0,
+            "left_files": len(leftovers(run)),
+        }
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
 
@@ -245,8 +295,13 @@ def main(argv=None):
     env = {**os.environ, "PAIP_REPRO_RUNS": str(root / "runs"), "TQDM_DISABLE": "1", "MPLBACKEND": "Agg"}
     data = write_zoo_dataset("case_labels", root / "data")
     t0 = time.monotonic()
-    ref = subprocess.run([sys.executable, "-m", "helpers.run", *ARGS, "-p", "data_dir", str(data), "--run-name",
-                          "reference"], cwd=REPO, env=env, capture_output=True, text=True)
+    ref = subprocess.run(
+        [sys.executable, "-m", "helpers.run", *ARGS, "-p", "data_dir", str(data), "--run-name", "reference"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if ref.returncode:
         sys.exit(f"the uninterrupted reference run failed:\n{ref.stderr[-2000:]}")
     t_ref = time.monotonic() - t0
@@ -259,21 +314,29 @@ def main(argv=None):
         for k in range(args.trials):
             r = trial(target, nb, env, data, f"{target}-{nb}-{k}", (2.0, 10.0), args.hang_seconds, reference)
             res.append(r)
-            print(f"  {target} in {nb} #{k + 1}: {json.dumps({k_: v for k_, v in r.items() if k_ != 'diff'})[:300]}"
-                  + (f" differs: {r['diff'][:3]}" if r.get("diff") else ""), flush=True)
+            print(
+                f"  {target} in {nb} #{k + 1}: {json.dumps({k_: v for k_, v in r.items() if k_ != 'diff'})[:300]}"
+                + (f" differs: {r['diff'][:3]}" if r.get("diff") else ""),
+                flush=True,
+            )
         rows.append((f"SIGKILL {target}, notebook {nb}", res))
     rows.append(("disk full in notebook 02, then grown", [disk_full(env, data, root, reference)]))
-    lines = ["| scenario | trials | kills landed | hangs | slowest end (s) | processes left | reruns finished | "
-             "results differing | stale results | temporary files left |", "|" + " --- |" * 10]
+    lines = [
+        "| scenario | trials | kills landed | hangs | slowest end (s) | processes left | reruns finished | "
+        "results differing | stale results | temporary files left |",
+        "|" + " --- |" * 10,
+    ]
     for name, res in rows:
         ok = [r for r in res if "error" not in r]
         if not ok:
             lines.append(f"| {name} | 0 | {res[0].get('error', '')} |" + " |" * 7)
             continue
-        lines.append(f"| {name} | {len(ok)} | {sum(r['killed'] for r in ok)} | {sum(r['hang'] for r in ok)} | "
-                     f"{max(r['exit_s'] for r in ok):.1f} | {sum(r['left_procs'] for r in ok)} | "
-                     f"{sum(r['rerun_ok'] for r in ok)} | {sum(bool(r['diff']) for r in ok)} | "
-                     f"{sum(r['stale'] for r in ok)} | {sum(r['left_files'] for r in ok)} |")
+        lines.append(
+            f"| {name} | {len(ok)} | {sum(r['killed'] for r in ok)} | {sum(r['hang'] for r in ok)} | "
+            f"{max(r['exit_s'] for r in ok):.1f} | {sum(r['left_procs'] for r in ok)} | "
+            f"{sum(r['rerun_ok'] for r in ok)} | {sum(bool(r['diff']) for r in ok)} | "
+            f"{sum(r['stale'] for r in ok)} | {sum(r['left_files'] for r in ok)} |"
+        )
     table = "\n".join(lines)
     print("\n" + table)
     out = REPO / "bench" / "results"

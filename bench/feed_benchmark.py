@@ -62,9 +62,9 @@ def rate(batches, seconds=6.0):
 
 def strips_rate(case_id, workers, seconds=6.0):
     """Tissue (and grid) patches per second of the whole-slide reader over a demo slide at 1x."""
-    from helpers.inference import _strips
     from helpers.caches import ExtractionParams, grid_shape
     from helpers.dataset import list_cases
+    from helpers.inference import _strips
     from helpers.slides import Slide
     from helpers.synthetic import ensure_demo_dataset
 
@@ -75,8 +75,9 @@ def strips_rate(case_id, workers, seconds=6.0):
     tissue = grid = 0
     t = time.perf_counter()
     while time.perf_counter() - t < seconds:
-        for _, xs, _ in _strips(case.slide, rows, cols, 224, 224, p.tissue_subsample, p.glass_level,
-                                p.tissue_threshold, workers=workers):
+        for _, xs, _ in _strips(
+            case.slide, rows, cols, 224, 224, p.tissue_subsample, p.glass_level, p.tissue_threshold, workers=workers
+        ):
             tissue += len(xs)
             grid += cols
     s = time.perf_counter() - t
@@ -127,7 +128,7 @@ def long_epochs(batches, images, batch):
 def simulated(run, batch, ceiling, read_ahead, images, bare=False):
     """Images/s of ``fit`` with :class:`SleepStep` fed by notebook 04's pipeline; with ``bare``,
     fed one device-resident batch over and over instead (the same loop's ceiling, this run)."""
-    train_batches = long_epochs(cls_source(run, batch, 10 ** 9), images, batch)
+    train_batches = long_epochs(cls_source(run, batch, 10**9), images, batch)
     if bare:
         x, y = next(iter(train_batches(0)))
         steps = len(train_batches(0))
@@ -136,12 +137,22 @@ def simulated(run, batch, ceiling, read_ahead, images, bare=False):
     model, seen = SleepStep(ceiling), []
 
     def evaluate(m, dev):
-        seen.append(m.seen)               # images trained on so far, at the end of each epoch
+        seen.append(m.seen)  # images trained on so far, at the end of each epoch
         return {"val_loss": 0.0}
 
     with tempfile.TemporaryDirectory() as d:
-        h = fit(model, train_batches, evaluate, lambda o, y: torch.nn.functional.cross_entropy(o, y.long()), cfg, d,
-                prepare=passthrough, progress=False, log=lambda *_: None, read_ahead=read_ahead)
+        h = fit(
+            model,
+            train_batches,
+            evaluate,
+            lambda o, y: torch.nn.functional.cross_entropy(o, y.long()),
+            cfg,
+            d,
+            prepare=passthrough,
+            progress=False,
+            log=lambda *_: None,
+            read_ahead=read_ahead,
+        )
     # The second epoch (the first warms the page cache). Its seconds include the end-of-epoch
     # work (checkpoint, history), as a real epoch's do.
     return (seen[1] - seen[0]) / h["seconds"].iloc[-1]
@@ -159,36 +170,52 @@ def main(argv=None):
     np.random.seed(0)
     rows = []
     print("classification feed ...", file=sys.stderr, flush=True)
-    cls = rate(cls_source(args.run, args.batch, 10 ** 9), args.seconds)
-    rows.append(("feed: notebook 04 batches (4x caches)", cls, H200_TRAIN["efficientnet_b0"],
-                 "EfficientNet-B0 train step"))
+    cls = rate(cls_source(args.run, args.batch, 10**9), args.seconds)
+    rows.append(
+        ("feed: notebook 04 batches (4x caches)", cls, H200_TRAIN["efficientnet_b0"], "EfficientNet-B0 train step")
+    )
     print("segmentation feed ...", file=sys.stderr, flush=True)
     seg = rate(seg_source(args.run, args.batch, 40 * args.batch), args.seconds)
-    rows.append(("feed: notebook 03 batches, images + masks (1x caches)", seg, H200_TRAIN["unetpp"],
-                 "UNet++ train step"))
+    rows.append(
+        ("feed: notebook 03 batches, images + masks (1x caches)", seg, H200_TRAIN["unetpp"], "UNet++ train step")
+    )
     grids = {}
     for w in sorted({1, 2, os.cpu_count() or 1}):
         print(f"slide strips, {w} reader threads ...", file=sys.stderr, flush=True)
         tissue, grids[w] = strips_rate(args.case, w, args.seconds)
-        rows.append((f"strips: whole-slide reader, {w} thread{'s' if w > 1 else ''}, {args.case} at 1x "
-                     "(tissue patches)", tissue, H200_UNETPP_INFERENCE, "UNet++ inference"))
+        rows.append(
+            (
+                f"strips: whole-slide reader, {w} thread{'s' if w > 1 else ''}, {args.case} at 1x (tissue patches)",
+                tissue,
+                H200_UNETPP_INFERENCE,
+                "UNet++ inference",
+            )
+        )
     sims = []
     for name in ("efficientnet_b0", "resnet50"):
-        print(f"simulated {name} step: bare, then the pipeline without and with read-ahead ...",
-              file=sys.stderr, flush=True)
+        print(
+            f"simulated {name} step: bare, then the pipeline without and with read-ahead ...",
+            file=sys.stderr,
+            flush=True,
+        )
         bare = simulated(args.run, args.batch, H200_TRAIN[name], 0, args.images, bare=True)
         for ra in (0, 2):
             got = simulated(args.run, args.batch, H200_TRAIN[name], ra, args.images)
             sims.append((name, ra, got, bare))
 
-    print(f"\nHost side of the input pipelines, batch {args.batch}, 224 px patches, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} torch threads\n")
+    print(
+        f"\nHost side of the input pipelines, batch {args.batch}, 224 px patches, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} torch threads\n"
+    )
     print("| what | img/s here | H200 rate it must feed | of | feed / rate |")
     print("|---|---|---|---|---|")
     for what, r, need, of in rows:
         print(f"| {what} | {r:,.0f} | {need:,} | {of} | {r / need:.2f} |")
-    print("\n(strip reader, grid patches/s with glass: " + ", ".join(f"{g:,.0f} with {w}" for w, g in grids.items())
-          + f"; {os.cpu_count()} cores here)\n")
+    print(
+        "\n(strip reader, grid patches/s with glass: "
+        + ", ".join(f"{g:,.0f} with {w}" for w, g in grids.items())
+        + f"; {os.cpu_count()} cores here)\n"
+    )
     print("Simulated GPU step (sleeps batch / ceiling), fed by notebook 04's pipeline through helpers.train.fit\n")
     print("| model | H200 ceiling img/s | read_ahead | bare loop img/s | real pipeline img/s | pipeline / bare |")
     print("|---|---|---|---|---|---|")
@@ -196,10 +223,17 @@ def main(argv=None):
         print(f"| {name} | {H200_TRAIN[name]:,} | {ra} | {bare:,.0f} | {got:,.0f} | {got / bare:.2f} |")
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"feed_{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(
-        {"batch": args.batch, "rows": [dict(zip(("what", "img_s", "need", "of"), r)) for r in rows],
-         "strips_grid_patches_s": grids,
-         "simulated": [dict(zip(("model", "read_ahead", "img_s", "bare_img_s"), s)) for s in sims]}, indent=2))
+    (out / f"feed_{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
+        json.dumps(
+            {
+                "batch": args.batch,
+                "rows": [dict(zip(("what", "img_s", "need", "of"), r)) for r in rows],
+                "strips_grid_patches_s": grids,
+                "simulated": [dict(zip(("model", "read_ahead", "img_s", "bare_img_s"), s)) for s in sims],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -65,10 +65,36 @@ def settings(quick):
     if quick:
         # ddp_size 64: a last batch of 2 split over 2 processes is 1 patch each, which BatchNorm
         # refuses when EfficientNet-B0's last feature map is 1 x 1 (32 px input).
-        return dict(batch=4, size=32, images=16, seg_images=8, bare_steps=2, warmup=1, infer_size=64, infer_batch=8,
-                    infer_seconds=0.5, ddp_images=16, ddp_size=64, run="gpu_check_quick", stride=112)
-    return dict(batch=256, size=224, images=256 * 24, seg_images=256 * 12, bare_steps=20, warmup=5, infer_size=224,
-                infer_batch=256, infer_seconds=4.0, ddp_images=256 * 24, ddp_size=224, run="gpu_check", stride=224)
+        return dict(
+            batch=4,
+            size=32,
+            images=16,
+            seg_images=8,
+            bare_steps=2,
+            warmup=1,
+            infer_size=64,
+            infer_batch=8,
+            infer_seconds=0.5,
+            ddp_images=16,
+            ddp_size=64,
+            run="gpu_check_quick",
+            stride=112,
+        )
+    return dict(
+        batch=256,
+        size=224,
+        images=256 * 24,
+        seg_images=256 * 12,
+        bare_steps=20,
+        warmup=5,
+        infer_size=224,
+        infer_batch=256,
+        infer_seconds=4.0,
+        ddp_images=256 * 24,
+        ddp_size=224,
+        run="gpu_check",
+        stride=224,
+    )
 
 
 def make_data(quick, run, stride):
@@ -78,16 +104,19 @@ def make_data(quick, run, stride):
         The slide to segment for the inference check.
     """
     from helpers.caches import ExtractionParams
+    from helpers.dataset import list_cases
     from helpers.patches import extract_dataset
     from helpers.paths import run_dir
-    from helpers.dataset import list_cases
     from helpers.synthetic import CaseSpec, demo_cases, ensure_demo_dataset
 
-    if quick:      # the tests' tiny cases: two with tumour, one without
-        specs = [CaseSpec("tiny_t1", 3072, 2560, True, 11), CaseSpec("tiny_n0", 2048, 2048, False, 12),
-                 CaseSpec("tiny_t2", 2560, 3584, True, 13)]
+    if quick:  # the tests' tiny cases: two with tumour, one without
+        specs = [
+            CaseSpec("tiny_t1", 3072, 2560, True, 11),
+            CaseSpec("tiny_n0", 2048, 2048, False, 12),
+            CaseSpec("tiny_t2", 2560, 3584, True, 13),
+        ]
         slide_id = "tiny_t2"
-    else:          # a 16k slide with tumour (~2,600 tissue patches at 1x: the inference slide) and three 8k ones
+    else:  # a 16k slide with tumour (~2,600 tissue patches at 1x: the inference slide) and three 8k ones
         specs = [c for c in demo_cases() if c.case_id in ("demo_01", "demo_03", "demo_04", "demo_06")]
         slide_id = "demo_01"
     data = ensure_demo_dataset(folder=REPO / "bench" / "cache" / run, cases=specs, workers=len(specs), progress=False)
@@ -95,7 +124,7 @@ def make_data(quick, run, stride):
     params = ExtractionParams(stride=stride)
     folder = run_dir(run)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")              # slides too small at 4x in the quick set
+        warnings.simplefilter("ignore")  # slides too small at 4x in the quick set
         extract_dataset(cases, [1, 4], folder / "patches", params, progress=False)
     from helpers.caches import save_extraction_record
 
@@ -116,7 +145,7 @@ class Timed:
         self.t0, self.n = time.perf_counter(), 0
         timed, inner = self, self.src(epoch)
 
-        class _Counted:                       # the same batches, their images counted
+        class _Counted:  # the same batches, their images counted
             def __len__(self):
                 return len(inner)
 
@@ -167,14 +196,24 @@ def loop_rate(name, s, device):
     timed = Timed(src, device)
     cfg = TrainConfig(epochs=2, optimizer="adam", lr=1e-4, device=device.type)
     with tempfile.TemporaryDirectory() as d:
-        fit(model, timed.batches, timed.evaluate, lossf, cfg, d, prepare=prepare, progress=False, log=timed.log,
-            batch_size=s["batch"])
+        fit(
+            model,
+            timed.batches,
+            timed.evaluate,
+            lossf,
+            cfg,
+            d,
+            prepare=prepare,
+            progress=False,
+            log=timed.log,
+            batch_size=s["batch"],
+        )
     return timed.rate(), timed.outside()
 
 
 def bare_rates(name, s, device):
     """The bare step with fit's cuDNN settings (deterministic, no autotuning), then with autotuning."""
-    if device.type != "cuda":                    # no cuDNN: one measurement serves both
+    if device.type != "cuda":  # no cuDNN: one measurement serves both
         r = bare(name, s["batch"], s["bare_steps"], device, s["size"], warmup=s["warmup"])
         return r, r
     out = []
@@ -200,8 +239,17 @@ def ddp_worker(args):
     n = s["ddp_images"] * world
     timed = Timed(long_epochs(cls_source(s["run"], glob, n), n, glob), device)
     cfg = TrainConfig(epochs=2, optimizer="sgd", lr=1e-3, device="auto")
-    fit(model, timed.batches, timed.evaluate, torch.nn.functional.cross_entropy, cfg, args.ddp_worker_out,
-        prepare=class_prepare(s["ddp_size"], augment=True, color=0.06, seed=0), progress=False, batch_size=glob)
+    fit(
+        model,
+        timed.batches,
+        timed.evaluate,
+        torch.nn.functional.cross_entropy,
+        cfg,
+        args.ddp_worker_out,
+        prepare=class_prepare(s["ddp_size"], augment=True, color=0.06, seed=0),
+        progress=False,
+        batch_size=glob,
+    )
     if dd.is_main():
         (Path(args.ddp_worker_out) / "rate.json").write_text(json.dumps({"world": world, "img_s": timed.rate()}))
     dd.cleanup()
@@ -210,12 +258,12 @@ def ddp_worker(args):
 def ddp_rate(nproc, quick):
     """Images/s of the scaling check's loop with ``nproc`` processes under torchrun."""
     with tempfile.TemporaryDirectory() as d:
-        cmd = dd.torchrun_command([Path(__file__), "--ddp-worker-out", d] + (["--quick"] if quick else []),
-                                  nproc, module=False)
+        cmd = dd.torchrun_command(
+            [Path(__file__), "--ddp-worker-out", d] + (["--quick"] if quick else []), nproc, module=False
+        )
         threads = 1 if quick else max(1, (os.cpu_count() or 2) // nproc)
         env = {"OMP_NUM_THREADS": threads, "TQDM_DISABLE": 1}
-        res = subprocess.run(cmd, cwd=REPO, env=dd.child_environment(env), capture_output=True, text=True,
-                             timeout=240)
+        res = subprocess.run(cmd, cwd=REPO, env=dd.child_environment(env), capture_output=True, text=True, timeout=240)
         if res.returncode != 0:
             raise RuntimeError(f"the {nproc}-process run failed:\n" + (res.stdout + res.stderr)[-3000:])
         return json.loads((Path(d) / "rate.json").read_text())["img_s"]
@@ -233,14 +281,14 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="CPU smoke test at tiny sizes (numbers mean nothing)")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    ap.add_argument("--ddp-worker-out", help=argparse.SUPPRESS)       # internal: one torchrun process
+    ap.add_argument("--ddp-worker-out", help=argparse.SUPPRESS)  # internal: one torchrun process
     args = ap.parse_args(argv)
     if args.ddp_worker_out:
         ddp_worker(args)
-        dd.exit_process(0)           # see its docstring: DDP's process group and interpreter shutdown
+        dd.exit_process(0)  # see its docstring: DDP's process group and interpreter shutdown
     t_start = time.perf_counter()
     s = settings(args.quick)
-    if args.quick:        # one thread: a smoke test, steady on a busy machine (threads spin when cores are short)
+    if args.quick:  # one thread: a smoke test, steady on a busy machine (threads spin when cores are short)
         torch.set_num_threads(1)
     device = select_device("auto")
     if device.type != "cuda" and not args.quick:
@@ -254,19 +302,33 @@ def main(argv=None):
         """One row; a failure (out of memory, a hung process ...) becomes a row, not the end."""
         try:
             rows.append({"check": kind, "what": what, **fn()})
-        except Exception as exc:                 # report it and go on with the other checks
+        except Exception as exc:  # report it and go on with the other checks
             traceback.print_exc()
-            rows.append({"check": kind, "what": what, "bare": None, "real": None, "ratio": None, "target": None,
-                         "note": f"FAILED: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:150]}"})
+            rows.append(
+                {
+                    "check": kind,
+                    "what": what,
+                    "bare": None,
+                    "real": None,
+                    "ratio": None,
+                    "target": None,
+                    "note": f"FAILED: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:150]}",
+                }
+            )
 
     def train_row(name):
         say(f"{name}: bare step (fit's cuDNN settings, then autotuned) ...")
         b_det, b_tuned = bare_rates(name, s, device)
         say(f"{name}: training loop ...")
         lp, outside = loop_rate(name, s, device)
-        return {"bare": b_det, "real": lp, "ratio": lp / b_det, "target": TRAIN_TARGET,
-                "note": f"vs autotuned bare {b_tuned:,.0f}: {lp / b_tuned:.2f}; "
-                        f"{outside:.2f} s per epoch after training (checkpoints)"}
+        return {
+            "bare": b_det,
+            "real": lp,
+            "ratio": lp / b_det,
+            "target": TRAIN_TARGET,
+            "note": f"vs autotuned bare {b_tuned:,.0f}: {lp / b_tuned:.2f}; "
+            f"{outside:.2f} s per epoch after training (checkpoints)",
+        }
 
     for name in args.models:
         check("train", name, lambda: train_row(name))
@@ -274,42 +336,72 @@ def main(argv=None):
 
     def inference_row():
         say(f"whole-slide inference ({workers} reader threads) ...")
-        r = measure_inference(slide, s["infer_size"], s["infer_batch"], read_workers=workers,
-                              seconds=s["infer_seconds"], amp=True, device=device)
-        return {"bare": r["bare"], "real": r["slide"], "ratio": r["slide"] / r["bare"], "target": INFER_TARGET,
-                "note": f"{Path(slide).stem}, {r['n_patches']} tissue patches in {r['seconds']:.2f} s, "
-                        f"{workers} reader threads"}
+        r = measure_inference(
+            slide,
+            s["infer_size"],
+            s["infer_batch"],
+            read_workers=workers,
+            seconds=s["infer_seconds"],
+            amp=True,
+            device=device,
+        )
+        return {
+            "bare": r["bare"],
+            "real": r["slide"],
+            "ratio": r["slide"] / r["bare"],
+            "target": INFER_TARGET,
+            "note": f"{Path(slide).stem}, {r['n_patches']} tissue patches in {r['seconds']:.2f} s, "
+            f"{workers} reader threads",
+        }
 
     check("inference", "predict_slide", inference_row)
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    n = gpus if gpus else 2                      # on the CPU: 2 gloo processes (smoke test)
+    n = gpus if gpus else 2  # on the CPU: 2 gloo processes (smoke test)
 
     def ddp_row():
         say("DDP: 1 process ...")
         one = ddp_rate(1, args.quick)
         if n < 2:
-            return {"bare": None, "real": one, "ratio": None, "target": None,
-                    "note": "1 process (1 GPU visible: scaling needs 2 or more)"}
+            return {
+                "bare": None,
+                "real": one,
+                "ratio": None,
+                "target": None,
+                "note": "1 process (1 GPU visible: scaling needs 2 or more)",
+            }
         say(f"DDP: {n} processes ...")
         many = ddp_rate(n, args.quick)
-        return {"bare": n * one, "real": many, "ratio": many / (n * one), "target": None,
-                "note": f"{n} vs 1 processes; 1 process {one:,.0f} img/s; batch {s['batch']} per process"}
+        return {
+            "bare": n * one,
+            "real": many,
+            "ratio": many / (n * one),
+            "target": None,
+            "note": f"{n} vs 1 processes; 1 process {one:,.0f} img/s; batch {s['batch']} per process",
+        }
 
     check("ddp", "efficientnet_b0", ddp_row)
 
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nGPU check on {dev} ({gpus} GPUs), torch {torch.__version__}, batch {s['batch']}, {s['size']} px, "
-          f"bf16 + channels_last on GPUs, {time.perf_counter() - t_start:.0f} s\n")
+    print(
+        f"\nGPU check on {dev} ({gpus} GPUs), torch {torch.__version__}, batch {s['batch']}, {s['size']} px, "
+        f"bf16 + channels_last on GPUs, {time.perf_counter() - t_start:.0f} s\n"
+    )
     print("| check | what | bare img/s | real img/s | real / bare | target | met | note |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         met = "-" if r["target"] is None else ("yes" if r["ratio"] >= r["target"] else "NO")
-        print(f"| {r['check']} | {r['what']} | {_fmt(r['bare'], ',.0f')} | {_fmt(r['real'], ',.0f')} | "
-              f"{_fmt(r['ratio'], '.2f')} | {_fmt(r['target'], '.1f')} | {met} | {r['note']} |")
+        print(
+            f"| {r['check']} | {r['what']} | {_fmt(r['bare'], ',.0f')} | {_fmt(r['real'], ',.0f')} | "
+            f"{_fmt(r['ratio'], '.2f')} | {_fmt(r['target'], '.1f')} | {met} | {r['note']} |"
+        )
     print("\n(ddp: 'bare' is N x the 1-process rate, so real / bare is the scaling efficiency)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": dev, "gpus": gpus, "settings": s, "rows": rows,
-                                               "seconds": time.perf_counter() - t_start}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {"device": dev, "gpus": gpus, "settings": s, "rows": rows, "seconds": time.perf_counter() - t_start},
+                indent=2,
+            )
+        )
     return 0
 
 

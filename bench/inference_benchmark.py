@@ -24,8 +24,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from helpers.inference import default_read_workers, predict_slide  # noqa: E402
 from helpers.dataset import list_cases  # noqa: E402
+from helpers.inference import default_read_workers, predict_slide  # noqa: E402
 from helpers.synthetic import ensure_demo_dataset  # noqa: E402
 from helpers.train import select_device  # noqa: E402
 from helpers.unetpp import build_segmenter, probabilities  # noqa: E402
@@ -73,10 +73,23 @@ def measure(slide, input_size=128, batch=16, read_workers=None, seconds=8.0, amp
 
     bare_before = bare_rate()
     with ctx():
-        res = predict_slide(net, slide, probabilities, out_downsample=16, batch_size=batch, input_size=input_size,
-                            progress=False, read_workers=read_workers, device=device)
-    return {"bare": max(bare_before, bare_rate()), "slide": res["n_patches"] / res["seconds"],
-            "n_patches": res["n_patches"], "seconds": res["seconds"]}
+        res = predict_slide(
+            net,
+            slide,
+            probabilities,
+            out_downsample=16,
+            batch_size=batch,
+            input_size=input_size,
+            progress=False,
+            read_workers=read_workers,
+            device=device,
+        )
+    return {
+        "bare": max(bare_before, bare_rate()),
+        "slide": res["n_patches"] / res["seconds"],
+        "n_patches": res["n_patches"],
+        "seconds": res["seconds"],
+    }
 
 
 def main(argv=None):
@@ -84,8 +97,12 @@ def main(argv=None):
     ap.add_argument("--case", default="demo_03", help="demo case to segment (default demo_03, 8192 x 6144)")
     ap.add_argument("--input-size", type=int, default=128, help="network input side (224 = the paper's; 128 for CPU)")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--read-workers", type=int, default=None,
-                    help="reader threads (default: helpers.inference.default_read_workers(), half the cores)")
+    ap.add_argument(
+        "--read-workers",
+        type=int,
+        default=None,
+        help="reader threads (default: helpers.inference.default_read_workers(), half the cores)",
+    )
     args = ap.parse_args(argv)
     device = select_device("auto")
     case = {c.case_id: c for c in list_cases(ensure_demo_dataset(progress=False))}.get(args.case)
@@ -94,9 +111,11 @@ def main(argv=None):
     r = measure(case.slide, args.input_size, args.batch, args.read_workers, device=device)
     bare, slide_rate = r["bare"], r["slide"]
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nWhole-slide inference on {dev}: {case.case_id}, {r['n_patches']} tissue patches of 224 px, "
-          f"network input {args.input_size} px, batch {args.batch}, "
-          f"{args.read_workers or default_read_workers()} reader threads\n")
+    print(
+        f"\nWhole-slide inference on {dev}: {case.case_id}, {r['n_patches']} tissue patches of 224 px, "
+        f"network input {args.input_size} px, batch {args.batch}, "
+        f"{args.read_workers or default_read_workers()} reader threads\n"
+    )
     print("| what | patches/s | seconds |")
     print("|---|---|---|")
     print(f"| bare UNet++ inference (device-resident batches) | {bare:.1f} | - |")

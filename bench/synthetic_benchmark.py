@@ -41,8 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import helpers.synthetic as syn  # noqa: E402
-from helpers.dataset import list_cases  # noqa: E402
 from helpers.caches import ExtractionParams  # noqa: E402
+from helpers.dataset import list_cases  # noqa: E402
 from helpers.patches import extract_dataset  # noqa: E402
 from helpers.splits import split_cases  # noqa: E402
 
@@ -68,19 +68,27 @@ def generation(root):
     cases = syn.demo_cases()
     with Clock() as clk:
         syn.ensure_demo_dataset(root / "demo", progress=False)
-    rows = [{"what": "demo (45 slides)", "wall_s": clk.wall, "cpu_s": clk.cpu,
-             "mpx": sum(c.width * c.height for c in cases) / 1e6}]
+    rows = [
+        {
+            "what": "demo (45 slides)",
+            "wall_s": clk.wall,
+            "cpu_s": clk.cpu,
+            "mpx": sum(c.width * c.height for c in cases) / 1e6,
+        }
+    ]
     for shape in syn.ZOO_SHAPES:
         with Clock() as clk:
             folder = syn.write_zoo_dataset(shape, root / "zoo" / shape)
-        rows.append({"what": f"zoo {shape}", "wall_s": clk.wall, "cpu_s": clk.cpu,
-                     "files": len(list(folder.iterdir()))})
+        rows.append(
+            {"what": f"zoo {shape}", "wall_s": clk.wall, "cpu_s": clk.cpu, "files": len(list(folder.iterdir()))}
+        )
     return rows
 
 
 # ---------------------------------------------------------------------------------------------
 # Learnability: two logistic regressions per scale
 # ---------------------------------------------------------------------------------------------
+
 
 def colour_histograms(x, bins=16):
     """Per-channel histograms of uint8 RGB patches ``(n, P, P, 3)``, as shares."""
@@ -155,8 +163,13 @@ def labelled_patches(data, cache_root, scales, patch_size):
 
 def splits(cases, ids, seed):
     """The split (``train``, ``val`` or ``test``) of each patch's slide, patient-grouped."""
-    sp = split_cases([c.case_id for c in cases], [c.label for c in cases], (0.6, 0.2, 0.2), seed=seed,
-                     patients=[c.patient_id for c in cases])
+    sp = split_cases(
+        [c.case_id for c in cases],
+        [c.label for c in cases],
+        (0.6, 0.2, 0.2),
+        seed=seed,
+        patients=[c.patient_id for c in cases],
+    )
     split = dict(zip(sp["case_id"], sp["split"]))
     return np.array([split[i] for i in ids])
 
@@ -172,14 +185,21 @@ def learnability(data, cache_root, seeds, patch_size=64, scales=(4, 16, 64)):
             test = splits(cases, ids, seed) != "train"
             for k, f in feats.items():
                 acc[k].append(float(np.mean(logistic_regression(f[~test], y[~test], f[test]) == y[test])))
-        rows.append({"scale": sc, "patches": len(y), "positive": float(y.mean()),
-                     **{k: (float(np.mean(v)), float(np.std(v))) for k, v in acc.items()}})
+        rows.append(
+            {
+                "scale": sc,
+                "patches": len(y),
+                "positive": float(y.mean()),
+                **{k: (float(np.mean(v)), float(np.std(v))) for k, v in acc.items()},
+            }
+        )
     return rows, per_scale, cases
 
 
 # ---------------------------------------------------------------------------------------------
 # A small CNN at 4x, with and without stain augmentation
 # ---------------------------------------------------------------------------------------------
+
 
 def cnn_accuracy(x, y, split, seed, augment, epochs=10):
     """Test accuracy of a four-block CNN trained on the training patches, at the epoch with the
@@ -192,9 +212,17 @@ def cnn_accuracy(x, y, split, seed, augment, epochs=10):
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(block(3, 16), block(16, 32), block(32, 64), block(64, 64),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 2))
+    model = nn.Sequential(
+        block(3, 16),
+        block(16, 32),
+        block(32, 64),
+        block(64, 64),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 2),
+    )
     opt = torch.optim.Adam(model.parameters(), 1e-3)
+
     def tensor(which):
         return torch.from_numpy(x[split == which]).permute(0, 3, 1, 2).float() / 255
 
@@ -202,7 +230,7 @@ def cnn_accuracy(x, y, split, seed, augment, epochs=10):
         model.eval()
         xe = tensor(which)
         with torch.no_grad():
-            pred = torch.cat([model(xe[i:i + 512]).argmax(1) for i in range(0, len(xe), 512)]).numpy()
+            pred = torch.cat([model(xe[i : i + 512]).argmax(1) for i in range(0, len(xe), 512)]).numpy()
         return float(np.mean(pred == y[split == which]))
 
     xt, yt = tensor("train"), torch.from_numpy(y[split == "train"]).long()
@@ -211,11 +239,14 @@ def cnn_accuracy(x, y, split, seed, augment, epochs=10):
         model.train()
         order = torch.randperm(len(xt), generator=gen)
         for i in range(0, len(order), 128):
-            b = order[i:i + 128]
+            b = order[i : i + 128]
             xb = xt[b]
-            if augment:   # flips, quarter turns, and each dye channel's optical density scaled
-                xb = torch.rot90(xb.flip(3) if torch.rand(1, generator=gen) < 0.5 else xb,
-                                 int(torch.randint(0, 4, (1,), generator=gen)), (2, 3))
+            if augment:  # flips, quarter turns, and each dye channel's optical density scaled
+                xb = torch.rot90(
+                    xb.flip(3) if torch.rand(1, generator=gen) < 0.5 else xb,
+                    int(torch.randint(0, 4, (1,), generator=gen)),
+                    (2, 3),
+                )
                 od = -torch.log(xb.clamp(1 / 255, 1))
                 k = 0.7 + 0.6 * torch.rand(len(b), 3, 1, 1, generator=gen)
                 xb = torch.exp(-(od * k + 0.06 * (torch.rand(len(b), 3, 1, 1, generator=gen) - 0.5)).clamp(0, None))
@@ -231,8 +262,11 @@ def cnn_accuracy(x, y, split, seed, augment, epochs=10):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, help="an existing demo folder for the learnability check "
-                                               "(default: the one this run generates)")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        help="an existing demo folder for the learnability check (default: the one this run generates)",
+    )
     ap.add_argument("--skip-generation", action="store_true", help="do not time the generation")
     ap.add_argument("--seeds", type=int, default=6, help="split seeds to average over (default 6)")
     ap.add_argument("--cnn", action="store_true", help="also train a small CNN at 4x, with and without augmentation")
@@ -246,26 +280,42 @@ def main():
             out["generation"] = generation(tmp)
             lines += ["| what | wall s | CPU s | note |", "|---|---|---|---|"]
             for r in out["generation"]:
-                note = (f"{r['mpx']:,.0f} Mpx, {r['mpx'] / r['cpu_s']:.1f} Mpx per CPU s" if "mpx" in r
-                        else f"{r['files']} files")
+                note = (
+                    f"{r['mpx']:,.0f} Mpx, {r['mpx'] / r['cpu_s']:.1f} Mpx per CPU s"
+                    if "mpx" in r
+                    else f"{r['files']} files"
+                )
                 lines.append(f"| {r['what']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {note} |")
             lines.append("")
         data = args.data or (tmp / "demo" if not args.skip_generation else syn.ensure_demo_dataset())
         rows, per_scale, cases = learnability(data, tmp / "cache", range(args.seeds))
         out["learnability"] = rows
-        lines += [f"Held-out accuracy over {args.seeds} patient-grouped splits (mean +- sd):", "",
-                  "| scale | labelled patches | positive | colour histograms | texture |", "|---|---|---|---|---|"]
+        lines += [
+            f"Held-out accuracy over {args.seeds} patient-grouped splits (mean +- sd):",
+            "",
+            "| scale | labelled patches | positive | colour histograms | texture |",
+            "|---|---|---|---|---|",
+        ]
         for r in rows:
             c, t = r["colour histograms"], r["texture"]
-            lines.append(f"| {r['scale']}x | {r['patches']:,} | {r['positive']:.0%} | {c[0]:.1%} +- {c[1]:.1%} "
-                         f"| {t[0]:.1%} +- {t[1]:.1%} |")
+            lines.append(
+                f"| {r['scale']}x | {r['patches']:,} | {r['positive']:.0%} | {c[0]:.1%} +- {c[1]:.1%} "
+                f"| {t[0]:.1%} +- {t[1]:.1%} |"
+            )
         if args.cnn:
             x, y, ids = per_scale[4]
-            res = {aug: [cnn_accuracy(x, y, splits(cases, ids, s), s, aug) for s in range(args.cnn_seeds)]
-                   for aug in (False, True)}
+            res = {
+                aug: [cnn_accuracy(x, y, splits(cases, ids, s), s, aug) for s in range(args.cnn_seeds)]
+                for aug in (False, True)
+            }
             out["cnn_4x"] = {"plain": res[False], "augmented": res[True]}
-            lines += ["", "4x CNN, test accuracy at the best validation epoch:", "",
-                      "| 4x CNN | per split seed | mean |", "|---|---|---|"]
+            lines += [
+                "",
+                "4x CNN, test accuracy at the best validation epoch:",
+                "",
+                "| 4x CNN | per split seed | mean |",
+                "|---|---|---|",
+            ]
             for aug, name in ((False, "no augmentation"), (True, "stain + flip augmentation")):
                 lines.append(f"| {name} | {', '.join(f'{a:.1%}' for a in res[aug])} | {np.mean(res[aug]):.1%} |")
     text = "\n".join(lines)

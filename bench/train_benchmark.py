@@ -31,8 +31,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from helpers.models import build_classifier  # noqa: E402
 from helpers.caches import load_patch_set  # noqa: E402
+from helpers.models import build_classifier  # noqa: E402
 from helpers.train import TrainConfig, fit, select_device  # noqa: E402
 from helpers.unetpp import build_segmenter, deep_supervision_dice_loss  # noqa: E402
 
@@ -43,8 +43,7 @@ def load_patches(run, n):
     """The first ``n`` kept 1x patches (and masks) of the demo run's training slides."""
     folders = sorted(glob.glob(str(REPO / "runs" / run / "patches" / "*" / "x1_*")))
     if not folders:
-        sys.exit(f"no patch caches under runs/{run}/patches: run notebook 02 first "
-                 "(python -m helpers.run --only 02)")
+        sys.exit(f"no patch caches under runs/{run}/patches: run notebook 02 first (python -m helpers.run --only 02)")
     xs, ms = [], []
     for f in folders:
         ps = load_patch_set(f)
@@ -79,11 +78,19 @@ def bare(name, batch, steps, device, size=224, channels_last=None, warmup=1):
     if cl:
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    y = (torch.rand(batch, size, size, device=device) > 0.5).float() if seg else torch.randint(0, 2, (batch,), device=device)
+    y = (
+        (torch.rand(batch, size, size, device=device) > 0.5).float()
+        if seg
+        else torch.randint(0, 2, (batch,), device=device)
+    )
     lossf = deep_supervision_dice_loss if seg else torch.nn.functional.cross_entropy
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     cuda = device.type == "cuda"
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (lambda: torch.autocast("cpu", enabled=False))
+    amp = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if cuda
+        else (lambda: torch.autocast("cpu", enabled=False))
+    )
 
     def step():
         with amp():
@@ -159,8 +166,17 @@ def loop(name, batch, x, m, device, size=224, run="demo"):
     lossf = deep_supervision_dice_loss if seg else (lambda o, y: torch.nn.functional.cross_entropy(o, y.long()))
     cfg = TrainConfig(epochs=2, optimizer="adam", lr=1e-4, device=device.type)
     with tempfile.TemporaryDirectory() as d:
-        h = fit(model, train_batches, lambda mdl, dev: {"val_loss": 0.0}, lossf, cfg, d, prepare=prepare,
-                progress=False, log=lambda *_: None)
+        h = fit(
+            model,
+            train_batches,
+            lambda mdl, dev: {"val_loss": 0.0},
+            lossf,
+            cfg,
+            d,
+            prepare=prepare,
+            progress=False,
+            log=lambda *_: None,
+        )
     # The first epoch warms up (allocator, kernels); the second is the measurement.
     n = len(train_batches(0)) * batch
     return n / h["seconds"].iloc[-1]
@@ -184,18 +200,29 @@ def main(argv=None):
         b = bare(name, args.batch, args.steps, device, args.size)
         print(f"{name}: training loop ...", file=sys.stderr, flush=True)
         lp = loop(name, args.batch, x, m, device, args.size, args.run)
-        rows.append({"model": name, "batch": args.batch, "bare_img_s": round(b, 2), "loop_img_s": round(lp, 2),
-                     "ratio": round(lp / b, 2)})
+        rows.append(
+            {
+                "model": name,
+                "batch": args.batch,
+                "bare_img_s": round(b, 2),
+                "loop_img_s": round(lp, 2),
+                "ratio": round(lp / b, 2),
+            }
+        )
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nTraining throughput on {dev}, {len(x)} patches of 224 px per epoch resized to {args.size} px, "
-          f"torch {torch.__version__}\n")
+    print(
+        f"\nTraining throughput on {dev}, {len(x)} patches of 224 px per epoch resized to {args.size} px, "
+        f"torch {torch.__version__}\n"
+    )
     print("| model | batch | bare step img/s | real loop img/s | loop / bare |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['batch']} | {r['bare_img_s']} | {r['loop_img_s']} | {r['ratio']} |")
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"train_{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps({"device": dev, "rows": rows}, indent=2))
+    (out / f"train_{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
+        json.dumps({"device": dev, "rows": rows}, indent=2)
+    )
 
 
 if __name__ == "__main__":

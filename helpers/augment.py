@@ -19,8 +19,18 @@ def _gaussian_kernels(sigmas, radius):
     return k / k.sum(dim=1, keepdim=True)
 
 
-def augment_batch(x, generator=None, masks=None, rotation=180.0, flip=0.5, scale=(0.9, 1.1),
-                  shift=0.05, blur_p=0.3, blur_sigma=(0.3, 1.5), color=0.0):
+def augment_batch(
+    x,
+    generator=None,
+    masks=None,
+    rotation=180.0,
+    flip=0.5,
+    scale=(0.9, 1.1),
+    shift=0.05,
+    blur_p=0.3,
+    blur_sigma=(0.3, 1.5),
+    color=0.0,
+):
     """Randomly rotate, flip, scale, shift and blur a batch of images (and their masks alike).
 
     Geometry is one affine warp per image (``affine_grid`` + ``grid_sample``, borders
@@ -63,8 +73,7 @@ def augment_batch(x, generator=None, masks=None, rotation=180.0, flip=0.5, scale
     fy = torch.where(torch.rand(n, generator=g, device=dev) < flip, -1.0, 1.0)
     tx, ty = u(-shift, shift) * 2, u(-shift, shift) * 2
     cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
-    theta = torch.stack([torch.stack([cos * fx, -sin * fy, tx], 1),
-                         torch.stack([sin * fx, cos * fy, ty], 1)], 1)
+    theta = torch.stack([torch.stack([cos * fx, -sin * fy, tx], 1), torch.stack([sin * fx, cos * fy, ty], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     # Blur: per-image sigma, as a grouped convolution over (image, channel) pairs.
@@ -72,9 +81,9 @@ def augment_batch(x, generator=None, masks=None, rotation=180.0, flip=0.5, scale
     if blur_p > 0 and bool(do_blur.any()):
         sig = u(*blur_sigma)
         radius = int(math.ceil(3 * blur_sigma[1]))
-        k = _gaussian_kernels(sig, radius)                          # (n, 2r+1)
+        k = _gaussian_kernels(sig, radius)  # (n, 2r+1)
         c = out.shape[1]
-        kk = k.repeat_interleave(c, 0)                              # (n*c, 2r+1)
+        kk = k.repeat_interleave(c, 0)  # (n*c, 2r+1)
         y = out.reshape(1, n * c, *out.shape[2:])
         y = F.pad(y, (radius, radius, radius, radius), mode="reflect")
         y = F.conv2d(y, kk[:, None, None, :], groups=n * c)

@@ -31,8 +31,22 @@ from .slides import MASK_KINDS
 #: Bump when extraction changes in a way that changes a cache's content.
 EXTRACTOR_VERSION = 4
 
-TABLE_COLUMNS = ["case_id", "scale", "row", "col", "x", "y", "footprint", "tissue_frac",
-                 "otsu", "kept", "whole_frac", "viable_frac", "label", "index"]
+TABLE_COLUMNS = [
+    "case_id",
+    "scale",
+    "row",
+    "col",
+    "x",
+    "y",
+    "footprint",
+    "tissue_frac",
+    "otsu",
+    "kept",
+    "whole_frac",
+    "viable_frac",
+    "label",
+    "index",
+]
 
 
 @dataclass
@@ -65,6 +79,13 @@ class ExtractionParams:
     neg_threshold: float = 0.05
     mask_scale: int = 1
 
+    @classmethod
+    def from_notebook(cls, values):
+        """The parameters of notebook 02's ``parameters`` cell (``values``: its ``globals()``),
+        validated; ``seg_scale`` there is ``mask_scale`` here."""
+        names = [f for f in cls.__dataclass_fields__ if f != "mask_scale"]
+        return cls(**{k: values[k] for k in names}, mask_scale=values["seg_scale"]).validate()
+
     def validate(self):
         """Raise :class:`InputError` naming the first bad parameter; return self."""
         check_positive("patch_size", self.patch_size, integer=True)
@@ -79,15 +100,17 @@ class ExtractionParams:
             raise InputError(f"parameter 'glass_level' must lie between 1 and 254, got {self.glass_level}")
         check_positive("tissue_subsample", self.tissue_subsample, integer=True)
         if self.patch_size % self.tissue_subsample:
-            raise InputError(f"parameter 'tissue_subsample' ({self.tissue_subsample}) must divide "
-                             f"patch_size ({self.patch_size})")
+            raise InputError(
+                f"parameter 'tissue_subsample' ({self.tissue_subsample}) must divide patch_size ({self.patch_size})"
+            )
         if self.label_mask not in MASK_KINDS:
             raise InputError(f"parameter 'label_mask' must be one of {MASK_KINDS}, got {self.label_mask!r}")
         check_fraction("pos_threshold", self.pos_threshold)
         check_fraction("neg_threshold", self.neg_threshold)
         if self.neg_threshold >= self.pos_threshold:
-            raise InputError(f"parameter 'neg_threshold' ({self.neg_threshold}) must be below "
-                             f"'pos_threshold' ({self.pos_threshold})")
+            raise InputError(
+                f"parameter 'neg_threshold' ({self.neg_threshold}) must be below 'pos_threshold' ({self.pos_threshold})"
+            )
         check_type("mask_scale", self.mask_scale, int)
         return self
 
@@ -133,8 +156,10 @@ def too_small_reason(dimensions, scale, patch_size):
     W, H = dimensions
     if min(W, H) // scale >= patch_size:
         return None
-    return (f"{W}x{H} px is smaller than one {patch_size} px patch at {scale}x "
-            f"({patch_size * scale:,} px of the slide a side)")
+    return (
+        f"{W}x{H} px is smaller than one {patch_size} px patch at {scale}x "
+        f"({patch_size * scale:,} px of the slide a side)"
+    )
 
 
 def label_patches(tumor_frac, pos_threshold=0.5, neg_threshold=0.05):
@@ -197,16 +222,24 @@ def cache_bytes_estimate(dims, scales, params, tissue_share=1.0):
 # Cache keys and folders
 # ---------------------------------------------------------------------------------------------
 
+
 def case_fingerprints(case):
     """Content fingerprints of a case's slide and masks (``None`` for a missing mask)."""
-    return {"slide": file_fingerprint(case.slide),
-            **{k: None if case.mask_path(k) is None else file_fingerprint(case.mask_path(k)) for k in MASK_KINDS}}
+    return {
+        "slide": file_fingerprint(case.slide),
+        **{k: None if case.mask_path(k) is None else file_fingerprint(case.mask_path(k)) for k in MASK_KINDS},
+    }
 
 
 def cache_key(case, scale, params):
     """The cache's identity: the content of the files it came from, the scale, every parameter."""
-    return {"extractor_version": EXTRACTOR_VERSION, "case_id": case.case_id, "scale": int(scale),
-            "files": case_fingerprints(case), "params": asdict(params)}
+    return {
+        "extractor_version": EXTRACTOR_VERSION,
+        "case_id": case.case_id,
+        "scale": int(scale),
+        "files": case_fingerprints(case),
+        "params": asdict(params),
+    }
 
 
 def cache_folder(cache_root, case, scale, params):
@@ -254,12 +287,12 @@ def load_patch_set(folder):
     table = pd.read_csv(folder / "table.csv")
     table["kept"] = table["kept"].astype(bool)
     n, P = meta["n_kept"], meta["key"]["params"]["patch_size"]
-    patches = (np.memmap(folder / "patches.u8", np.uint8, "r", shape=(n, P, P, 3)) if n
-               else np.zeros((0, P, P, 3), np.uint8))
+    patches = (
+        np.memmap(folder / "patches.u8", np.uint8, "r", shape=(n, P, P, 3)) if n else np.zeros((0, P, P, 3), np.uint8)
+    )
     masks = None
     if (folder / "masks.u8").exists():
-        masks = (np.memmap(folder / "masks.u8", np.uint8, "r", shape=(n, P, P)) if n
-                 else np.zeros((0, P, P), np.uint8))
+        masks = np.memmap(folder / "masks.u8", np.uint8, "r", shape=(n, P, P)) if n else np.zeros((0, P, P), np.uint8)
     return PatchSet(folder, meta, table, patches, masks)
 
 
@@ -289,9 +322,12 @@ def save_extraction_record(run_folder, data_dir, scales, params, cases):
     result computed from these caches records it.
     """
     caches = {sc: cache_keys(cases, sc, Path(run_folder) / "patches", params) for sc in scales}
-    record = {"data_dir": str(Path(data_dir).resolve()), "scales": [int(s) for s in scales],
-              "params": asdict(params.validate()),
-              "caches": {str(sc): v for sc, v in caches.items()}}
+    record = {
+        "data_dir": str(Path(data_dir).resolve()),
+        "scales": [int(s) for s in scales],
+        "params": asdict(params.validate()),
+        "caches": {str(sc): v for sc, v in caches.items()},
+    }
     record["key"] = key_hash({k: record[k] for k in ("scales", "params", "caches")})
     write_json(Path(run_folder) / RECORD_NAME, record)
     return record
@@ -314,8 +350,10 @@ def load_extraction_record(run_folder, data_dir=None):
     """
     path = Path(run_folder) / RECORD_NAME
     if not path.exists():
-        raise InputError(f"{path}: not found; run notebook 02 (patch extraction) for this run first "
-                         f"(python -m helpers.run --only 02 --run-name {Path(run_folder).name})")
+        raise InputError(
+            f"{path}: not found; run notebook 02 (patch extraction) for this run first "
+            f"(python -m helpers.run --only 02 --run-name {Path(run_folder).name})"
+        )
     rec = json.loads(path.read_text())
     if "key" not in rec:
         raise InputError(f"{path} was written by an older version of notebook 02; rerun notebook 02")
@@ -329,10 +367,16 @@ def load_extraction_record(run_folder, data_dir=None):
             theirs = None
         ours = {c.case_id: file_fingerprint(c.slide) for c in list_cases(data_dir)}
         if theirs is not None and theirs != ours:
-            raise InputError(f"run {Path(run_folder).name!r} extracted its patches from the slides of {folder}, "
-                             f"which differ from those of {Path(data_dir).resolve()}; use another run_name or "
-                             "rerun notebook 02 with this data_dir")
+            raise InputError(
+                f"run {Path(run_folder).name!r} extracted its patches from the slides of {folder}, "
+                f"which differ from those of {Path(data_dir).resolve()}; use another run_name or "
+                "rerun notebook 02 with this data_dir"
+            )
         folder = Path(data_dir).resolve()
-    return {"data_dir": folder, "scales": list(rec["scales"]),
-            "params": ExtractionParams(**rec["params"]).validate(),
-            "caches": {int(k): v for k, v in rec["caches"].items()}, "key": rec["key"]}
+    return {
+        "data_dir": folder,
+        "scales": list(rec["scales"]),
+        "params": ExtractionParams(**rec["params"]).validate(),
+        "caches": {int(k): v for k, v in rec["caches"].items()},
+        "key": rec["key"],
+    }

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from .augment import augment_batch, balance_indices
+from .caches import cache_folder, load_patch_set
 from .errors import InputError, check_positive
 from .metrics import classification_report
-from .caches import cache_folder, load_patch_set
 from .train import SeededPrepare
 
 #: Columns of a prediction table (one row per patch, model and scale).
@@ -61,8 +61,15 @@ class ClassPatches:
     def subset(self, idx):
         """The patches ``idx`` as a dataset of their own."""
         idx = np.asarray(idx, int)
-        return ClassPatches(self.scale, self.sets, self.owner[idx], self.local[idx], self.labels[idx],
-                            self.rows.iloc[idx].reset_index(drop=True), self.no_patch)
+        return ClassPatches(
+            self.scale,
+            self.sets,
+            self.owner[idx],
+            self.local[idx],
+            self.labels[idx],
+            self.rows.iloc[idx].reset_index(drop=True),
+            self.no_patch,
+        )
 
     def take(self, idx):
         """uint8 patches ``(k, P, P, 3)`` for dataset rows ``idx`` (read set by set)."""
@@ -99,8 +106,10 @@ def load_class_patches(cases, cache_root, params, scale, what="training", labell
     for case in cases:
         folder, _ = cache_folder(cache_root, case, scale, params)
         if not (folder / "meta.json").exists():
-            raise InputError(f"no {scale}x patch cache for {case.case_id} at {folder}: run the patch "
-                             f"extraction for this scale first (notebook 02, or notebook 04's section 1)")
+            raise InputError(
+                f"no {scale}x patch cache for {case.case_id} at {folder}: run the patch "
+                f"extraction for this scale first (notebook 02, or notebook 04's section 1)"
+            )
         ps = load_patch_set(folder)
         k = ps.kept
         if labelled_only:
@@ -114,10 +123,24 @@ def load_class_patches(cases, cache_root, params, scale, what="training", labell
         labels.append(k["label"].to_numpy(np.int64))
         rows.append(k)
     if not sets:
-        return ClassPatches(scale, [], np.zeros(0, int), np.zeros(0, int), np.zeros(0, np.int64),
-                            pd.DataFrame(columns=["case_id", "x", "y", "footprint", "label"]), none)
-    return ClassPatches(scale, sets, np.concatenate(owner), np.concatenate(local), np.concatenate(labels),
-                        pd.concat(rows, ignore_index=True), none)
+        return ClassPatches(
+            scale,
+            [],
+            np.zeros(0, int),
+            np.zeros(0, int),
+            np.zeros(0, np.int64),
+            pd.DataFrame(columns=["case_id", "x", "y", "footprint", "label"]),
+            none,
+        )
+    return ClassPatches(
+        scale,
+        sets,
+        np.concatenate(owner),
+        np.concatenate(local),
+        np.concatenate(labels),
+        pd.concat(rows, ignore_index=True),
+        none,
+    )
 
 
 def require_both_classes(data, what):
@@ -125,9 +148,11 @@ def require_both_classes(data, what):
     t, n = data.counts()
     if t == 0 or n == 0:
         missing = "tumour" if t == 0 else "non-tumour"
-        raise InputError(f"at {data.scale}x the {what} split has no {missing} patch ({t} tumour, {n} non-tumour, "
-                         f"{len(data.no_patch)} slides without any labelled patch): a classifier cannot be trained "
-                         f"there. Use a smaller stride at {data.scale}x, other slides in the split, or drop the scale")
+        raise InputError(
+            f"at {data.scale}x the {what} split has no {missing} patch ({t} tumour, {n} non-tumour, "
+            f"{len(data.no_patch)} slides without any labelled patch): a classifier cannot be trained "
+            f"there. Use a smaller stride at {data.scale}x, other slides in the split, or drop the scale"
+        )
 
 
 def class_batches(data, batch_size, balance=True, seed=0, max_batches=None):
@@ -148,8 +173,11 @@ def class_batches(data, batch_size, balance=True, seed=0, max_batches=None):
 
     def batches(epoch):
         rng_seed = [seed, epoch]
-        idx = (balance_indices(data.labels, seed=np.random.default_rng(rng_seed).integers(2 ** 31))
-               if balance else np.random.default_rng(rng_seed).permutation(len(data)))
+        idx = (
+            balance_indices(data.labels, seed=np.random.default_rng(rng_seed).integers(2**31))
+            if balance
+            else np.random.default_rng(rng_seed).permutation(len(data))
+        )
 
         n_batches = -(-len(idx) // batch_size)
         if max_batches:
@@ -161,9 +189,8 @@ def class_batches(data, batch_size, balance=True, seed=0, max_batches=None):
 
             def __iter__(self):
                 for i in range(0, n_batches * batch_size, batch_size):
-                    b = idx[i:i + batch_size]
-                    yield (torch.from_numpy(data.take(b)).permute(0, 3, 1, 2),
-                           torch.from_numpy(data.labels[b]))
+                    b = idx[i : i + batch_size]
+                    yield (torch.from_numpy(data.take(b)).permute(0, 3, 1, 2), torch.from_numpy(data.labels[b]))
 
         return _Epoch()
 
@@ -213,8 +240,10 @@ def make_class_evaluator(data, input_size, batch_size=64, max_patches=0, seed=0)
     (half from each class where possible) is evaluated every epoch.
     """
     if not len(data):
-        raise InputError(f"the validation split has no labelled patch at {data.scale}x; put slides that "
-                         f"give patches at this scale in it, or drop the scale")
+        raise InputError(
+            f"the validation split has no labelled patch at {data.scale}x; put slides that "
+            f"give patches at this scale in it, or drop the scale"
+        )
     idx = np.arange(len(data))
     if max_patches and len(data) > max_patches:
         rng = np.random.default_rng(seed)
@@ -232,8 +261,11 @@ def make_class_evaluator(data, input_size, batch_size=64, max_patches=0, seed=0)
         pred = (p >= 0.5).long()
         # The mean recall over the classes present (a class absent from validation is left out).
         recalls = [float((pred[y == c] == c).float().mean()) for c in (0, 1) if bool((y == c).any())]
-        return {"val_loss": loss, "val_acc": float((pred == y).float().mean()),
-                "val_bal_acc": sum(recalls) / len(recalls)}
+        return {
+            "val_loss": loss,
+            "val_acc": float((pred == y).float().mean()),
+            "val_bal_acc": sum(recalls) / len(recalls),
+        }
 
     evaluate.n_patches = len(sub)
     return evaluate
@@ -248,15 +280,25 @@ def prediction_table(data, probs, model_name, threshold=0.5):
     if not len(data):
         return pd.DataFrame(columns=PREDICTION_COLUMNS)
     r = data.rows
-    return pd.DataFrame({"case_id": r["case_id"].to_numpy(), "model": model_name, "scale": data.scale,
-                         "x": r["x"].to_numpy(), "y": r["y"].to_numpy(), "footprint": r["footprint"].to_numpy(),
-                         "prob": probs.round(5), "pred": (probs >= threshold).astype(int),
-                         "label": data.labels})[PREDICTION_COLUMNS]
+    return pd.DataFrame(
+        {
+            "case_id": r["case_id"].to_numpy(),
+            "model": model_name,
+            "scale": data.scale,
+            "x": r["x"].to_numpy(),
+            "y": r["y"].to_numpy(),
+            "footprint": r["footprint"].to_numpy(),
+            "prob": probs.round(5),
+            "pred": (probs >= threshold).astype(int),
+            "label": data.labels,
+        }
+    )[PREDICTION_COLUMNS]
 
 
 # ---------------------------------------------------------------------------------------------
 # Notebook 04's plan: which classifiers, on which patches; training, prediction, Table 1
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class ClassificationPlan:
@@ -289,8 +331,11 @@ class ClassificationPlan:
 
     def describe(self):
         """One line for the notebook."""
-        what = (f"applying {len(self.sources)} classifiers of run {self.models_from!r} to every slide"
-                if self.mode == "apply" else f"training {len(self.models)} models x scales {self.scales}")
+        what = (
+            f"applying {len(self.sources)} classifiers of run {self.models_from!r} to every slide"
+            if self.mode == "apply"
+            else f"training {len(self.models)} models x scales {self.scales}"
+        )
         return f"{what}; strides {dict(zip(self.scales, self.strides))} px at each scale"
 
     def target_split(self):
@@ -319,9 +364,17 @@ class ClassificationPlan:
                 d = load_class_patches(cases[s], run.cache_root, p, sc, s, labelled_only=(s != "test" and s != "all"))
                 self.sets[(sc, s)] = d
                 t, n = d.counts()
-                rows.append({"scale": f"{sc}x", "stride": p.stride, "split": s, "tumour": t, "non-tumour": n,
-                             "unlabelled": int((d.labels < 0).sum()),
-                             "slides without a patch": f"{len(d.no_patch)} of {len(cases[s])}"})
+                rows.append(
+                    {
+                        "scale": f"{sc}x",
+                        "stride": p.stride,
+                        "split": s,
+                        "tumour": t,
+                        "non-tumour": n,
+                        "unlabelled": int((d.labels < 0).sum()),
+                        "slides without a patch": f"{len(d.no_patch)} of {len(cases[s])}",
+                    }
+                )
             small = []
             for c in run.cases.values():
                 with Slide(c.slide, verify=False) as sl:
@@ -329,14 +382,19 @@ class ClassificationPlan:
                 if why:
                     small.append(c.case_id)
             if small:
-                self.notes.append(f"{len(small)} slides are smaller than one patch at {sc}x (no stride fixes that), "
-                                  f"e.g. {small[0]}")
+                self.notes.append(
+                    f"{len(small)} slides are smaller than one patch at {sc}x (no stride fixes that), e.g. {small[0]}"
+                )
         if self.mode == "train":
             for arch in self.models:
                 for sc in self.scales:
                     tr, va = self.sets[(sc, "train")].counts(), self.sets[(sc, "val")].counts()
-                    lack = [f"{what} has no {cls} patch" for what, (t, n) in (("training", tr), ("validation", va))
-                            for cls, k in (("tumour", t), ("non-tumour", n)) if k == 0]
+                    lack = [
+                        f"{what} has no {cls} patch"
+                        for what, (t, n) in (("training", tr), ("validation", va))
+                        for cls, k in (("tumour", t), ("non-tumour", n))
+                        if k == 0
+                    ]
                     if lack:
                         self.skipped[f"{arch}_x{sc}"] = f"at {sc}x the " + " and the ".join(lack)
                     else:
@@ -348,8 +406,11 @@ class ClassificationPlan:
         out = []
         for r in rows.itertuples():
             d = self.sets[(r.scale, self.target_split())]
-            hit = np.flatnonzero((d.rows["case_id"].to_numpy() == r.case_id) & (d.rows["x"].to_numpy() == r.x)
-                                 & (d.rows["y"].to_numpy() == r.y))
+            hit = np.flatnonzero(
+                (d.rows["case_id"].to_numpy() == r.case_id)
+                & (d.rows["x"].to_numpy() == r.x)
+                & (d.rows["y"].to_numpy() == r.y)
+            )
             if len(hit):
                 out.append(d.take(hit[:1])[0])
         return out
@@ -367,8 +428,10 @@ def classification_plan(run, models_from, models, scales, strides):
     from .paths import runs_root
     from .train import load_checkpoint
 
-    params = {sc: replace(run.params, stride=st, mask_scale=run.params.mask_scale if st == run.params.stride else 0)
-              for sc, st in zip(scales, strides)}
+    params = {
+        sc: replace(run.params, stride=st, mask_scale=run.params.mask_scale if st == run.params.stride else 0)
+        for sc, st in zip(scales, strides)
+    }
     if models_from:
         src = runs_root() / models_from / "classification"
         sources = {}
@@ -378,22 +441,33 @@ def classification_plan(run, models_from, models, scales, strides):
                 if ck.exists():
                     sources[f"{arch}_x{sc}"] = ck.parent
         if not sources:
-            raise InputError(f"parameter 'models_from': run {models_from!r} has no trained classifier of {models} at "
-                             f"{scales}x (no {src}/<model>_x<scale>/best.pt); run its notebook 04 first")
-        for key, folder in sources.items():
+            raise InputError(
+                f"parameter 'models_from': run {models_from!r} has no trained classifier of {models} at "
+                f"{scales}x (no {src}/<model>_x<scale>/best.pt); run its notebook 04 first"
+            )
+        for folder in sources.values():
             meta = (load_checkpoint(folder / "best.pt").get("identity") or {}).get("meta", {})
             sc = int(meta.get("scale", 0))
             if meta.get("patch_size", run.params.patch_size) != run.params.patch_size:
-                raise InputError(f"{folder / 'best.pt'} was trained on {meta.get('patch_size')} px patches but this run "
-                                 f"cuts {run.params.patch_size} px ones; rerun notebook 02 with patch_size "
-                                 f"{meta.get('patch_size')}")
+                raise InputError(
+                    f"{folder / 'best.pt'} was trained on {meta.get('patch_size')} px patches but this run "
+                    f"cuts {run.params.patch_size} px ones; rerun notebook 02 with patch_size "
+                    f"{meta.get('patch_size')}"
+                )
             if sc in params and meta.get("stride"):
                 params[sc] = replace(params[sc], stride=int(meta["stride"]), mask_scale=0)
-        return ClassificationPlan("apply", list(models), list(scales), [params[s].stride for s in scales], params,
-                                  sources, models_from)
+        return ClassificationPlan(
+            "apply", list(models), list(scales), [params[s].stride for s in scales], params, sources, models_from
+        )
     folder = run.folder / "classification"
-    return ClassificationPlan("train", list(models), list(scales), list(strides), params,
-                              {f"{a}_x{s}": folder / f"{a}_x{s}" for a in models for s in scales})
+    return ClassificationPlan(
+        "train",
+        list(models),
+        list(scales),
+        list(strides),
+        params,
+        {f"{a}_x{s}": folder / f"{a}_x{s}" for a in models for s in scales},
+    )
 
 
 def _job(run, plan, out_dir, arch, sc, recipe, settings, seed, device, augment=True):
@@ -402,22 +476,47 @@ def _job(run, plan, out_dir, arch, sc, recipe, settings, seed, device, augment=T
     from .jobs import ClassifierJob
 
     p = plan.params[sc]
-    meta = {"arch": arch, "scale": sc, "stride": p.stride, "patch_size": p.patch_size,
-            "input_size": settings["input_size"], "label_mask": p.label_mask, "pretrained": settings["pretrained"],
-            "weights_path": settings["weights"][arch] or None, "frozen_stages": settings["frozen"][arch],
-            "batch_size": settings["batch_size"], "steps": settings["steps"], "balance": settings["balance"],
-            "color_jitter": settings["color_jitter"], "bn_batches": settings["bn_batches"], "augment": augment,
-            "data": run.data_key(sc, ("train", "val"), p)}
-    return ClassifierJob(arch=arch, scale=sc, params=asdict(p), cache_root=str(run.cache_root),
-                         data_dir=str(run.data_dir), train_cases=[c.case_id for c in run.by_split["train"]],
-                         val_cases=[c.case_id for c in run.by_split["val"]], out_dir=str(out_dir),
-                         input_size=settings["input_size"], batch_size=settings["batch_size"],
-                         steps=settings["steps"], balance=settings["balance"], augment=augment,
-                         color_jitter=settings["color_jitter"], bn_batches=settings["bn_batches"],
-                         pretrained=settings["pretrained"], weights_path=settings["weights"][arch] or None,
-                         frozen_stages=settings["frozen"][arch],
-                         config={**recipe, "monitor": "val_loss", "mode": "min", "seed": seed, "device": device},
-                         meta=meta, progress=True)
+    meta = {
+        "arch": arch,
+        "scale": sc,
+        "stride": p.stride,
+        "patch_size": p.patch_size,
+        "input_size": settings["input_size"],
+        "label_mask": p.label_mask,
+        "pretrained": settings["pretrained"],
+        "weights_path": settings["weights"][arch] or None,
+        "frozen_stages": settings["frozen"][arch],
+        "batch_size": settings["batch_size"],
+        "steps": settings["steps"],
+        "balance": settings["balance"],
+        "color_jitter": settings["color_jitter"],
+        "bn_batches": settings["bn_batches"],
+        "augment": augment,
+        "data": run.data_key(sc, ("train", "val"), p),
+    }
+    return ClassifierJob(
+        arch=arch,
+        scale=sc,
+        params=asdict(p),
+        cache_root=str(run.cache_root),
+        data_dir=str(run.data_dir),
+        train_cases=[c.case_id for c in run.by_split["train"]],
+        val_cases=[c.case_id for c in run.by_split["val"]],
+        out_dir=str(out_dir),
+        input_size=settings["input_size"],
+        batch_size=settings["batch_size"],
+        steps=settings["steps"],
+        balance=settings["balance"],
+        augment=augment,
+        color_jitter=settings["color_jitter"],
+        bn_batches=settings["bn_batches"],
+        pretrained=settings["pretrained"],
+        weights_path=settings["weights"][arch] or None,
+        frozen_stages=settings["frozen"][arch],
+        config={**recipe, "monitor": "val_loss", "mode": "min", "seed": seed, "device": device},
+        meta=meta,
+        progress=True,
+    )
 
 
 def train_classifiers(run, plan, out_dir, recipes, settings, seed=0, device="auto", gpus=1):
@@ -439,19 +538,22 @@ def train_classifiers(run, plan, out_dir, recipes, settings, seed=0, device="aut
             print("no classifier can be trained on this dataset: notebook 05 will say so")
         return {}
     keys = [f"{a}_x{s}" for a, s in plan.trainable]
-    jobs = [_job(run, plan, out_dir / k, a, s, recipes[a], settings, seed, device) for k, (a, s) in zip(keys, plan.trainable)]
+    jobs = [
+        _job(run, plan, out_dir / k, a, s, recipes[a], settings, seed, device)
+        for k, (a, s) in zip(keys, plan.trainable)
+    ]
     n_gpu = min(gpus, torch.cuda.device_count())
     if n_gpu > 1:
         return dict(zip(keys, run_jobs(jobs, devices=list(range(n_gpu)))))
     out = {}
-    for key, job in zip(keys, jobs):     # one after another in this process, each line naming its classifier
+    for key, job in zip(keys, jobs):  # one after another in this process, each line naming its classifier
         out[key] = run_job(job, log=lambda m, k=key: print(f"{k}: {m}"))
     return out
 
 
 def _predict(plan, key, data, input_size, device):
-    from .train import load_checkpoint
     from .models import build_classifier
+    from .train import load_checkpoint
 
     folder = plan.sources[key]
     ck = load_checkpoint(folder / "best.pt")
@@ -484,8 +586,9 @@ def predict_classifiers(run, plan, out_dir, input_size=64, device=None):
             folder = plan.sources.get(key)
             data = plan.sets[(sc, split)]
             row = {"model": arch, "scale": f"{sc}x", "paper acc %": PAPER_TABLE1.get((arch, sc), float("nan"))}
-            why = skipped.get(key) or (None if folder is not None and (folder / "best.pt").exists()
-                                       else "no trained checkpoint")
+            why = skipped.get(key) or (
+                None if folder is not None and (folder / "best.pt").exists() else "no trained checkpoint"
+            )
             if why is None and not len(data):
                 why = f"no test patch at {sc}x"
             if why:
@@ -496,29 +599,61 @@ def predict_classifiers(run, plan, out_dir, input_size=64, device=None):
             table = prediction_table(data, prob, arch)
             preds.append(table)
             ck = folder / "best.pt"
-            used[key] = {"weights": file_sha256(ck), "checkpoint": str(ck.resolve().relative_to(runs_root().resolve()))
-                         if ck.resolve().is_relative_to(runs_root().resolve()) else str(ck),
-                         "data": run.data_key(sc, (split,) if split != "all" else (), plan.params[sc])}
+            used[key] = {
+                "weights": file_sha256(ck),
+                "checkpoint": str(ck.resolve().relative_to(runs_root().resolve()))
+                if ck.resolve().is_relative_to(runs_root().resolve())
+                else str(ck),
+                "data": run.data_key(sc, (split,) if split != "all" else (), plan.params[sc]),
+            }
             lab = table[table.label >= 0]
             r = classification_report(lab.label, lab.pred) if len(lab) else None
-            rows.append({**row, "evaluated": r is not None, "why": "" if r else "no labelled patch",
-                         "acc %": 100 * r["accuracy"] if r else float("nan"),
-                         "sensitivity %": 100 * r["sensitivity"] if r else float("nan"),
-                         "specificity %": 100 * r["specificity"] if r else float("nan"),
-                         "tumour": int((lab.label == 1).sum()), "non_tumour": int((lab.label == 0).sum()),
-                         "confusion [[TN FP] [FN TP]]": r["confusion"].tolist() if r else "-"})
+            rows.append(
+                {
+                    **row,
+                    "evaluated": r is not None,
+                    "why": "" if r else "no labelled patch",
+                    "acc %": 100 * r["accuracy"] if r else float("nan"),
+                    "sensitivity %": 100 * r["sensitivity"] if r else float("nan"),
+                    "specificity %": 100 * r["specificity"] if r else float("nan"),
+                    "tumour": int((lab.label == 1).sum()),
+                    "non_tumour": int((lab.label == 0).sum()),
+                    "confusion [[TN FP] [FN TP]]": r["confusion"].tolist() if r else "-",
+                }
+            )
     pred = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame(columns=PREDICTION_COLUMNS)
-    table1 = pd.DataFrame(rows).reindex(columns=["model", "scale", "paper acc %", "acc %", "sensitivity %",
-                                                 "specificity %", "tumour", "non_tumour", "evaluated", "why",
-                                                 "confusion [[TN FP] [FN TP]]"])
+    table1 = pd.DataFrame(rows).reindex(
+        columns=[
+            "model",
+            "scale",
+            "paper acc %",
+            "acc %",
+            "sensitivity %",
+            "specificity %",
+            "tumour",
+            "non_tumour",
+            "evaluated",
+            "why",
+            "confusion [[TN FP] [FN TP]]",
+        ]
+    )
     table1[["tumour", "non_tumour"]] = table1[["tumour", "non_tumour"]].fillna(0).astype(int)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, t in (("predictions.csv", pred), ("table1.csv", table1)):
         with atomic_path(out_dir / name) as tmp:
             t.to_csv(tmp, index=False)
-    write_stamp(out_dir / "predictions.csv", {"extraction": run.extraction_key, "split": run.split_key,
-                                              "slides": slides, "mode": plan.mode, "models_from": plan.models_from,
-                                              "classifiers": used, "skipped": skipped})
+    write_stamp(
+        out_dir / "predictions.csv",
+        {
+            "extraction": run.extraction_key,
+            "split": run.split_key,
+            "slides": slides,
+            "mode": plan.mode,
+            "models_from": plan.models_from,
+            "classifiers": used,
+            "skipped": skipped,
+        },
+    )
     return pred, table1
 
 
@@ -542,21 +677,35 @@ def augmentation_comparison(run, plan, out_dir, recipes, settings, arch="resnet5
         arch, scale = plan.trainable[0]
     key = f"{arch}_x{scale}"
     folders = {"on": plan.sources[key], "off": out_dir / f"{key}_no_augmentation"}
-    curves = {"on": pd.read_csv(folders["on"] / "history.csv"),
-              "off": run_job(_job(run, plan, folders["off"], arch, scale, recipes[arch], settings, seed, device,
-                                  augment=False), log=lambda m: None)}
+    curves = {
+        "on": pd.read_csv(folders["on"] / "history.csv"),
+        "off": run_job(
+            _job(run, plan, folders["off"], arch, scale, recipes[arch], settings, seed, device, augment=False),
+            log=lambda m: None,
+        ),
+    }
     test = plan.sets[(scale, "test")]
     lab_idx = np.flatnonzero(test.labels >= 0)
     rows = []
     for name, folder in folders.items():
         r = None
         if len(lab_idx):
-            prob = _predict(ClassificationPlan("train", [], [], [], {}, {key: folder}), key, test.subset(lab_idx),
-                            settings["input_size"], torch.device("cpu"))
+            prob = _predict(
+                ClassificationPlan("train", [], [], [], {}, {key: folder}),
+                key,
+                test.subset(lab_idx),
+                settings["input_size"],
+                torch.device("cpu"),
+            )
             r = classification_report(test.labels[lab_idx], (prob >= 0.5).astype(int))
-        rows.append({"classifier": f"{arch} {scale}x", "augmentation": "on (the paper's)" if name == "on" else "off",
-                     "best val balanced acc %": 100 * float(curves[name].val_bal_acc.max()),
-                     "test acc %": 100 * r["accuracy"] if r else float("nan"),
-                     "sensitivity %": 100 * r["sensitivity"] if r else float("nan"),
-                     "specificity %": 100 * r["specificity"] if r else float("nan")})
+        rows.append(
+            {
+                "classifier": f"{arch} {scale}x",
+                "augmentation": "on (the paper's)" if name == "on" else "off",
+                "best val balanced acc %": 100 * float(curves[name].val_bal_acc.max()),
+                "test acc %": 100 * r["accuracy"] if r else float("nan"),
+                "sensitivity %": 100 * r["sensitivity"] if r else float("nan"),
+                "specificity %": 100 * r["specificity"] if r else float("nan"),
+            }
+        )
     return pd.DataFrame(rows), curves

@@ -34,8 +34,19 @@ from .errors import InputError
 from .slides import MASK_KINDS, SLIDE_SUFFIXES, SlideWarning
 
 #: Words accepted in the ``label`` column.
-LABEL_WORDS = {"0": 0, "1": 1, "normal": 0, "non-tumor": 0, "non-tumour": 0, "benign": 0, "negative": 0,
-               "tumor": 1, "tumour": 1, "cancer": 1, "positive": 1}
+LABEL_WORDS = {
+    "0": 0,
+    "1": 1,
+    "normal": 0,
+    "non-tumor": 0,
+    "non-tumour": 0,
+    "benign": 0,
+    "negative": 0,
+    "tumor": 1,
+    "tumour": 1,
+    "cancer": 1,
+    "positive": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -104,8 +115,10 @@ def read_labels(path):
         else:
             slide_col = patient_col = None
         if slide_col is None or "label" not in cols:
-            raise InputError(f"{path}: needs a slide column and a label column, e.g. the header "
-                             f"slide_id,label,patient_id (got {cols}); see README, 'Your own data'")
+            raise InputError(
+                f"{path}: needs a slide column and a label column, e.g. the header "
+                f"slide_id,label,patient_id (got {cols}); see README, 'Your own data'"
+            )
         out = LabelFile(path, slide_col, patient_col)
         for i, row in enumerate(rd, start=2):
             sid = (row.get(slide_col) or "").strip()
@@ -115,8 +128,10 @@ def read_labels(path):
                 raise InputError(f"{path}, line {i}: slide {sid!r} is listed twice; keep one row per slide")
             v = (row.get("label") or "").strip().lower()
             if v and v not in LABEL_WORDS:
-                raise InputError(f"{path}, line {i}: label {row['label']!r} is not 0/1 (or normal/tumour); "
-                                 "leave it empty for an unknown label")
+                raise InputError(
+                    f"{path}, line {i}: label {row['label']!r} is not 0/1 (or normal/tumour); "
+                    "leave it empty for an unknown label"
+                )
             out.labels[sid] = LABEL_WORDS[v] if v else None
             pid = (row.get(patient_col) or "").strip() if patient_col else ""
             if pid:
@@ -159,33 +174,53 @@ def list_cases(data_dir):
     """
     folder = Path(data_dir)
     if not folder.exists():
-        raise InputError(f"data_dir {folder}: no such folder; point data_dir at a folder of slides "
-                         "(or leave it empty for the built-in demo data)")
+        raise InputError(
+            f"data_dir {folder}: no such folder; point data_dir at a folder of slides "
+            "(or leave it empty for the built-in demo data)"
+        )
     if not folder.is_dir():
         raise InputError(f"data_dir {folder}: is a file, not a folder of slides")
     slides = find_slides(folder)
     if not slides:
-        raise InputError(f"data_dir {folder}: holds no slides ({', '.join(SLIDE_SUFFIXES[:4])}, ...); "
-                         "put the slides (and their _whole/_viable masks) there")
+        raise InputError(
+            f"data_dir {folder}: holds no slides ({', '.join(SLIDE_SUFFIXES[:4])}, ...); "
+            "put the slides (and their _whole/_viable masks) there"
+        )
     ids = [p.stem for p in slides]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        raise InputError(f"data_dir {folder}: several files share the slide id {dup[0]!r} "
-                         f"({', '.join(p.name for p in slides if p.stem == dup[0])}); keep one file per slide")
+        raise InputError(
+            f"data_dir {folder}: several files share the slide id {dup[0]!r} "
+            f"({', '.join(p.name for p in slides if p.stem == dup[0])}); keep one file per slide"
+        )
     lf = LabelFile(folder / "labels.csv", "slide_id")
     if lf.path.exists():
         lf = read_labels(lf.path)
         matched = set(lf.labels) & set(ids)
         if not matched:
-            raise InputError(f"{lf.path}: names no slide of {folder} (its {lf.slide_column} values look like "
-                             f"{sorted(lf.labels)[:3]}, the slides are {ids[:3]}); the {lf.slide_column} column "
-                             "must hold slide file names without their extension")
+            raise InputError(
+                f"{lf.path}: names no slide of {folder} (its {lf.slide_column} values look like "
+                f"{sorted(lf.labels)[:3]}, the slides are {ids[:3]}); the {lf.slide_column} column "
+                "must hold slide file names without their extension"
+            )
         unknown = sorted(set(lf.labels) - set(ids))
         if unknown:
-            warnings.warn(f"{lf.path}: {len(unknown)} rows name no slide file (e.g. {unknown[:3]}); they are "
-                          "ignored", SlideWarning, stacklevel=2)
-    return [Case(p.stem, p, _find_mask(folder, p.stem, "whole"), _find_mask(folder, p.stem, "viable"),
-                 lf.labels.get(p.stem), lf.patients.get(p.stem)) for p in slides]
+            warnings.warn(
+                f"{lf.path}: {len(unknown)} rows name no slide file (e.g. {unknown[:3]}); they are ignored",
+                SlideWarning,
+                stacklevel=2,
+            )
+    return [
+        Case(
+            p.stem,
+            p,
+            _find_mask(folder, p.stem, "whole"),
+            _find_mask(folder, p.stem, "viable"),
+            lf.labels.get(p.stem),
+            lf.patients.get(p.stem),
+        )
+        for p in slides
+    ]
 
 
 def describe_cases(cases, data_dir=None):
@@ -203,9 +238,16 @@ def describe_cases(cases, data_dir=None):
     per_patient = {}
     for c in cases:
         per_patient[c.patient] = per_patient.get(c.patient, 0) + 1
-    out = {"slides": len(cases), "formats": formats, "both masks": n_masks.count(2), "one mask": n_masks.count(1),
-           "no mask": n_masks.count(0), "labelled": sum(c.label is not None for c in cases),
-           "patients": len(per_patient), "slides per patient (most)": max(per_patient.values(), default=0)}
+    out = {
+        "slides": len(cases),
+        "formats": formats,
+        "both masks": n_masks.count(2),
+        "one mask": n_masks.count(1),
+        "no mask": n_masks.count(0),
+        "labelled": sum(c.label is not None for c in cases),
+        "patients": len(per_patient),
+        "slides per patient (most)": max(per_patient.values(), default=0),
+    }
     if data_dir is not None and (Path(data_dir) / "labels.csv").exists():
         lf = read_labels(Path(data_dir) / "labels.csv")
         out["labels.csv rows without a slide"] = len(set(lf.labels) - {c.case_id for c in cases})

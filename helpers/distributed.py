@@ -90,7 +90,7 @@ def rank_seed(seed, rank_=None):
     r = rank() if rank_ is None else int(rank_)
     if r == 0:
         return seed
-    return int(np.random.SeedSequence([seed % 2 ** 32, r]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed % 2**32, r]).generate_state(1)[0])
 
 
 def init_from_env(backend=None, timeout_minutes=60):
@@ -123,8 +123,10 @@ def init_from_env(backend=None, timeout_minutes=60):
         if not torch.cuda.is_available():
             raise InputError("backend 'nccl' needs CUDA GPUs and none is visible; use backend='gloo' on CPUs")
         if local >= torch.cuda.device_count():
-            raise InputError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible: "
-                             "--nproc-per-node must not exceed the GPUs of each machine")
+            raise InputError(
+                f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible: "
+                "--nproc-per-node must not exceed the GPUs of each machine"
+            )
         torch.cuda.set_device(local)
         kwargs["device_id"] = torch.device("cuda", local)
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
@@ -204,8 +206,9 @@ def run_on_main(fn):
     return box[1]
 
 
-def torchrun_command(args, nproc_per_node, nnodes=1, rdzv_endpoint=None, rdzv_id="paip-repro", module=True,
-                     python=None):
+def torchrun_command(
+    args, nproc_per_node, nnodes=1, rdzv_endpoint=None, rdzv_id="paip-repro", module=True, python=None
+):
     """The ``python -m torch.distributed.run`` command line for ``args``.
 
     Args:
@@ -230,10 +233,20 @@ def torchrun_command(args, nproc_per_node, nnodes=1, rdzv_endpoint=None, rdzv_id
         cmd.append("--standalone")
     else:
         if not rdzv_endpoint:
-            raise InputError(f"parameter 'rdzv_endpoint' is needed with nnodes={nnodes}: pass 'host:port' of "
-                             "one of the machines, reachable from all of them (e.g. 'node1:29400')")
-        cmd += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
-                "--rdzv-id", rdzv_id]
+            raise InputError(
+                f"parameter 'rdzv_endpoint' is needed with nnodes={nnodes}: pass 'host:port' of "
+                "one of the machines, reachable from all of them (e.g. 'node1:29400')"
+            )
+        cmd += [
+            "--nnodes",
+            str(nnodes),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            rdzv_endpoint,
+            "--rdzv-id",
+            rdzv_id,
+        ]
     if module:
         cmd.append("-m")
     return cmd + [str(a) for a in args]
@@ -336,18 +349,20 @@ def launch(spec_files, nproc_per_node, nnodes=1, rdzv_endpoint=None, rdzv_id="pa
         if not f.is_file():
             raise InputError(f"{f}: no such job spec; write it first (helpers.jobs.write_spec)")
     cmd = torchrun_command(["helpers.jobs", *files], nproc_per_node, nnodes, rdzv_endpoint, rdzv_id)
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_environment(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=child_environment(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     streams = OutputStreams(log)
     streams.add("", proc)
     try:
-        (rc, tail), = streams.wait().values()
-    except BaseException:          # e.g. the notebook's kernel is interrupted: stop the run too
+        ((rc, tail),) = streams.wait().values()
+    except BaseException:  # e.g. the notebook's kernel is interrupted: stop the run too
         proc.terminate()
         proc.wait()
         raise
     if rc != 0:
-        raise RuntimeError(f"the distributed run ({nproc_per_node} processes per machine, {nnodes} machines) failed "
-                           f"with exit code {rc}; its last lines:\n" + "\n".join(tail[-12:]))
+        raise RuntimeError(
+            f"the distributed run ({nproc_per_node} processes per machine, {nnodes} machines) failed "
+            f"with exit code {rc}; its last lines:\n" + "\n".join(tail[-12:])
+        )
     return rc
-

@@ -32,9 +32,11 @@ def disk_full(path, what=None):
         free = f"{shutil.disk_usage(folder).free / 1e9:.2f} GB free now"
     except OSError:
         free = "free space unknown"
-    return DiskFullError(f"the disk holding {folder} is full ({free}) while writing {what or Path(path).name}; "
-                         "nothing half-written was kept and finished results stay reusable: free space (or "
-                         "set PAIP_REPRO_RUNS to a larger disk) and rerun")
+    return DiskFullError(
+        f"the disk holding {folder} is full ({free}) while writing {what or Path(path).name}; "
+        "nothing half-written was kept and finished results stay reusable: free space (or "
+        "set PAIP_REPRO_RUNS to a larger disk) and rerun"
+    )
 
 
 def is_disk_full(exc):

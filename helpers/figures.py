@@ -125,8 +125,9 @@ def heatmap_panels(run, pred, model, case_ids, regions=None, region_size=0, size
     from .slides import Slide
 
     scales = sorted(pred.loc[pred.model == model, "scale"].unique())
-    fig, axes = plt.subplots(len(case_ids), len(scales) + 1, figsize=(2.6 * (len(scales) + 1), 2.6 * len(case_ids)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(case_ids), len(scales) + 1, figsize=(2.6 * (len(scales) + 1), 2.6 * len(case_ids)), squeeze=False
+    )
     for i, cid in enumerate(case_ids):
         case = run.cases[cid]
         with Slide(case.slide, verify=False) as s:
@@ -137,14 +138,29 @@ def heatmap_panels(run, pred, model, case_ids, regions=None, region_size=0, size
             ax.imshow(thumb)
             sub = pred[(pred.case_id == cid) & (pred.model == model) & (pred.scale == sc)]
             for r in sub.itertuples():
-                ax.add_patch(plt.Rectangle((r.x / d, r.y / d), r.footprint / d, r.footprint / d,
-                                           color=plt.cm.coolwarm(r.prob), alpha=0.45, lw=0))
+                ax.add_patch(
+                    plt.Rectangle(
+                        (r.x / d, r.y / d),
+                        r.footprint / d,
+                        r.footprint / d,
+                        color=plt.cm.coolwarm(r.prob),
+                        alpha=0.45,
+                        lw=0,
+                    )
+                )
             if regions is not None and region_size:
                 for u, row in regions[regions.index.str.startswith(cid + ":")].iterrows():
                     rr, cc = u.rsplit(":r", 1)[1].split("c")
-                    ax.add_patch(plt.Rectangle((int(cc) * region_size / d, int(rr) * region_size / d),
-                                               region_size / d, region_size / d, fill=False, lw=1.0,
-                                               ec="tab:red" if row["final"] else "0.4"))
+                    ax.add_patch(
+                        plt.Rectangle(
+                            (int(cc) * region_size / d, int(rr) * region_size / d),
+                            region_size / d,
+                            region_size / d,
+                            fill=False,
+                            lw=1.0,
+                            ec="tab:red" if row["final"] else "0.4",
+                        )
+                    )
             ax.set_title(f"{cid}: {model} {sc}x ({len(sub)})", fontsize=7)
         ax = axes[i, -1]
         mp = case.mask_path(run.params.label_mask)
@@ -172,7 +188,7 @@ def figure4_panels(run, canvases, out_downsample, limit=4):
     with_t = [c for c, cv in canvases.items() if cv["truth"] is not None and cv["truth"].any()]
     without = [c for c, cv in canvases.items() if cv["truth"] is not None and not cv["truth"].any()]
     rest = [c for c in canvases if c not in with_t and c not in without]
-    show = (with_t[:max(1, limit - 1)] + without[:1] + rest)[:limit] or list(canvases)[:limit]
+    show = (with_t[: max(1, limit - 1)] + without[:1] + rest)[:limit] or list(canvases)[:limit]
     fig, axes = plt.subplots(len(show), 3, figsize=(8.5, 2.9 * len(show)), squeeze=False)
     for k, cid in enumerate(show):
         cv = canvases[cid]

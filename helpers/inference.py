@@ -3,7 +3,7 @@
 The paper "extracts the patches from the whole slide images ... fed through the network ...
 recombined" (section 4). Here the slide is read strip by strip at the segmentation scale
 (threads read the next strips while the model works on this batch, see
-:mod:`helpers.prefetch`), glass is skipped with the same tissue test as extraction, each tissue
+:mod:`helpers.parallel`), glass is skipped with the same tissue test as extraction, each tissue
 patch's probability map is box-averaged down to the output downscale and added into a canvas at
 that scale, and overlapping patches (``stride`` below the patch size) are averaged. The grid
 reaches every edge of the slide. The canvas is ``(H / d) x (W / d)`` floats: 39 MB for a
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .atomic import atomic_path
 from .caches import ExtractionParams
 from .errors import InputError, check_positive
-from .prefetch import ordered_map
+from .parallel import ordered_map
 from .progress import progress_bar
 from .slides import Slide
 from .tissue import slide_tissue_threshold, tissue_fractions, tissue_fractions_at, to_gray
@@ -71,13 +71,12 @@ def _strips(slide_path, scale, ys, xs, P, tissue, level, workers=1, band=4):
             with lock:
                 opened.append(slide)
         out = []
-        for y in ys[i0:i0 + band]:
+        for y in ys[i0 : i0 + band]:
             strip = slide.read_region(0, int(y) * scale, width, P, downsample=scale)
-            pats = np.stack([strip[:, x:x + P] for x in xs])
+            pats = np.stack([strip[:, x : x + P] for x in xs])
             del strip
             gray = to_gray(pats[:, ::k, ::k])
-            frac = (tissue_fractions(gray, tissue.glass_level)[0] if level is None
-                    else tissue_fractions_at(gray, level))
+            frac = tissue_fractions(gray, tissue.glass_level)[0] if level is None else tissue_fractions_at(gray, level)
             keep = frac >= tissue.tissue_threshold
             out.append((int(y), xs[keep], pats[keep]))
         return out
@@ -87,14 +86,26 @@ def _strips(slide_path, scale, ys, xs, P, tissue, level, workers=1, band=4):
         for rows_read in bands:
             yield from rows_read
     finally:
-        bands.close()          # stops the threads before their handles are closed
+        bands.close()  # stops the threads before their handles are closed
         for slide in opened:
             slide.close()
 
 
-def predict_slide(model, slide_path, predict_fn, out_downsample=16, stride=224, patch_size=224,
-                  batch_size=16, device=None, tissue=None, progress=True, input_size=None, read_workers=None,
-                  scale=1):
+def predict_slide(
+    model,
+    slide_path,
+    predict_fn,
+    out_downsample=16,
+    stride=224,
+    patch_size=224,
+    batch_size=16,
+    device=None,
+    tissue=None,
+    progress=True,
+    input_size=None,
+    read_workers=None,
+    scale=1,
+):
     """Predict a slide's mask probabilities and stitch them at ``out_downsample``.
 
     The grid covers every pixel: where the regular grid stops short of the slide's right or
@@ -132,11 +143,16 @@ def predict_slide(model, slide_path, predict_fn, out_downsample=16, stride=224, 
     check_positive("scale", scale, integer=True)
     d = out_downsample
     if d % scale or (patch_size * scale) % d or (stride * scale) % d:
-        ok = [v for v in range(scale, patch_size * scale + 1, scale)
-              if (patch_size * scale) % v == 0 and (stride * scale) % v == 0]
-        raise InputError(f"parameter 'out_downsample' ({d}) must be a multiple of the scale ({scale}) that divides "
-                         f"the patch footprint ({patch_size * scale} px) and the stride's ({stride * scale} px); "
-                         f"e.g. one of {ok[:8]}")
+        ok = [
+            v
+            for v in range(scale, patch_size * scale + 1, scale)
+            if (patch_size * scale) % v == 0 and (stride * scale) % v == 0
+        ]
+        raise InputError(
+            f"parameter 'out_downsample' ({d}) must be a multiple of the scale ({scale}) that divides "
+            f"the patch footprint ({patch_size * scale} px) and the stride's ({stride * scale} px); "
+            f"e.g. one of {ok[:8]}"
+        )
     tissue = (tissue or ExtractionParams()).validate()
     device = device or next(model.parameters()).device
     model.eval()
@@ -148,7 +164,7 @@ def predict_slide(model, slide_path, predict_fn, out_downsample=16, stride=224, 
         W, H = slide.dimensions
         name = slide.name
         level = slide_tissue_threshold(slide) if tissue.tissue_method == "slide" else None
-    P, f = patch_size, d // scale                  # f: scaled pixels per canvas cell
+    P, f = patch_size, d // scale  # f: scaled pixels per canvas cell
     ys = grid_positions(H // scale, P, stride, f)
     xs = grid_positions(W // scale, P, stride, f)
     acc = np.zeros((max(H // d, 1) + P // f + 1, max(W // d, 1) + P // f + 1), np.float32)
@@ -187,13 +203,15 @@ def predict_slide(model, slide_path, predict_fn, out_downsample=16, stride=224, 
             small = small.cpu().numpy()
             for i in range(len(xs_)):
                 cy, cx = ys_[i] // f, xs_[i] // f
-                acc[cy:cy + e, cx:cx + e] += small[i]
-                cov[cy:cy + e, cx:cx + e] += 1
+                acc[cy : cy + e, cx : cx + e] += small[i]
+                cov[cy : cy + e, cx : cx + e] += 1
             n += len(xs_)
 
     for y, xk, pats in _strips(slide_path, scale, ys, xs, P, tissue, level, workers=read_workers):
         for s0 in range(0, len(xk), batch_size):
-            pending.append((xk[s0:s0 + batch_size], np.full(len(xk[s0:s0 + batch_size]), y), pats[s0:s0 + batch_size]))
+            pending.append(
+                (xk[s0 : s0 + batch_size], np.full(len(xk[s0 : s0 + batch_size]), y), pats[s0 : s0 + batch_size])
+            )
             if sum(len(p[0]) for p in pending) >= batch_size:
                 launch()
                 land(keep=1)
@@ -205,8 +223,7 @@ def predict_slide(model, slide_path, predict_fn, out_downsample=16, stride=224, 
         warnings.warn(f"{slide_path}: no tissue patch found; the predicted mask is empty", stacklevel=2)
     h, w = H // d, W // d
     prob = np.where(cov > 0, acc / np.maximum(cov, 1), 0).astype(np.float32)[:h, :w]
-    return {"prob": prob, "coverage": cov[:h, :w], "n_patches": n, "seconds": time.perf_counter() - t0,
-            "downsample": d}
+    return {"prob": prob, "coverage": cov[:h, :w], "n_patches": n, "seconds": time.perf_counter() - t0, "downsample": d}
 
 
 def save_mask_tiff(path, mask, downsample):
@@ -219,6 +236,13 @@ def save_mask_tiff(path, mask, downsample):
 
     m = (np.asarray(mask) > 0).astype(np.uint8)
     with atomic_path(path, suffix=".tif") as tmp:
-        tifffile.imwrite(tmp, m, tile=(256, 256), compression="zlib", photometric="minisblack",
-                         description=f"predicted mask, downsample {downsample}", metadata=None)
+        tifffile.imwrite(
+            tmp,
+            m,
+            tile=(256, 256),
+            compression="zlib",
+            photometric="minisblack",
+            description=f"predicted mask, downsample {downsample}",
+            metadata=None,
+        )
     return path

@@ -136,8 +136,9 @@ def as_job(spec):
     unknown = sorted(set(spec) - names)
     if unknown:
         raise InputError(f"{kind} job spec: unknown field(s) {unknown}; the fields are {sorted(names)}")
-    missing = sorted(f.name for f in fields(cls)
-                     if f.name not in spec and f.default is MISSING and f.default_factory is MISSING)
+    missing = sorted(
+        f.name for f in fields(cls) if f.name not in spec and f.default is MISSING and f.default_factory is MISSING
+    )
     if missing:
         raise InputError(f"{kind} job spec: missing field(s) {missing}")
     return cls(**spec)
@@ -211,8 +212,9 @@ def build_job(spec):
     try:
         config = TrainConfig(**job.config).validate()
     except TypeError as exc:
-        raise InputError(f"job spec field 'config': {exc} (the fields are those of helpers.train.TrainConfig)"
-                         ) from None
+        raise InputError(
+            f"job spec field 'config': {exc} (the fields are those of helpers.train.TrainConfig)"
+        ) from None
     try:
         params = ExtractionParams(**job.params).validate()
     except TypeError as exc:
@@ -220,11 +222,21 @@ def build_job(spec):
     train_cases, val_cases = _cases(job)
     seed = config.seed
     weights = job.weights_path or None
-    common = {"config": config, "out_dir": job.out_dir, "meta": dict(job.meta), "progress": job.progress,
-              "batch_size": job.batch_size}
+    common = {
+        "config": config,
+        "out_dir": job.out_dir,
+        "meta": dict(job.meta),
+        "progress": job.progress,
+        "batch_size": job.batch_size,
+    }
     if job.kind == "classifier":
-        from .classify import (class_batches, class_prepare, load_class_patches, make_class_evaluator,
-                               require_both_classes)
+        from .classify import (
+            class_batches,
+            class_prepare,
+            load_class_patches,
+            make_class_evaluator,
+            require_both_classes,
+        )
         from .models import build_classifier
 
         tr = load_class_patches(train_cases, job.cache_root, params, job.scale, "training")
@@ -233,17 +245,26 @@ def build_job(spec):
         batches = class_batches(tr, job.batch_size, balance=job.balance, seed=seed, max_batches=job.steps or None)
         evaluate = make_class_evaluator(va, job.input_size, max_patches=job.val_max_patches, seed=seed)
         torch.manual_seed(seed)
-        model = build_classifier(job.arch, pretrained=job.pretrained, weights_path=weights,
-                                 frozen_stages=job.frozen_stages)
+        model = build_classifier(
+            job.arch, pretrained=job.pretrained, weights_path=weights, frozen_stages=job.frozen_stages
+        )
         bn = None
         if job.bn_batches:
+
             def bn(epoch):
-                return class_batches(tr, job.batch_size, balance=False, seed=seed + 1,
-                                     max_batches=job.bn_batches)(epoch)
-        return {"model": model, "train_batches": batches, "evaluate": evaluate,
-                "loss_fn": torch.nn.functional.cross_entropy, "bn_batches": bn,
-                "prepare": class_prepare(job.input_size, augment=job.augment, color=job.color_jitter, seed=seed),
-                **common}
+                return class_batches(tr, job.batch_size, balance=False, seed=seed + 1, max_batches=job.bn_batches)(
+                    epoch
+                )
+
+        return {
+            "model": model,
+            "train_batches": batches,
+            "evaluate": evaluate,
+            "loss_fn": torch.nn.functional.cross_entropy,
+            "bn_batches": bn,
+            "prepare": class_prepare(job.input_size, augment=job.augment, color=job.color_jitter, seed=seed),
+            **common,
+        }
 
     from .segmentation import load_segmentation_patches, make_evaluator, segmentation_batches, segmentation_prepare
     from .unetpp import build_segmenter, deep_supervision_dice_loss
@@ -253,20 +274,30 @@ def build_job(spec):
     check_type("steps", job.steps, int)
     steps = job.steps or -(-len(train) // job.batch_size)
     batches = segmentation_batches(train, job.batch_size, steps, tumour_share=job.tumour_share, seed=seed)
-    evaluate = make_evaluator(val, job.input_size, max_patches=job.val_max_patches, per_image=job.dice_per_image,
-                              seed=seed)
+    evaluate = make_evaluator(
+        val, job.input_size, max_patches=job.val_max_patches, per_image=job.dice_per_image, seed=seed
+    )
     torch.manual_seed(seed)
     model = build_segmenter(job.variant, pretrained=job.pretrained, weights_path=weights)
-    bn = (segmentation_batches(train, job.batch_size, job.bn_batches, tumour_share=0.0, seed=seed + 1)
-          if job.bn_batches else None)
+    bn = (
+        segmentation_batches(train, job.batch_size, job.bn_batches, tumour_share=0.0, seed=seed + 1)
+        if job.bn_batches
+        else None
+    )
     per_image = job.dice_per_image
 
     def loss_fn(out, m):
         return deep_supervision_dice_loss(out, m, per_image=per_image)
 
-    return {"model": model, "train_batches": batches, "evaluate": evaluate, "loss_fn": loss_fn, "bn_batches": bn,
-            "prepare": segmentation_prepare(job.input_size, augment=job.augment, color=job.color_jitter, seed=seed),
-            **common}
+    return {
+        "model": model,
+        "train_batches": batches,
+        "evaluate": evaluate,
+        "loss_fn": loss_fn,
+        "bn_batches": bn,
+        "prepare": segmentation_prepare(job.input_size, augment=job.augment, color=job.color_jitter, seed=seed),
+        **common,
+    }
 
 
 def run_job(spec, log=print):
@@ -322,7 +353,7 @@ def _device_env(device, threads):
     env = {"CUDA_VISIBLE_DEVICES": "" if device == "cpu" else str(device)}
     if threads:
         env["OMP_NUM_THREADS"] = int(threads)
-    for v in dd.TORCHRUN_VARIABLES:       # a job process is a plain single process
+    for v in dd.TORCHRUN_VARIABLES:  # a job process is a plain single process
         env[v] = None
     return env
 
@@ -373,7 +404,7 @@ def run_jobs(specs, devices=None, threads=None, log=print):
         return results
     files = [write_spec(j) for j in jobs]
     names = [Path(j.out_dir).name for j in jobs]
-    names = [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]   # unique output prefixes
+    names = [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]  # unique output prefixes
     waiting, free, running, failures = list(range(len(jobs))), list(devices), {}, []
     streams = dd.OutputStreams(log)
     try:
@@ -381,9 +412,13 @@ def run_jobs(specs, devices=None, threads=None, log=print):
             while waiting and free:
                 i, d = waiting.pop(0), free.pop(0)
                 log(f"[{names[i]}] starting on {'the CPU' if d == 'cpu' else f'GPU {d}'}")
-                proc = subprocess.Popen([sys.executable, "-m", "helpers.jobs", str(files[i])], cwd=dd.REPO_ROOT,
-                                        env=dd.child_environment(_device_env(d, threads)),
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "helpers.jobs", str(files[i])],
+                    cwd=dd.REPO_ROOT,
+                    env=dd.child_environment(_device_env(d, threads)),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                )
                 running[names[i]] = (i, d, proc)
                 streams.add(names[i], proc)
             # Show the jobs' output until one ends, then give its device to the next job.
@@ -392,7 +427,7 @@ def run_jobs(specs, devices=None, threads=None, log=print):
                 free.append(d)
                 if rc != 0:
                     failures.append(f"{name} (exit code {rc}):\n" + "\n".join(tail[-8:]))
-    except BaseException:              # e.g. the notebook's kernel is interrupted: stop the jobs too
+    except BaseException:  # e.g. the notebook's kernel is interrupted: stop the jobs too
         for _, _, proc in running.values():
             proc.terminate()
             proc.wait()
@@ -426,6 +461,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     status = main()
-    if "RANK" in os.environ:          # a torchrun worker: leave without interpreter shutdown
+    if "RANK" in os.environ:  # a torchrun worker: leave without interpreter shutdown
         dd.exit_process(status)
     sys.exit(status)

@@ -111,6 +111,10 @@ def classification_report(y_true, y_pred):
     cm = np.zeros((2, 2), int)
     np.add.at(cm, (t, p), 1)
     tn, fp, fn, tp = cm.ravel()
-    return {"n": int(t.size), "accuracy": (tp + tn) / t.size if t.size else float("nan"),
-            "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
-            "specificity": tn / (tn + fp) if tn + fp else float("nan"), "confusion": cm}
+    return {
+        "n": int(t.size),
+        "accuracy": (tp + tn) / t.size if t.size else float("nan"),
+        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+        "confusion": cm,
+    }

@@ -45,7 +45,8 @@ def _offline_error(what):
         f"ImageNet weights for {what} come from the model hub, which cannot be reached from here. "
         "Either train from scratch (pretrained=False, as the demo profile does), or download the "
         "weights once where there is internet and pass weights_path=<file> (a state dict saved "
-        "with torch.save(model.state_dict(), file)).")
+        "with torch.save(model.state_dict(), file))."
+    )
 
 
 def load_weights(model, weights_path, what):
@@ -75,8 +76,10 @@ def load_weights(model, weights_path, what):
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in skip]
     if unexpected or missing:
-        raise InputError(f"weights_path {p}: does not fit {what} ({len(missing)} missing keys, e.g. "
-                         f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]})")
+        raise InputError(
+            f"weights_path {p}: does not fit {what} ({len(missing)} missing keys, e.g. "
+            f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]})"
+        )
     return model
 
 
@@ -92,7 +95,9 @@ def freeze_early_stages(model, arch, frozen_stages):
     else:
         stem, stages = [model.conv1, model.bn1], [model.layer1, model.layer2, model.layer3, model.layer4]
     if not 0 <= frozen_stages <= len(stages):
-        raise InputError(f"parameter 'frozen_stages' must lie between 0 and {len(stages)} for {arch}, got {frozen_stages}")
+        raise InputError(
+            f"parameter 'frozen_stages' must lie between 0 and {len(stages)} for {arch}, got {frozen_stages}"
+        )
     if frozen_stages:
         for m in stem + stages[:frozen_stages]:
             for prm in m.parameters():

@@ -9,6 +9,7 @@
   checked to belong together.
 """
 
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -22,19 +23,30 @@ from .errors import InputError, check_type
 from .paths import REPO_ROOT
 
 #: Libraries whose versions each notebook prints (and checkpoints record).
-LIBRARIES = ("numpy", "openslide-python", "openslide-bin", "tifffile", "imagecodecs", "patchify",
-             "scikit-image", "pandas", "matplotlib", "torch", "torchvision", "timm",
-             "segmentation-models-pytorch", "papermill")
+LIBRARIES = (
+    "numpy",
+    "openslide-python",
+    "openslide-bin",
+    "tifffile",
+    "imagecodecs",
+    "patchify",
+    "scikit-image",
+    "pandas",
+    "matplotlib",
+    "torch",
+    "torchvision",
+    "timm",
+    "segmentation-models-pytorch",
+    "papermill",
+)
 
 
 def library_versions(names=LIBRARIES):
     """``{package: version}`` for the installed packages among ``names`` (absent ones skipped)."""
     out = {"python": platform.python_version()}
     for n in names:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[n] = importlib.metadata.version(n)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return out
 
 
@@ -75,13 +87,14 @@ def setup_notebook(seed, show_versions=True):
     # and nbval compares the outputs of checked cells).
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"{category.__name__}: {message}\n"
     seed_everything(seed)
-    mpl.rcParams.update({"figure.dpi": 72, "savefig.dpi": 110, "font.size": 9,
-                         "axes.titlesize": 9, "image.interpolation": "nearest"})
+    mpl.rcParams.update(
+        {"figure.dpi": 72, "savefig.dpi": 110, "font.size": 9, "axes.titlesize": 9, "image.interpolation": "nearest"}
+    )
     v = library_versions()
     if show_versions:
         items = [f"{k} {val}" for k, val in v.items()]
         for i in range(0, len(items), 4):
-            print(" | ".join(items[i:i + 4]))
+            print(" | ".join(items[i : i + 4]))
     return v
 
 
@@ -105,8 +118,9 @@ def resolve_data_dir(data_dir, progress=True):
     if not p.is_absolute():
         p = REPO_ROOT / p
     if not p.is_dir():
-        raise InputError(f"data_dir {p}: no such folder; pass the folder that holds your slides "
-                         "(or '' for the built-in demo data)")
+        raise InputError(
+            f"data_dir {p}: no such folder; pass the folder that holds your slides (or '' for the built-in demo data)"
+        )
     return p
 
 
@@ -127,8 +141,10 @@ def pick_example(cases, example_case="", need_masks=False):
     if example_case:
         by_id = {c.case_id: c for c in cases}
         if example_case not in by_id:
-            raise InputError(f"parameter 'example_case': {example_case!r} is not a slide of this dataset; pick one "
-                             f"of {sorted(by_id)[:8]}{' ...' if len(by_id) > 8 else ''}")
+            raise InputError(
+                f"parameter 'example_case': {example_case!r} is not a slide of this dataset; pick one "
+                f"of {sorted(by_id)[:8]}{' ...' if len(by_id) > 8 else ''}"
+            )
         return by_id[example_case]
 
     def area(c):
@@ -178,8 +194,11 @@ class Run:
         from .caches import cache_keys
 
         p = params or self.params
-        return {"split": self.split_key, "scale": scale,
-                "caches": {s: cache_keys(self.by_split[s], scale, self.cache_root, p) for s in splits}}
+        return {
+            "split": self.split_key,
+            "scale": scale,
+            "caches": {s: cache_keys(self.by_split[s], scale, self.cache_root, p) for s in splits},
+        }
 
 
 def load_run(run_name, data_dir):
@@ -208,16 +227,30 @@ def load_run(run_name, data_dir):
     split_path = folder / "split.csv"
     stamp = read_stamp(split_path)
     if not split_path.exists() or stamp is None or stamp.get("extraction") != rec["key"]:
-        raise InputError(f"{split_path}: missing, or not made with this run's patch caches; rerun notebook 02 "
-                         f"(python -m helpers.run --only 02 --run-name {run_name})")
+        raise InputError(
+            f"{split_path}: missing, or not made with this run's patch caches; rerun notebook 02 "
+            f"(python -m helpers.run --only 02 --run-name {run_name})"
+        )
     split = pd.read_csv(split_path, dtype={"case_id": str, "patient_id": str})
     cases = {c.case_id: c for c in list_cases(rec["data_dir"])}
     missing = sorted(set(split.case_id) - set(cases))
     if missing:
-        raise InputError(f"{split_path} names slides that are no longer in {rec['data_dir']} ({missing[:3]}); "
-                         "rerun notebook 02")
+        raise InputError(
+            f"{split_path} names slides that are no longer in {rec['data_dir']} ({missing[:3]}); rerun notebook 02"
+        )
     by_split = {s: [cases[i] for i in split.case_id[split.split == s]] for s in ("train", "val", "test")}
     from .provenance import key_hash
 
-    return Run(run_name, folder, rec["data_dir"], rec["scales"], rec["params"], rec["key"], rec["caches"],
-               split, key_hash(stamp), cases, by_split)
+    return Run(
+        run_name,
+        folder,
+        rec["data_dir"],
+        rec["scales"],
+        rec["params"],
+        rec["key"],
+        rec["caches"],
+        split,
+        key_hash(stamp),
+        cases,
+        by_split,
+    )

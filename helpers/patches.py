@@ -9,7 +9,7 @@ fraction (:mod:`helpers.tissue`), and the tumour fractions of its level-0 footpr
 (built once, shared by every scale). Kept patches are written to the slide's cache for that
 scale (:mod:`helpers.caches`), atomically.
 
-Failures end in one line: a dead worker (:class:`helpers.prefetch.WorkerDied`, naming the slide
+Failures end in one line: a dead worker (:class:`helpers.parallel.WorkerDied`, naming the slide
 and scale), a full disk (:class:`helpers.errors.DiskFullError`); finished caches stay reusable.
 Used by notebooks 02 and 04.
 """
@@ -26,60 +26,32 @@ import numpy as np
 import pandas as pd
 from patchify import patchify
 
-from .atomic import atomic_dir, atomic_path, remove_stale_temporaries
-from .caches import (TABLE_COLUMNS, ExtractionParams, cache_bytes_estimate, cache_folder, check_scales,
-                     finish_table, grid_shape, load_patch_set, stores_masks, too_small_reason)
+from .atomic import atomic_dir, remove_stale_temporaries
+from .caches import (
+    TABLE_COLUMNS,
+    ExtractionParams,
+    cache_bytes_estimate,
+    cache_folder,
+    check_scales,
+    finish_table,
+    grid_shape,
+    load_patch_set,
+    stores_masks,
+    too_small_reason,
+)
 from .errors import DiskFullError, InputError, check_positive, disk_full
-from .prefetch import WorkerDied, ordered_map, process_pool
+from .handles import forget_inherited, open_cached
+from .maskcounts import COUNT_BLOCK, fractions_from_counts, mask_count_map
+from .parallel import WorkerDied, ordered_map, process_pool
 from .progress import progress_bar
-from .provenance import file_fingerprint, key_hash
 from .slides import MASK_KINDS, Mask, Slide
 from .tissue import slide_tissue_threshold, tissue_fractions, tissue_fractions_at, to_gray
 
-#: Side of the blocks of a mask count map (level-0 pixels); see :func:`mask_count_map`.
-COUNT_BLOCK = 16
 #: At most this many grid rows per worker task (neighbouring rows share tile rows, so one
 #: taller read decodes each tile once) ...
 ROWS_PER_TASK_MAX = 8
 #: ... and at most this many scaled pixels per task (bounds a worker's memory).
-TASK_PIXELS = 2 ** 25
-
-# Files a process keeps open between tasks (a worker reads many strips of one slide).
-_OPEN = {}
-_OPEN_PID = [os.getpid()]
-
-
-def _forget_open_files():
-    """Drop handles inherited from another process (a forked worker must open its own files:
-    shared file positions would interleave reads) without closing the parent's."""
-    _OPEN.clear()
-    _OPEN_PID[0] = os.getpid()
-
-
-def _open_cached(path, kind):
-    """Open a slide, mask or count map once per process; reopened when the file has changed."""
-    if _OPEN_PID[0] != os.getpid():
-        _forget_open_files()
-    f = Path(path[0] if isinstance(path, tuple) else path)
-    try:
-        st = f.stat()
-    except FileNotFoundError:
-        raise InputError(f"{f}: no such file (was it moved or deleted during the run?)") from None
-    key = (kind, str(path), st.st_size, st.st_mtime_ns)
-    obj = _OPEN.get(key)
-    if obj is None:
-        if len(_OPEN) > 8:
-            for v in _OPEN.values():
-                getattr(v, "close", lambda: None)()
-            _OPEN.clear()
-        if kind == "slide":
-            obj = Slide(path, verify=False)  # verified once by the caller
-        elif kind == "mask":
-            obj = Mask(path[0], _open_cached(path[1], "slide").dimensions)
-        else:
-            obj = np.load(path, mmap_mode="r")
-        _OPEN[key] = obj
-    return obj
+TASK_PIXELS = 2**25
 
 
 def rows_per_task(width, params):
@@ -111,7 +83,7 @@ def extract_rows(slide_path, scale, r0, r1, params, masks=None, count_maps=None,
     """
     p = params if isinstance(params, ExtractionParams) else ExtractionParams(**params)
     masks = masks or {}
-    slide = _open_cached(slide_path, "slide")
+    slide = open_cached(slide_path, "slide")
     P, S, k = p.patch_size, p.stride, p.tissue_subsample
     rows, cols = grid_shape(slide.dimensions, scale, P, S)
     width = (cols - 1) * S + P
@@ -121,17 +93,22 @@ def extract_rows(slide_path, scale, r0, r1, params, masks=None, count_maps=None,
     results = []
     for row in range(r0, r1):
         y = row * S * scale
-        strip = big[(row - r0) * S:(row - r0) * S + P]
-        patches = patchify(strip, (P, P, 3), step=S)[0, :, 0]           # (cols, P, P, 3) view
+        strip = big[(row - r0) * S : (row - r0) * S + P]
+        patches = patchify(strip, (P, P, 3), step=S)[0, :, 0]  # (cols, P, P, 3) view
         gray = to_gray(strip[::k, ::k])
-        gp = np.stack([gray[:, (c * S) // k:(c * S) // k + P // k] for c in range(cols)])
+        gp = np.stack([gray[:, (c * S) // k : (c * S) // k + P // k] for c in range(cols)])
         if tissue_level is None:
-            frac, otsu = tissue_fractions(gp, p.glass_level)       # the paper's per-patch Otsu
+            frac, otsu = tissue_fractions(gp, p.glass_level)  # the paper's per-patch Otsu
         else:
             frac, otsu = tissue_fractions_at(gp, tissue_level), np.full(cols, float(tissue_level))
         kept = frac >= p.tissue_threshold
-        out = {"row": row, "tissue_frac": frac, "otsu": otsu, "kept": kept,
-               "patches": np.ascontiguousarray(patches[kept])}
+        out = {
+            "row": row,
+            "tissue_frac": frac,
+            "otsu": otsu,
+            "kept": kept,
+            "patches": np.ascontiguousarray(patches[kept]),
+        }
         for kind in MASK_KINDS:
             mp = masks.get(kind)
             if mp is None:
@@ -139,11 +116,11 @@ def extract_rows(slide_path, scale, r0, r1, params, masks=None, count_maps=None,
                 continue
             cmap = (count_maps or {}).get(kind)
             if cmap is not None and (S * scale) % COUNT_BLOCK == 0 and footprint % COUNT_BLOCK == 0:
-                out[f"{kind}_frac"] = _fractions_from_counts(_open_cached(cmap, "counts"), y, xs, footprint)
+                out[f"{kind}_frac"] = fractions_from_counts(open_cached(cmap, "counts"), y, xs, footprint)
             else:
-                out[f"{kind}_frac"] = _open_cached((mp, slide_path), "mask").window_fractions(y, xs, footprint)
+                out[f"{kind}_frac"] = open_cached((mp, slide_path), "mask").window_fractions(y, xs, footprint)
             if kind == p.label_mask and scale == p.mask_scale:
-                mstrip = _open_cached((mp, slide_path), "mask").read(0, y, width, P, downsample=scale)
+                mstrip = open_cached((mp, slide_path), "mask").read(0, y, width, P, downsample=scale)
                 out["masks"] = np.ascontiguousarray(patchify(mstrip, (P, P), step=S)[0][kept])
         results.append(out)
     if part_dir is not None:
@@ -162,7 +139,7 @@ def _extract_rows_job(args):
         return extract_rows(*args)
     except InputError:
         raise
-    except Exception as exc:   # any error must survive pickling back to the parent
+    except Exception as exc:  # any error must survive pickling back to the parent
         raise InputError(f"{type(exc).__name__}: {exc}") from None
 
 
@@ -187,53 +164,6 @@ def _splice(dst, src_path):
     os.remove(src_path)
 
 
-def _fractions_from_counts(counts, y, xs, footprint):
-    b = COUNT_BLOCK
-    band = np.asarray(counts[y // b:(y + footprint) // b]).sum(axis=0, dtype=np.int64)
-    cs = np.concatenate([[0], np.cumsum(band)])
-    c0 = np.clip(np.asarray(xs) // b, 0, band.size)
-    c1 = np.clip((np.asarray(xs) + footprint) // b, 0, band.size)
-    return (cs[c1] - cs[c0]) / float(footprint * footprint)
-
-
-def _count_band_job(args):
-    mask_path, slide_path, r0, r1 = args
-    return r0, _open_cached((mask_path, slide_path), "mask").block_counts(r0, r1, COUNT_BLOCK)
-
-
-def mask_count_map(case, kind, cache_root, pool=None, workers=1):
-    """The mask's pixel counts per 16 x 16 block, computed once (in parallel) and cached.
-
-    Every scale needs the tumour fraction of its windows (a 64x patch covers 14,336 px a side):
-    summing this map instead of re-reading the full-resolution mask at each scale makes the
-    mask cost of a scale fall with the scale. The map is small (40 MB for a 50,000 px slide)
-    and built in memory, then saved atomically beside the caches, keyed by the mask's content.
-
-    Returns:
-        The ``.npy`` path, or ``None`` when the case has no such mask or it is not level-0 size.
-    """
-    mp = case.mask_path(kind)
-    if mp is None:
-        return None
-    with Slide(case.slide, verify=False) as s, Mask(mp, s.dimensions) as m:
-        if m.downsample != 1.0:
-            return None
-        h, w = m.height, m.width
-    stamp = key_hash([file_fingerprint(mp), COUNT_BLOCK])
-    dest = Path(cache_root) / case.case_id / f"{kind}_counts_b{COUNT_BLOCK}_{stamp}.npy"
-    if dest.exists():
-        return dest
-    nby, nbx = -(-h // COUNT_BLOCK), -(-w // COUNT_BLOCK)
-    step = max(1, (2 ** 25 // max(1, w)) // COUNT_BLOCK)
-    counts = np.zeros((nby, nbx), np.uint16)
-    tasks = [(str(mp), str(case.slide), r, min(nby, r + step)) for r in range(0, nby, step)]
-    for r0, part in _map(_count_band_job, tasks, pool, workers):
-        counts[r0:r0 + part.shape[0]] = part
-    with atomic_path(dest, suffix=".npy") as tmp:
-        np.save(tmp, counts)
-    return dest
-
-
 def _map(fn, tasks, pool, workers):
     """In order: in this process without a pool (a small job), else by the pool's processes."""
     return map(fn, tasks) if pool is None else ordered_map(fn, tasks, workers=workers, executor=pool)
@@ -253,7 +183,7 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
         scale: downscale factor (1, 4, 16, 64, ...).
         cache_root: the folder holding patch caches.
         params: :class:`helpers.caches.ExtractionParams` (defaults: the paper's).
-        pool: a shared :func:`helpers.prefetch.process_pool` (see :func:`extract_dataset`);
+        pool: a shared :func:`helpers.parallel.process_pool` (see :func:`extract_dataset`);
             without one, ``workers`` processes are started when the job is large enough.
         progress: a tqdm bar to advance by one per grid row, or ``None``.
         workers: processes to use when no pool is given.
@@ -280,19 +210,28 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
     rows, cols = grid_shape(dims, scale, params.patch_size, params.stride)
     step = rows_per_task((cols - 1) * params.stride + params.patch_size, params) if cols else 1
     own = None
-    if pool is None and workers > 1 and -(-rows // step) >= 2 * workers:   # small jobs: this process
-        pool = own = process_pool(workers, _forget_open_files)
+    if pool is None and workers > 1 and -(-rows // step) >= 2 * workers:  # small jobs: this process
+        pool = own = process_pool(workers, forget_inherited)
     t0 = time.perf_counter()
     try:
         with atomic_dir(folder) as tmp:
-            table, n_kept = _write_cache(case, scale, cache_root, params, pool, workers, rows, cols, step, level,
-                                         tmp, progress)
+            table, n_kept = _write_cache(
+                case, scale, cache_root, params, pool, workers, rows, cols, step, level, tmp, progress
+            )
             table[TABLE_COLUMNS].to_csv(tmp / "table.csv", index=False)
             k = table[table["kept"]]
-            meta = {"key": key, "grid_rows": rows, "grid_cols": cols, "n_grid": int(len(table)), "n_kept": n_kept,
-                    "n_pos": int((k["label"] == 1).sum()), "n_neg": int((k["label"] == 0).sum()),
-                    "n_ambiguous": int((k["label"] == -1).sum()), "tissue_level": level,
-                    "seconds": round(time.perf_counter() - t0, 2)}
+            meta = {
+                "key": key,
+                "grid_rows": rows,
+                "grid_cols": cols,
+                "n_grid": int(len(table)),
+                "n_kept": n_kept,
+                "n_pos": int((k["label"] == 1).sum()),
+                "n_neg": int((k["label"] == 0).sum()),
+                "n_ambiguous": int((k["label"] == -1).sum()),
+                "tissue_level": level,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
             with open(tmp / "meta.json", "w") as f:
                 json.dump(meta, f, indent=2, sort_keys=True)
     except DiskFullError as exc:
@@ -300,8 +239,10 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
         size = f"{est / 1e9:.1f} GB" if est >= 1e8 else f"{est / 1e6:.1f} MB"
         raise type(exc)(f"{exc} (the {scale}x cache of {case.case_id} takes up to {size})") from None
     except WorkerDied as exc:
-        raise WorkerDied(f"{exc} while extracting the {scale}x patches of {case.case_id}; its partial cache was "
-                         "removed, finished caches are reused on a rerun") from None
+        raise WorkerDied(
+            f"{exc} while extracting the {scale}x patches of {case.case_id}; its partial cache was "
+            "removed, finished caches are reused on a rerun"
+        ) from None
     finally:
         if own is not None:
             own.shutdown(wait=True, cancel_futures=True)
@@ -317,8 +258,10 @@ def _write_cache(case, scale, cache_root, params, pool, workers, rows, cols, ste
             cm = mask_count_map(case, kind, cache_root, pool, workers)
             if cm is not None:
                 cmaps[kind] = str(cm)
-    tasks = [(str(case.slide), scale, r, min(rows, r + step), asdict(params), masks, cmaps, str(tmp), level)
-             for r in range(0, rows, step)]
+    tasks = [
+        (str(case.slide), scale, r, min(rows, r + step), asdict(params), masks, cmaps, str(tmp), level)
+        for r in range(0, rows, step)
+    ]
     store = stores_masks(case, scale, params)
     cols_out = {k: [] for k in ("row", "col", "tissue_frac", "otsu", "kept", "whole_frac", "viable_frac", "index")}
     n_kept = 0
@@ -390,18 +333,25 @@ def extract_dataset(cases, scales, cache_root, params=None, workers=None, progre
         with Slide(c.slide, verify=False) as s:  # extract_slide verifies each slide
             dims[c.case_id] = s.dimensions
     total = sum(grid_shape(dims[c.case_id], sc, params.patch_size, params.stride)[0] for c in cases for sc in scales)
-    todo = [(dims[c.case_id], sc) for c in cases for sc in scales
-            if not (cache_folder(cache_root, c, sc, params)[0] / "meta.json").exists()]
+    todo = [
+        (dims[c.case_id], sc)
+        for c in cases
+        for sc in scales
+        if not (cache_folder(cache_root, c, sc, params)[0] / "meta.json").exists()
+    ]
     need = sum(cache_bytes_estimate([d], [sc], params) for d, sc in todo)
     Path(cache_root).mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(cache_root).free
     if need > free:
-        warnings.warn(f"{len(todo)} patch caches to write into {cache_root} may take up to {need / 1e9:.1f} GB "
-                      f"(every grid position kept; tissue is usually a third to a half of it) and the disk has "
-                      f"{free / 1e9:.1f} GB free. If it fills up, extraction stops with a clear error and a rerun "
-                      "resumes after freeing space", stacklevel=2)
+        warnings.warn(
+            f"{len(todo)} patch caches to write into {cache_root} may take up to {need / 1e9:.1f} GB "
+            f"(every grid position kept; tissue is usually a third to a half of it) and the disk has "
+            f"{free / 1e9:.1f} GB free. If it fills up, extraction stops with a clear error and a rerun "
+            "resumes after freeing space",
+            stacklevel=2,
+        )
     bar = progress_bar(total, "patch rows", "row", progress)
-    pool = process_pool(workers, _forget_open_files) if workers > 1 and len(todo) else None
+    pool = process_pool(workers, forget_inherited) if workers > 1 and len(todo) else None
     rows, sets = [], {}
     try:
         for c in cases:
@@ -410,42 +360,37 @@ def extract_dataset(cases, scales, cache_root, params=None, workers=None, progre
                 sets[(c.case_id, sc)] = ps
                 m = ps.meta
                 note = too_small_reason(dims[c.case_id], sc, params.patch_size) or (
-                    "no tissue patch" if m["n_grid"] and not m["n_kept"] else "")
-                rows.append({"case_id": c.case_id, "scale": sc, "grid": m["n_grid"], "kept": m["n_kept"],
-                             "pos": m["n_pos"], "neg": m["n_neg"], "ambiguous": m["n_ambiguous"],
-                             "seconds": m["seconds"], "from_cache": cached, "note": note})
+                    "no tissue patch" if m["n_grid"] and not m["n_kept"] else ""
+                )
+                rows.append(
+                    {
+                        "case_id": c.case_id,
+                        "scale": sc,
+                        "grid": m["n_grid"],
+                        "kept": m["n_kept"],
+                        "pos": m["n_pos"],
+                        "neg": m["n_neg"],
+                        "ambiguous": m["n_ambiguous"],
+                        "seconds": m["seconds"],
+                        "from_cache": cached,
+                        "note": note,
+                    }
+                )
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
     summary = pd.DataFrame(rows)
-    for what, sel in (("fit no patch", summary["grid"] == 0),
-                      ("have no tissue patch", (summary["grid"] > 0) & (summary["kept"] == 0))):
+    for what, sel in (
+        ("fit no patch", summary["grid"] == 0),
+        ("have no tissue patch", (summary["grid"] > 0) & (summary["kept"] == 0)),
+    ):
         if warn and sel.any():
-            warnings.warn(f"{int(sel.sum())} (slide, scale) pairs {what} and are skipped: "
-                          + ", ".join(f"{r.case_id}@{r.scale}x" for r in summary[sel].head(8).itertuples())
-                          + (" ..." if sel.sum() > 8 else "") + " (the summary's 'note' column says why)",
-                          stacklevel=2)
+            warnings.warn(
+                f"{int(sel.sum())} (slide, scale) pairs {what} and are skipped: "
+                + ", ".join(f"{r.case_id}@{r.scale}x" for r in summary[sel].head(8).itertuples())
+                + (" ..." if sel.sum() > 8 else "")
+                + " (the summary's 'note' column says why)",
+                stacklevel=2,
+            )
     return summary, sets
-
-
-def mask_label(case, cache_root=None, kind="whole"):
-    """A slide's label from its masks: 1 when the ``kind`` mask (else the other) holds tumour,
-    0 when its masks are empty, ``None`` when it has none (unlabelled, never 0).
-
-    Reads the mask's count map from ``cache_root`` when extraction made one, else the mask
-    itself in chunks (every 4th pixel).
-    """
-    kinds = [kind] + [k for k in MASK_KINDS if k != kind]
-    for k in kinds:
-        mp = case.mask_path(k)
-        if mp is None:
-            continue
-        if cache_root is not None:
-            stamp = key_hash([file_fingerprint(mp), COUNT_BLOCK])
-            cm = Path(cache_root) / case.case_id / f"{k}_counts_b{COUNT_BLOCK}_{stamp}.npy"
-            if cm.exists():
-                return int(np.load(cm, mmap_mode="r").max() > 0)
-        with Slide(case.slide, verify=False) as s, Mask(mp, s.dimensions) as m:
-            return int(m.count(step=4) > 0)
-    return None

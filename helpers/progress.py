@@ -13,5 +13,12 @@ def progress_bar(total, desc, unit="it", enabled=True):
     from tqdm import tqdm
 
     env_off = os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false", "no")
-    return tqdm(total=total, desc=desc, unit=unit, disable=(not enabled) or env_off,
-                mininterval=2.0, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=(not enabled) or env_off,
+        mininterval=2.0,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )

@@ -127,9 +127,12 @@ def require_stamp(artefact, key, what, fix):
         raise InputError(f"{artefact}: not found ({what}); {fix}")
     old = read_stamp(artefact)
     if old is None:
-        raise InputError(f"{artefact} has no provenance record ({what} made by an older version, or "
-                         f"interrupted); {fix}")
+        raise InputError(
+            f"{artefact} has no provenance record ({what} made by an older version, or interrupted); {fix}"
+        )
     new = json.loads(json.dumps(key, default=str))
     if old != new:
-        raise InputError(f"{artefact} was made from other inputs than this run's ({what}; changed: "
-                         f"{describe_differences(old, new)}); {fix}")
+        raise InputError(
+            f"{artefact} was made from other inputs than this run's ({what}; changed: "
+            f"{describe_differences(old, new)}); {fix}"
+        )

@@ -23,6 +23,7 @@ figure.
 """
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -92,7 +93,7 @@ def resolve_parameters(profile, overrides, nbs, check_files=True):
     """
     declared = {p: notebook_parameters(p) for p in nbs}
     known = {}
-    for p, d in declared.items():
+    for d in declared.values():
         for k, v in d.items():
             known.setdefault(k, v)
     merged = dict(profile["parameters"])
@@ -104,8 +105,9 @@ def resolve_parameters(profile, overrides, nbs, check_files=True):
             all_known |= set(notebook_parameters(p))
     for k in overrides:
         if k not in all_known:
-            raise InputError(f"unknown parameter {k!r}: no notebook declares it; known parameters are "
-                             f"{sorted(all_known)}")
+            raise InputError(
+                f"unknown parameter {k!r}: no notebook declares it; known parameters are {sorted(all_known)}"
+            )
     for k in profile["parameters"]:
         if k not in all_known:
             raise InputError(f"profile parameter {k!r} is declared by no notebook; known: {sorted(all_known)}")
@@ -113,7 +115,7 @@ def resolve_parameters(profile, overrides, nbs, check_files=True):
         if merged.get(k) in (None, ""):
             raise InputError(f"this profile needs parameter {k!r}: pass -p {k} VALUE")
     unchecked = sorted(k for k in merged if k not in SPECS)
-    if unchecked:   # a notebook declares a parameter that helpers.params does not know
+    if unchecked:  # a notebook declares a parameter that helpers.params does not know
         raise InputError(f"parameters {unchecked} have no entry in helpers.params.SPECS; add them there")
     merged = {**merged, **check_parameters(merged, check_files=check_files)}
     # Each notebook gets all its parameters (its defaults where the profile and the command line
@@ -124,18 +126,24 @@ def resolve_parameters(profile, overrides, nbs, check_files=True):
 
 def _git_commit():
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
 
 #: What each notebook writes into its run folder (``--overwrite`` removes them before a rerun;
 #: patch caches, keyed by their content, are kept and reused).
-OUTPUTS = {"02": ("extraction.json", "split.csv", "split.csv.key.json", "patch_counts.csv"),
-           "03": ("segmentation",),
-           "04": ("classification",),
-           "05": ("voting", "report.json", "summary.json")}
+OUTPUTS = {
+    "02": ("extraction.json", "split.csv", "split.csv.key.json", "patch_counts.csv"),
+    "03": ("segmentation",),
+    "04": ("classification",),
+    "05": ("voting", "report.json", "summary.json"),
+}
 
 
 def check_run_folder(folder, per_notebook, overwrite=False):
@@ -160,11 +168,16 @@ def check_run_folder(folder, per_notebook, overwrite=False):
         old = done.get(nb, {}).get("parameters")
         if old is None:
             continue
-        diffs += [f"{k}: {old.get(k)!r} -> {params.get(k)!r}" for k in sorted(set(old) | set(params))
-                  if k not in RUN_ONLY and old.get(k) != params.get(k)]
+        diffs += [
+            f"{k}: {old.get(k)!r} -> {params.get(k)!r}"
+            for k in sorted(set(old) | set(params))
+            if k not in RUN_ONLY and old.get(k) != params.get(k)
+        ]
     if diffs:
-        raise InputError(f"run folder {folder} holds results made with other parameters ({', '.join(sorted(set(diffs))[:6])}); "
-                         "use another --run-name, or --overwrite to replace them")
+        raise InputError(
+            f"run folder {folder} holds results made with other parameters ({', '.join(sorted(set(diffs))[:6])}); "
+            "use another --run-name, or --overwrite to replace them"
+        )
 
 
 def clear_outputs(folder, nbs):
@@ -181,11 +194,21 @@ def clear_outputs(folder, nbs):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m helpers.run", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m helpers.run",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--profile", default="demo", help="profile name in profiles/ (default: demo)")
-    ap.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                    help="override a parameter; VALUE is read as YAML (repeatable)")
+    ap.add_argument(
+        "-p",
+        "--param",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="override a parameter; VALUE is read as YAML (repeatable)",
+    )
     ap.add_argument("--only", nargs="+", help="run only these notebooks (numbers, e.g. 01 02)")
     ap.add_argument("--run-name", help="run folder name under runs/ (default: the profile's name)")
     ap.add_argument("--overwrite", action="store_true", help="replace a run folder holding other parameters")
@@ -237,8 +260,15 @@ def _run(args):
     pf = folder / "params.json"
     record = json.loads(pf.read_text()) if pf.exists() and not args.overwrite else {}
     record.setdefault("finished_notebooks", {})
-    record.update({"profile": args.profile, "parameters": merged, "notebooks": [p.name for p in nbs],
-                   "git_commit": _git_commit(), "started": _dt.datetime.now().isoformat(timespec="seconds")})
+    record.update(
+        {
+            "profile": args.profile,
+            "parameters": merged,
+            "notebooks": [p.name for p in nbs],
+            "git_commit": _git_commit(),
+            "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        }
+    )
     record.pop("finished", None)
     write_json(pf, record)
     t_all = time.perf_counter()
@@ -249,11 +279,15 @@ def _run(args):
         if failure:
             print(failure, file=sys.stderr, flush=True)
             return 1
-        record["finished_notebooks"][nb.name] = {"parameters": per[nb], "seconds": round(time.perf_counter() - t, 1),
-                                                 "finished": _dt.datetime.now().isoformat(timespec="seconds")}
+        record["finished_notebooks"][nb.name] = {
+            "parameters": per[nb],
+            "seconds": round(time.perf_counter() - t, 1),
+            "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+        }
         write_json(pf, record)
         out = out_dir / nb.name
-        print(f"      done in {time.perf_counter() - t:.0f} s -> {out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out}", flush=True)
+        shown = out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out
+        print(f"      done in {time.perf_counter() - t:.0f} s -> {shown}", flush=True)
     record["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
     record["seconds"] = round(time.perf_counter() - t_all, 1)
     write_json(pf, record)
@@ -262,8 +296,10 @@ def _run(args):
     if summary:
         from .paths import figures_dir
 
-        print(f"Summary: {summary}\nReproduction report: {figures_dir(run_name) / '05_reproduction_report.md'}",
-              flush=True)
+        print(
+            f"Summary: {summary}\nReproduction report: {figures_dir(run_name) / '05_reproduction_report.md'}",
+            flush=True,
+        )
     return 0
 
 
@@ -317,20 +353,22 @@ def _death_cause(code, folder):
         free = shutil.disk_usage(folder).free
     except OSError:
         free = None
-    low_disk = free is not None and free < 200 * 2 ** 20
+    low_disk = free is not None and free < 200 * 2**20
     if code is not None and code < 0:
         name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
-        cause = {"SIGKILL": "most often the out-of-memory killer: lower 'workers' or the batch sizes, or use a "
-                            "machine with more memory",
-                 "SIGBUS": "most often a full disk under a memory-mapped file: free space",
-                 "SIGSEGV": "a crash in native code (a damaged slide file?)"}.get(name, "")
+        cause = {
+            "SIGKILL": "most often the out-of-memory killer: lower 'workers' or the batch sizes, or use a "
+            "machine with more memory",
+            "SIGBUS": "most often a full disk under a memory-mapped file: free space",
+            "SIGSEGV": "a crash in native code (a damaged slide file?)",
+        }.get(name, "")
         what = f"killed by {name}" + (f", {cause}" if cause else "")
     elif code is not None:
         what = f"exited with code {code}"
     else:
         what = "died"
     if low_disk:
-        what += f"; the disk holding {folder} has only {free / 2 ** 20:.0f} MB free"
+        what += f"; the disk holding {folder} has only {free / 2**20:.0f} MB free"
     return what
 
 
@@ -359,20 +397,31 @@ def execute(nb, out_dir, parameters, folder, progress=True):
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     message = None
     try:
-        pm.execute_notebook(str(nb), str(tmp), parameters=parameters, kernel_name="python3",
-                            cwd=str(NOTEBOOK_DIR), progress_bar=progress, kernel_manager_class=km,
-                            extra_arguments=["--IPKernelApp.log_level=ERROR"])   # no transport warnings
+        pm.execute_notebook(
+            str(nb),
+            str(tmp),
+            parameters=parameters,
+            kernel_name="python3",
+            cwd=str(NOTEBOOK_DIR),
+            progress_bar=progress,
+            kernel_manager_class=km,
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+        )  # no transport warnings
         os.replace(tmp, out)
         failed.unlink(missing_ok=True)
         return None
     except pm.PapermillExecutionError as exc:
-        message = (f"FAILED: {nb.name}, cell {exc.cell_index} (execution count {exc.exec_count}): "
-                   f"{exc.ename}: {exc.evalue} [the executed notebook, with the traceback: {failed}]")
+        message = (
+            f"FAILED: {nb.name}, cell {exc.cell_index} (execution count {exc.exec_count}): "
+            f"{exc.ename}: {exc.evalue} [the executed notebook, with the traceback: {failed}]"
+        )
     except DeadKernelError:
         idx, line = _running_cell(tmp)
         where = f"cell {idx} ({line!r})" if idx is not None else "a cell"
-        message = (f"FAILED: {nb.name}, {where}: the notebook's kernel {_death_cause(km.exit_code, folder)}. "
-                   f"Finished results are kept: rerun to resume. Partial notebook: {failed}")
+        message = (
+            f"FAILED: {nb.name}, {where}: the notebook's kernel {_death_cause(km.exit_code, folder)}. "
+            f"Finished results are kept: rerun to resume. Partial notebook: {failed}"
+        )
     except KeyboardInterrupt as exc:
         message = f"STOPPED ({exc or 'interrupted'}) during {nb.name}: rerun to resume. Partial notebook: {failed}"
     finally:
@@ -382,7 +431,7 @@ def execute(nb, out_dir, parameters, folder, progress=True):
             _kill(km.pid)
             if tmp.exists():
                 os.replace(tmp, failed)
-            for d, _, _ in os.walk(folder):        # symlinked inputs (sweeps) are not entered
+            for d, _, _ in os.walk(folder):  # symlinked inputs (sweeps) are not entered
                 remove_stale_temporaries(d)
     return message
 
@@ -392,10 +441,8 @@ def _kill(pid):
     import signal
 
     if pid:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def write_summary(folder, record):
@@ -409,10 +456,18 @@ def write_summary(folder, record):
         return None
     report = json.loads(rep.read_text())
     out = Path(folder) / "summary.json"
-    write_json(out, {"run_name": Path(folder).name, "profile": record.get("profile"),
-                     "parameters": record.get("parameters"), "git_commit": record.get("git_commit"),
-                     "seconds": record.get("seconds"), "numbers": report.get("rows", []),
-                     "missing": report.get("missing", [])})
+    write_json(
+        out,
+        {
+            "run_name": Path(folder).name,
+            "profile": record.get("profile"),
+            "parameters": record.get("parameters"),
+            "git_commit": record.get("git_commit"),
+            "seconds": record.get("seconds"),
+            "numbers": report.get("rows", []),
+            "missing": report.get("missing", []),
+        },
+    )
     return out
 
 
@@ -432,8 +487,10 @@ def link_inputs(base, folder, nbs):
     need = [n for nb, names in OUTPUTS.items() if nb < first for n in names if not n.endswith(".key.json")]
     lacking = [n for n in need if not (base / n).exists()]
     if lacking:
-        raise InputError(f"base_run {base.name!r} lacks {lacking}: run its notebooks first (python -m helpers.run "
-                         f"--run-name {base.name})")
+        raise InputError(
+            f"base_run {base.name!r} lacks {lacking}: run its notebooks first (python -m helpers.run "
+            f"--run-name {base.name})"
+        )
     for nb, names in OUTPUTS.items():
         if nb in running:
             continue
@@ -464,7 +521,11 @@ def load_sweep(path):
     for key in ("name", "entries"):
         if key not in spec:
             raise InputError(f"sweep file {path}: needs '{key}' (see sweeps/demo_vote_share.yaml)")
-    if not isinstance(spec["entries"], list) or not spec["entries"] or not all(isinstance(e, dict) for e in spec["entries"]):
+    if (
+        not isinstance(spec["entries"], list)
+        or not spec["entries"]
+        or not all(isinstance(e, dict) for e in spec["entries"])
+    ):
         raise InputError(f"sweep file {path}: 'entries' must be a non-empty list of parameter mappings")
     unknown = set(spec) - {"name", "profile", "base_run", "only", "entries", "description"}
     if unknown:
@@ -487,32 +548,47 @@ def run_sweep(path, progress=True):
     base = spec.get("base_run")
     bdir = runs_root() / base if base else None
     if base and not bdir.is_dir():
-        raise InputError(f"base_run {base!r}: no such run in {runs_root()}; run it first "
-                         f"(python -m helpers.run --run-name {base})")
+        raise InputError(
+            f"base_run {base!r}: no such run in {runs_root()}; run it first (python -m helpers.run --run-name {base})"
+        )
     names = []
     for i, entry in enumerate(spec["entries"]):
         run_name = f"{spec['name']}-{i:02d}"
-        resolve_parameters(profile, {**entry, "run_name": run_name}, nbs)   # fails on a bad name now
+        resolve_parameters(profile, {**entry, "run_name": run_name}, nbs)  # fails on a bad name now
         names.append(run_name)
     rows = []
     for run_name, entry in zip(names, spec["entries"]):
         folder = run_dir(run_name)
         if base:
             link_inputs(bdir, folder, nbs)
-        args = argparse.Namespace(profile=profile_name, param=[[k, yaml.safe_dump(v, default_flow_style=True).strip()]
-                                                               for k, v in entry.items()],
-                                  only=only, run_name=run_name, overwrite=True, list=False, no_progress=not progress)
+        args = argparse.Namespace(
+            profile=profile_name,
+            param=[[k, yaml.safe_dump(v, default_flow_style=True).strip()] for k, v in entry.items()],
+            only=only,
+            run_name=run_name,
+            overwrite=True,
+            list=False,
+            no_progress=not progress,
+        )
         print(f"== sweep {spec['name']}: {run_name} {entry}", flush=True)
         if _run(args) != 0:
             raise InputError(f"sweep entry {run_name} ({entry}) failed; see its notebooks in {folder / 'notebooks'}")
         summ = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else None
         if summ is None:
-            raise InputError(f"sweep entry {run_name} wrote no summary.json: a sweep needs notebook 05 among its notebooks")
+            raise InputError(
+                f"sweep entry {run_name} wrote no summary.json: a sweep needs notebook 05 among its notebooks"
+            )
         for r in summ["numbers"]:
-            rows.append({"run": run_name, **{f"param:{k}": (json.dumps(v) if isinstance(v, list) else v)
-                                               for k, v in entry.items()},
-                         "quantity": r["quantity"], "paper": r["paper"], "ours": r["ours"],
-                         "convention": r["convention"]})
+            rows.append(
+                {
+                    "run": run_name,
+                    **{f"param:{k}": (json.dumps(v) if isinstance(v, list) else v) for k, v in entry.items()},
+                    "quantity": r["quantity"],
+                    "paper": r["paper"],
+                    "ours": r["ours"],
+                    "convention": r["convention"],
+                }
+            )
     table = pd.DataFrame(rows)
     out = run_dir(spec["name"])
     from .atomic import atomic_path
@@ -543,8 +619,11 @@ def sweep_figure(table, path):
 
     t = table.assign(value=table["ours"].map(num))
     params = [c for c in t.columns if c.startswith("param:")]
-    t["label"] = (t[params].apply(lambda r: ", ".join(f"{c[6:]} {v}" for c, v in r.items() if pd.notna(v)), axis=1)
-                  if params else t["run"])
+    t["label"] = (
+        t[params].apply(lambda r: ", ".join(f"{c[6:]} {v}" for c, v in r.items() if pd.notna(v)), axis=1)
+        if params
+        else t["run"]
+    )
     varying = [q for q, g in t.groupby("quantity", sort=False) if g["value"].notna().any() and g["value"].nunique() > 1]
     qs = varying or [q for q, g in t.groupby("quantity", sort=False) if g["value"].notna().any()][:4]
     fig, axes = plt.subplots(1, max(1, len(qs)), figsize=(3.6 * max(1, len(qs)), 3.2), squeeze=False)

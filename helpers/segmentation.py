@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .augment import augment_batch
-from .errors import InputError, check_fraction, check_positive
 from .caches import cache_folder, load_patch_set
+from .errors import InputError, check_fraction, check_positive
 from .metrics import dice_jaccard, dice_jaccard_per_patch, paip_score, soft_dice_loss
 from .slides import Mask
 from .train import SeededPrepare
@@ -57,7 +57,7 @@ class SegmentationPatches:
     def take(self, idx):
         """``(images, masks)`` uint8 arrays ``(k, P, P, 3)`` and ``(k, P, P)`` for dataset rows ``idx``."""
         idx = np.asarray(idx)
-        order = np.lexsort((self.local[idx], self.owner[idx]))   # memory-map friendly reads
+        order = np.lexsort((self.local[idx], self.owner[idx]))  # memory-map friendly reads
         P = self.sets[0].patches.shape[1]
         x = np.empty((len(idx), P, P, 3), np.uint8)
         m = np.empty((len(idx), P, P), np.uint8)
@@ -89,12 +89,16 @@ def load_segmentation_patches(cases, cache_root, params, what="training"):
     for case in cases:
         folder, _ = cache_folder(cache_root, case, scale, params)
         if not (folder / "meta.json").exists():
-            raise InputError(f"no {scale}x patch cache for {case.case_id} at {folder}: run notebook 02 "
-                             f"(with {scale} among its scales and the same parameters) first")
+            raise InputError(
+                f"no {scale}x patch cache for {case.case_id} at {folder}: run notebook 02 "
+                f"(with {scale} among its scales and the same parameters) first"
+            )
         ps = load_patch_set(folder)
         if ps.masks is None:
-            raise InputError(f"{case.case_id}: its patch cache holds no masks (the slide has no "
-                             f"{params.label_mask} mask); segmentation needs masks for every {what} slide")
+            raise InputError(
+                f"{case.case_id}: its patch cache holds no masks (the slide has no "
+                f"{params.label_mask} mask); segmentation needs masks for every {what} slide"
+            )
         kept = ps.kept
         sets.append(ps)
         ids.append(case.case_id)
@@ -102,8 +106,10 @@ def load_segmentation_patches(cases, cache_root, params, what="training"):
         local.append(kept["index"].to_numpy())
         frac.append(kept[col].to_numpy(np.float32))
     if not sets or sum(len(o) for o in owner) == 0:
-        raise InputError(f"the {what} split holds no tissue patch at scale {scale}; check the split and "
-                         "notebook 02's tissue_threshold")
+        raise InputError(
+            f"the {what} split holds no tissue patch at scale {scale}; check the split and "
+            "notebook 02's tissue_threshold"
+        )
     return SegmentationPatches(sets, ids, np.concatenate(owner), np.concatenate(local), np.concatenate(frac))
 
 
@@ -127,9 +133,11 @@ def segmentation_batches(data, batch_size, steps, tumour_share=0.5, min_frac=0.0
     check_fraction("tumour_share", tumour_share)
     has = np.flatnonzero(data.tumour_frac >= min_frac)
     if tumour_share > 0 and len(has) == 0:
-        raise InputError(f"no training patch holds tumour (fraction >= {min_frac}) in "
-                         f"{', '.join(data.case_ids)}: the segmentation network has nothing to learn. "
-                         "Put slides with tumour in the training split, or check label_mask")
+        raise InputError(
+            f"no training patch holds tumour (fraction >= {min_frac}) in "
+            f"{', '.join(data.case_ids)}: the segmentation network has nothing to learn. "
+            "Put slides with tumour in the training split, or check label_mask"
+        )
     n_t = int(round(batch_size * tumour_share))
 
     def batches(epoch):
@@ -141,8 +149,9 @@ def segmentation_batches(data, batch_size, steps, tumour_share=0.5, min_frac=0.0
 
             def __iter__(self):
                 for _ in range(steps):
-                    idx = np.concatenate([rng.choice(has, n_t) if n_t else np.zeros(0, int),
-                                          rng.choice(len(data), batch_size - n_t)])
+                    idx = np.concatenate(
+                        [rng.choice(has, n_t) if n_t else np.zeros(0, int), rng.choice(len(data), batch_size - n_t)]
+                    )
                     x, m = data.take(idx)
                     yield torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(m)[:, None]
 
@@ -206,9 +215,9 @@ def make_evaluator(data, input_size, max_patches=512, batch_size=32, per_image=F
 
     def evaluate(model, device):
         inter = total = 0.0
-        soft = None                     # per head: sum(p r), sum(p^2) + sum(r^2) over the sample
+        soft = None  # per head: sum(p r), sum(p^2) + sum(r^2) over the sample
         for i in range(0, len(sample), batch_size):
-            x, m = data.take(sample[i:i + batch_size])
+            x, m = data.take(sample[i : i + batch_size])
             x = torch.from_numpy(x).to(device).permute(0, 3, 1, 2).float().div_(255)
             m = torch.from_numpy(m).to(device)[:, None].float()
             x, m = resize_pair(x, m, input_size)
@@ -226,7 +235,7 @@ def make_evaluator(data, input_size, max_patches=512, batch_size=32, per_image=F
             total += float(pb.sum() + (m > 0).sum())
         if per_image:
             loss = sum(a / b for a, b in soft) / len(soft)
-        else:   # the batch-pooled loss, pooled over the whole sample (eps = 1 as in training)
+        else:  # the batch-pooled loss, pooled over the whole sample (eps = 1 as in training)
             loss = sum(1 - (2 * a + 1) / (b + 1) for a, b in soft) / len(soft)
         return {"val_loss": loss, "val_dice": 2 * inter / total if total else 1.0}
 
@@ -234,7 +243,7 @@ def make_evaluator(data, input_size, max_patches=512, batch_size=32, per_image=F
     return evaluate
 
 
-def mask_fraction_map(mask_path, slide_dimensions, downsample, max_pixels=2 ** 25):
+def mask_fraction_map(mask_path, slide_dimensions, downsample, max_pixels=2**25):
     """A mask's fraction of tumour in each ``downsample`` x ``downsample`` cell.
 
     Reads the mask in bands of rows (at most ``max_pixels`` mask pixels at once), so a mask of a
@@ -255,13 +264,22 @@ def mask_fraction_map(mask_path, slide_dimensions, downsample, max_pixels=2 ** 2
             y1 = min(out_h * d, y + band)
             a = mask.read_native(0, y, out_w * d, y1)
             k = (y1 - y) // d
-            out[y // d:y // d + k] = a[:k * d, :out_w * d].reshape(k, d, out_w, d).mean(axis=(1, 3))
+            out[y // d : y // d + k] = a[: k * d, : out_w * d].reshape(k, d, out_w, d).mean(axis=(1, 3))
         return out
 
 
 #: The per-slide metrics of :func:`slide_metrics` (the columns of ``metrics.csv``).
-METRIC_COLUMNS = ("dice_pooled", "jaccard_pooled", "dice_patch", "jaccard_patch", "n_scored_patches",
-                  "n_empty_patches", "paip", "pred_cells", "true_cells")
+METRIC_COLUMNS = (
+    "dice_pooled",
+    "jaccard_pooled",
+    "dice_patch",
+    "jaccard_patch",
+    "n_scored_patches",
+    "n_empty_patches",
+    "paip",
+    "pred_cells",
+    "true_cells",
+)
 
 
 def slide_metrics(pred, truth, coverage, patch_cells, empty=1.0, paip_threshold=0.65):
@@ -295,13 +313,34 @@ def slide_metrics(pred, truth, coverage, patch_cells, empty=1.0, paip_threshold=
 
     predicted = blocks(np.asarray(coverage) > 0).any(1)
     dp, jp, n_empty = dice_jaccard_per_patch(blocks(pred)[predicted], blocks(truth)[predicted], empty=empty)
-    return {"dice_pooled": d, "jaccard_pooled": j, "dice_patch": dp, "jaccard_patch": jp,
-            "n_scored_patches": int(predicted.sum()), "n_empty_patches": n_empty, "paip": paip_score(j, paip_threshold),
-            "pred_cells": int(pred.sum()), "true_cells": int(truth.sum())}
+    return {
+        "dice_pooled": d,
+        "jaccard_pooled": j,
+        "dice_patch": dp,
+        "jaccard_patch": jp,
+        "n_scored_patches": int(predicted.sum()),
+        "n_empty_patches": n_empty,
+        "paip": paip_score(j, paip_threshold),
+        "pred_cells": int(pred.sum()),
+        "true_cells": int(truth.sum()),
+    }
 
 
-def segment_cases(model, cases, out_folder, input_size, params, weights, out_downsample=8, stride=None,
-                  threshold=0.5, batch_size=32, device=None, progress=True, log=print):
+def segment_cases(
+    model,
+    cases,
+    out_folder,
+    input_size,
+    params,
+    weights,
+    out_downsample=8,
+    stride=None,
+    threshold=0.5,
+    batch_size=32,
+    device=None,
+    progress=True,
+    log=print,
+):
     """Whole-slide segmentation of ``cases``, with per-slide metrics where a mask exists.
 
     Each slide is predicted by :func:`helpers.inference.predict_slide` at the segmentation
@@ -343,10 +382,18 @@ def segment_cases(model, cases, out_folder, input_size, params, weights, out_dow
     rows, canvases = [], {}
     for case in cases:
         prob_path = out / f"{case.case_id}_prob.npy"
-        key = {"slide": file_fingerprint(case.slide), "weights": weights, "input_size": input_size,
-               "out_downsample": out_downsample, "stride": stride, "scale": scale, "patch_size": P,
-               "tissue": {k: getattr(params, k) for k in ("tissue_method", "glass_level", "tissue_threshold",
-                                                           "tissue_subsample")}}
+        key = {
+            "slide": file_fingerprint(case.slide),
+            "weights": weights,
+            "input_size": input_size,
+            "out_downsample": out_downsample,
+            "stride": stride,
+            "scale": scale,
+            "patch_size": P,
+            "tissue": {
+                k: getattr(params, k) for k in ("tissue_method", "glass_level", "tissue_threshold", "tissue_subsample")
+            },
+        }
         with Slide(case.slide) as s:
             dims = s.dimensions
         info = read_stamp(prob_path)
@@ -357,9 +404,20 @@ def segment_cases(model, cases, out_folder, input_size, params, weights, out_dow
         else:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                res = predict_slide(model, case.slide, probabilities, out_downsample=out_downsample, stride=stride,
-                                    patch_size=P, batch_size=batch_size, device=device, tissue=params,
-                                    progress=progress, input_size=input_size, scale=scale)
+                res = predict_slide(
+                    model,
+                    case.slide,
+                    probabilities,
+                    out_downsample=out_downsample,
+                    stride=stride,
+                    patch_size=P,
+                    batch_size=batch_size,
+                    device=device,
+                    tissue=params,
+                    progress=progress,
+                    input_size=input_size,
+                    scale=scale,
+                )
             for w in caught:
                 log(f"{case.case_id}: {w.message}")
             prob, cov = res["prob"], res["coverage"]
@@ -371,8 +429,12 @@ def segment_cases(model, cases, out_folder, input_size, params, weights, out_dow
             write_stamp(prob_path, info)
         pred = prob > threshold
         mask_path = case.mask_path(params.label_mask)
-        row = {"case_id": case.case_id, "n_patches": info["n_patches"], "seconds": info["seconds"],
-               **dict.fromkeys(METRIC_COLUMNS, float("nan"))}    # NaN where the slide has no mask
+        row = {
+            "case_id": case.case_id,
+            "n_patches": info["n_patches"],
+            "seconds": info["seconds"],
+            **dict.fromkeys(METRIC_COLUMNS, float("nan")),
+        }  # NaN where the slide has no mask
         truth = None
         if mask_path is None:
             log(f"{case.case_id}: no {params.label_mask} mask, so no metrics (the prediction is saved)")
@@ -387,6 +449,7 @@ def segment_cases(model, cases, out_folder, input_size, params, weights, out_dow
 # ---------------------------------------------------------------------------------------------
 # Notebook 03's plan: train on this run's slides, or apply an earlier run's model
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class SegmentationPlan:
@@ -411,10 +474,13 @@ class SegmentationPlan:
     def describe(self):
         """One line for the notebook."""
         if self.mode == "apply":
-            return (f"applying the UNet++ of run {self.models_from!r} to all {len(self.targets)} slides "
-                    "(no training here)")
-        return (f"training on {len(self.train)} slides with masks, validating on {len(self.val)}, "
-                f"segmenting the {len(self.targets)} test slides")
+            return (
+                f"applying the UNet++ of run {self.models_from!r} to all {len(self.targets)} slides (no training here)"
+            )
+        return (
+            f"training on {len(self.train)} slides with masks, validating on {len(self.val)}, "
+            f"segmenting the {len(self.targets)} test slides"
+        )
 
 
 def segmentation_plan(run, models_from=""):
@@ -434,17 +500,23 @@ def segmentation_plan(run, models_from=""):
     if models_from:
         src = runs_root() / models_from / "segmentation"
         if not (src / "best.pt").exists():
-            raise InputError(f"parameter 'models_from': run {models_from!r} has no trained UNet++ ({src / 'best.pt'}); "
-                             "run its notebook 03 first, or name another run")
+            raise InputError(
+                f"parameter 'models_from': run {models_from!r} has no trained UNet++ ({src / 'best.pt'}); "
+                "run its notebook 03 first, or name another run"
+            )
         return SegmentationPlan("apply", [], [], list(run.cases.values()), src, models_from)
     kind = run.params.label_mask
-    fix = ("add the slides' masks, or set models_from to an earlier run whose model to apply "
-           "(README, 'Applying trained models')")
+    fix = (
+        "add the slides' masks, or set models_from to an earlier run whose model to apply "
+        "(README, 'Applying trained models')"
+    )
     split = {s: [c for c in run.by_split[s] if c.mask_path(kind) is not None] for s in ("train", "val")}
     for s, what in (("train", "training"), ("val", "validation")):
         if not split[s]:
-            raise InputError(f"no slide of the {what} split ({len(run.by_split[s])} slides) has a {kind} mask, so "
-                             f"segmentation cannot be trained here: {fix}")
+            raise InputError(
+                f"no slide of the {what} split ({len(run.by_split[s])} slides) has a {kind} mask, so "
+                f"segmentation cannot be trained here: {fix}"
+            )
     with_tumour = 0
     for c in split["train"]:
         folder, _ = cache_folder(run.cache_root, c, run.params.mask_scale, run.params)
@@ -452,11 +524,14 @@ def segmentation_plan(run, models_from=""):
             t = pd.read_csv(folder / "table.csv", usecols=["kept", f"{kind}_frac"])
             with_tumour += int(((t[f"{kind}_frac"] >= 0.05) & t["kept"]).sum())
     if not with_tumour:
-        raise InputError(f"no training patch at {run.params.mask_scale}x holds tumour (the {len(split['train'])} "
-                         f"training slides' {kind} masks are empty, or their slides too small for a patch): "
-                         f"segmentation has nothing to learn. {fix[0].upper() + fix[1:]}")
-    return SegmentationPlan("train", split["train"], split["val"], list(run.by_split["test"]),
-                            run.folder / "segmentation")
+        raise InputError(
+            f"no training patch at {run.params.mask_scale}x holds tumour (the {len(split['train'])} "
+            f"training slides' {kind} masks are empty, or their slides too small for a patch): "
+            f"segmentation has nothing to learn. {fix[0].upper() + fix[1:]}"
+        )
+    return SegmentationPlan(
+        "train", split["train"], split["val"], list(run.by_split["test"]), run.folder / "segmentation"
+    )
 
 
 def train_segmenter(run, plan, out_dir, gpus=1, config=None, **settings):
@@ -485,15 +560,42 @@ def train_segmenter(run, plan, out_dir, gpus=1, config=None, **settings):
     settings = dict(settings)
     settings["weights_path"] = settings.get("weights_path") or None
     scale = run.params.mask_scale
-    meta = {"variant": settings.get("variant", "paper"), "input_size": settings.get("input_size"),
-            "patch_size": run.params.patch_size, "scale": scale, "label_mask": run.params.label_mask,
-            **{k: settings.get(k) for k in ("pretrained", "weights_path", "batch_size", "steps", "tumour_share",
-                                            "color_jitter", "dice_per_image", "bn_batches")},
-            "data": {"split": run.split_key,
-                     "caches": {s: run.data_key(scale, (s,))["caches"][s] for s in ("train", "val")}}}
-    job = SegmentationJob(params=asdict(run.params), cache_root=str(run.cache_root), data_dir=str(run.data_dir),
-                          train_cases=[c.case_id for c in plan.train], val_cases=[c.case_id for c in plan.val],
-                          out_dir=str(out_dir), config=dict(config or {}), meta=meta, progress=True, **settings)
+    meta = {
+        "variant": settings.get("variant", "paper"),
+        "input_size": settings.get("input_size"),
+        "patch_size": run.params.patch_size,
+        "scale": scale,
+        "label_mask": run.params.label_mask,
+        **{
+            k: settings.get(k)
+            for k in (
+                "pretrained",
+                "weights_path",
+                "batch_size",
+                "steps",
+                "tumour_share",
+                "color_jitter",
+                "dice_per_image",
+                "bn_batches",
+            )
+        },
+        "data": {
+            "split": run.split_key,
+            "caches": {s: run.data_key(scale, (s,))["caches"][s] for s in ("train", "val")},
+        },
+    }
+    job = SegmentationJob(
+        params=asdict(run.params),
+        cache_root=str(run.cache_root),
+        data_dir=str(run.data_dir),
+        train_cases=[c.case_id for c in plan.train],
+        val_cases=[c.case_id for c in plan.val],
+        out_dir=str(out_dir),
+        config=dict(config or {}),
+        meta=meta,
+        progress=True,
+        **settings,
+    )
     import torch
 
     if gpus > 1 and torch.cuda.device_count() >= gpus:
@@ -532,13 +634,33 @@ def segment_with(run, plan, out_dir, device=None, out_downsample=8, stride=0, th
     model, meta, ck_path, weights = trained_segmenter(plan.source)
     params = replace(run.params, patch_size=int(meta["patch_size"]), mask_scale=int(meta["scale"]))
     model.to(device or torch.device("cpu"))
-    table, canvases = segment_cases(model, plan.targets, out_dir, int(meta["input_size"]), params, weights,
-                                    out_downsample=out_downsample, stride=stride or None, threshold=threshold,
-                                    batch_size=batch_size, device=device)
+    table, canvases = segment_cases(
+        model,
+        plan.targets,
+        out_dir,
+        int(meta["input_size"]),
+        params,
+        weights,
+        out_downsample=out_downsample,
+        stride=stride or None,
+        threshold=threshold,
+        batch_size=batch_size,
+        device=device,
+    )
     path = Path(out_dir) / "metrics.csv"
     with atomic_path(path) as tmp:
         table.to_csv(tmp, index=False)
-    write_stamp(path, {"extraction": run.extraction_key, "split": run.split_key, "weights": weights,
-                       "models_from": plan.models_from, "slides": [c.case_id for c in plan.targets],
-                       "out_downsample": out_downsample, "stride": stride, "threshold": threshold})
+    write_stamp(
+        path,
+        {
+            "extraction": run.extraction_key,
+            "split": run.split_key,
+            "weights": weights,
+            "models_from": plan.models_from,
+            "slides": [c.case_id for c in plan.targets],
+            "out_downsample": out_downsample,
+            "stride": stride,
+            "threshold": threshold,
+        },
+    )
     return table, canvases

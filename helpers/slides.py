@@ -21,14 +21,28 @@ from PIL import Image
 from .errors import InputError
 
 #: Suffixes opened through OpenSlide (tried first) or, failing that, as plain images.
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
-                  ".svslide", ".dcm", ".png", ".jpg", ".jpeg")
+SLIDE_SUFFIXES = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".vms",
+    ".vmu",
+    ".bif",
+    ".svslide",
+    ".dcm",
+    ".png",
+    ".jpg",
+    ".jpeg",
+)
 #: Formats that only OpenSlide reads: never opened as plain images (a truncated .svs would be).
 WSI_ONLY_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm")
 #: The largest plain image opened (loaded whole): 16,384 x 16,384 px.
-MAX_PLAIN_PIXELS = 2 ** 28
+MAX_PLAIN_PIXELS = 2**28
 #: The largest region read at once (1 Gpx, 3 GB of RGB): a bigger one is a parameter mistake.
-MAX_READ_PIXELS = 2 ** 30
+MAX_READ_PIXELS = 2**30
 #: Name endings of PAIP 2019 mask files, which are never taken for slides.
 MASK_KINDS = ("whole", "viable")
 
@@ -44,8 +58,8 @@ def _import_openslide():
         import openslide
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise InputError(
-            "openslide could not be imported; install it with `pip install openslide-python "
-            f"openslide-bin` ({exc})") from exc
+            f"openslide could not be imported; install it with `pip install openslide-python openslide-bin` ({exc})"
+        ) from exc
     return openslide
 
 
@@ -85,29 +99,37 @@ def _open_any(path):
         if path.suffix.lower() in WSI_ONLY_SUFFIXES:
             with open(path, "rb") as f:
                 head = f.read(4)
-            why = ("it looks like a TIFF but OpenSlide cannot parse it: probably truncated or damaged, copy it again"
-                   if head[:2] in (b"II", b"MM") else
-                   "its content is not a whole-slide image format; check that the file is the slide")
+            why = (
+                "it looks like a TIFF but OpenSlide cannot parse it: probably truncated or damaged, copy it again"
+                if head[:2] in (b"II", b"MM")
+                else "its content is not a whole-slide image format; check that the file is the slide"
+            )
             raise InputError(f"{path}: cannot be read as a slide ({why})")
         img = Image.open(path)
         if img.width * img.height > MAX_PLAIN_PIXELS:
-            raise InputError(f"{path}: a plain (non-pyramidal) image of {img.width}x{img.height} px would be "
-                             "loaded whole; convert it to a tiled pyramidal TIFF (e.g. with vips tiffsave "
-                             "--tile --pyramid) so it can be read window by window")
+            raise InputError(
+                f"{path}: a plain (non-pyramidal) image of {img.width}x{img.height} px would be "
+                "loaded whole; convert it to a tiled pyramidal TIFF (e.g. with vips tiffsave "
+                "--tile --pyramid) so it can be read window by window"
+            )
         img.load()
         return openslide.ImageSlide(img), "image"
     except InputError:
         raise
     except MemoryError:
-        raise InputError(f"{path}: not enough memory to open it as a plain image; convert it to a tiled "
-                         "pyramidal TIFF") from None
+        raise InputError(
+            f"{path}: not enough memory to open it as a plain image; convert it to a tiled pyramidal TIFF"
+        ) from None
     except (openslide.OpenSlideError, OSError, ValueError, SyntaxError) as exc:
         if fmt is None and path.suffix.lower() not in SLIDE_SUFFIXES:
-            raise InputError(f"{path}: not a slide nor an image that can be read (OpenSlide does not "
-                             f"recognise it: {exc}); pass a .svs/.tif/.ndpi/... slide or a PNG/JPEG/TIFF "
-                             "image") from None
-        raise InputError(f"{path}: cannot be read ({type(exc).__name__}: {exc}); the file may be truncated "
-                         "or damaged: copy it again") from None
+            raise InputError(
+                f"{path}: not a slide nor an image that can be read (OpenSlide does not "
+                f"recognise it: {exc}); pass a .svs/.tif/.ndpi/... slide or a PNG/JPEG/TIFF "
+                "image"
+            ) from None
+        raise InputError(
+            f"{path}: cannot be read ({type(exc).__name__}: {exc}); the file may be truncated or damaged: copy it again"
+        ) from None
 
 
 class Slide:
@@ -147,8 +169,11 @@ class Slide:
         self.properties = dict(osr.properties)
         self.mpp = _float_pair(self.properties, "openslide.mpp-x", "openslide.mpp-y")
         if self.mpp is None:
-            _warn_once(self.path, "the file gives no microns per pixel (mpp); sizes in micrometres are "
-                                  "unknown, pixel-based processing goes on")
+            _warn_once(
+                self.path,
+                "the file gives no microns per pixel (mpp); sizes in micrometres are "
+                "unknown, pixel-based processing goes on",
+            )
         power = _float_pair(self.properties, "openslide.objective-power", "openslide.objective-power")
         self.objective_power = None if power is None else power[0]
         self._tiff = self._tiff_levels() if self.vendor in ("aperio", "generic-tiff") else None
@@ -167,8 +192,9 @@ class Slide:
             self._osr.read_region((0, 0), self.level_count - 1, (lw, lh))
         except openslide.OpenSlideError as exc:
             self.close()
-            raise InputError(f"{self.path}: cannot be decoded ({exc}); the file is probably "
-                             "truncated or damaged: copy it again") from None
+            raise InputError(
+                f"{self.path}: cannot be decoded ({exc}); the file is probably truncated or damaged: copy it again"
+            ) from None
 
     def _tiff_levels(self):
         """Tile readers for every level when each is a tiled 8-bit RGB JPEG page, else ``None``."""
@@ -178,8 +204,15 @@ class Slide:
             tif = tifffile.TiffFile(self.path)
         except Exception:
             return None
-        pages = [p for p in tif.pages if p.is_tiled and p.compression == 7 and p.samplesperpixel == 3
-                 and p.dtype == np.uint8 and p.planarconfig == 1]
+        pages = [
+            p
+            for p in tif.pages
+            if p.is_tiled
+            and p.compression == 7
+            and p.samplesperpixel == 3
+            and p.dtype == np.uint8
+            and p.planarconfig == 1
+        ]
         levels = []
         for w, h in self.level_dimensions:
             match = [p for p in pages if tuple(p.shape[:2]) == (h, w)]
@@ -214,12 +247,17 @@ class Slide:
     def info(self):
         """A flat dict of what a reader wants to know first (used in notebook 01's table)."""
         w, h = self.dimensions
-        return {"case": self.name, "vendor": self.vendor, "width": w, "height": h,
-                "levels": self.level_count,
-                "downsamples": ", ".join(f"{d:g}" for d in self.level_downsamples),
-                "mpp": None if self.mpp is None else round(self.mpp[0], 4),
-                "objective": self.objective_power,
-                "file_MB": round(self.path.stat().st_size / 2 ** 20, 1)}
+        return {
+            "case": self.name,
+            "vendor": self.vendor,
+            "width": w,
+            "height": h,
+            "levels": self.level_count,
+            "downsamples": ", ".join(f"{d:g}" for d in self.level_downsamples),
+            "mpp": None if self.mpp is None else round(self.mpp[0], 4),
+            "objective": self.objective_power,
+            "file_MB": round(self.path.stat().st_size / 2**20, 1),
+        }
 
     def best_level(self, downsample):
         """The pyramid level to read for ``downsample``: the coarsest that is not coarser.
@@ -261,23 +299,29 @@ class Slide:
         k = round(f)
         integral = abs(f - k) < 1e-6 and lw == width * k and lh == height * k
         if lw * lh > MAX_READ_PIXELS:
-            raise InputError(f"{self.path}: a region of {lw}x{lh} px of level {level} is too large to read at "
-                             f"once (over {MAX_READ_PIXELS:,} px); read smaller windows (a smaller patch_size)")
+            raise InputError(
+                f"{self.path}: a region of {lw}x{lh} px of level {level} is too large to read at "
+                f"once (over {MAX_READ_PIXELS:,} px); read smaller windows (a smaller patch_size)"
+            )
         try:
             if self._tiff is not None:
                 ds = self.level_downsamples[level]
                 lx, ly = int(math.floor(x / ds + 1e-9)), int(math.floor(y / ds + 1e-9))
-                rgb = self._tiff[level][ly:ly + lh, lx:lx + lw]
+                rgb = self._tiff[level][ly : ly + lh, lx : lx + lw]
             else:
                 rgb = rgba_to_rgb(np.asarray(self._osr.read_region((int(x), int(y)), level, (lw, lh))))
         except MemoryError:
-            raise InputError(f"{self.path}: not enough memory to read a region of {lw}x{lh} px at level {level}; "
-                             "read smaller windows (a smaller patch_size, fewer workers)") from None
+            raise InputError(
+                f"{self.path}: not enough memory to read a region of {lw}x{lh} px at level {level}; "
+                "read smaller windows (a smaller patch_size, fewer workers)"
+            ) from None
         except InputError:
             raise
         except Exception as exc:
-            raise InputError(f"{self.path}: cannot decode level {level} near ({x}, {y}) ({type(exc).__name__}: "
-                             f"{exc}); the file may be damaged: copy it again") from None
+            raise InputError(
+                f"{self.path}: cannot decode level {level} near ({x}, {y}) ({type(exc).__name__}: "
+                f"{exc}); the file may be damaged: copy it again"
+            ) from None
         if (lw, lh) != (width, height):
             if integral:
                 rgb = box_reduce(rgb, k)
@@ -300,7 +344,7 @@ class Slide:
 def box_reduce(rgb, k):
     """Box-average an ``(h, w, c)`` uint8 image by an integer factor ``k`` (h, w multiples of k)."""
     h, w, c = rgb.shape[0] // k, rgb.shape[1] // k, rgb.shape[2]
-    s = rgb[:h * k, :w * k].reshape(h, k, w, k, c).sum(axis=(1, 3), dtype=np.uint32)
+    s = rgb[: h * k, : w * k].reshape(h, k, w, k, c).sum(axis=(1, 3), dtype=np.uint32)
     return ((s + k * k // 2) // (k * k)).astype(np.uint8)
 
 
@@ -325,6 +369,7 @@ def rgba_to_rgb(arr):
 # ---------------------------------------------------------------------------------------------
 # Masks
 # ---------------------------------------------------------------------------------------------
+
 
 class _TiffWindows:
     """Window reads of one TIFF page, decoding only the tiles (or strips) they touch.
@@ -380,16 +425,17 @@ class _TiffWindows:
         ys, xs = key
         y0, y1, x0, x1 = ys.start, ys.stop, xs.start, xs.stop
         H, W = self.shape[:2]
-        inside = 0 <= y0 and 0 <= x0 and y1 <= H and x1 <= W
-        out = (np.empty if inside else np.full)((y1 - y0, x1 - x0, self.samples), *(() if inside else (self.fill,)),
-                                                dtype=self.dtype)
+        inside = y0 >= 0 and x0 >= 0 and y1 <= H and x1 <= W
+        out = (np.empty if inside else np.full)(
+            (y1 - y0, x1 - x0, self.samples), *(() if inside else (self.fill,)), dtype=self.dtype
+        )
         for ty in range(max(0, y0) // self.th, (min(y1, H) - 1) // self.th + 1):
             for tx in range(max(0, x0) // self.tw, (min(x1, W) - 1) // self.tw + 1):
                 t = self._tile(ty, tx)
                 ty0, tx0 = ty * self.th, tx * self.tw
                 a0, a1 = max(y0, ty0), min(y1, ty0 + t.shape[0], H)
                 b0, b1 = max(x0, tx0), min(x1, tx0 + self.tw, W)
-                out[a0 - y0:a1 - y0, b0 - x0:b1 - x0] = t[a0 - ty0:a1 - ty0, b0 - tx0:b1 - tx0]
+                out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = t[a0 - ty0 : a1 - ty0, b0 - tx0 : b1 - tx0]
         return out[..., 0] if self.samples == 1 else out
 
 
@@ -426,7 +472,7 @@ class Mask:
         try:
             self._check_shape(slide_dimensions)
         except InputError:
-            self.close()       # a refused mask leaves no open file behind
+            self.close()  # a refused mask leaves no open file behind
             raise
 
     def _check_shape(self, slide_dimensions):
@@ -448,7 +494,8 @@ class Mask:
                 raise InputError(
                     f"{self.path}: mask is {self.width}x{self.height} but the slide is {W}x{H}; a "
                     "mask must be level-0 size or an exact downsample of it (same aspect ratio). "
-                    "Check that the mask belongs to this slide")
+                    "Check that the mask belongs to this slide"
+                )
             self.downsample = float(d)
 
     def __repr__(self):
@@ -479,12 +526,17 @@ class Mask:
         try:
             a = np.asarray(self._arr[y0:y1, x0:x1])
         except Exception as exc:
-            raise InputError(f"{self.path}: cannot decode rows {y0}-{y1} of the mask ({type(exc).__name__}: "
-                             f"{exc}); the file is damaged or truncated: copy it again") from None
+            raise InputError(
+                f"{self.path}: cannot decode rows {y0}-{y1} of the mask ({type(exc).__name__}: "
+                f"{exc}); the file is damaged or truncated: copy it again"
+            ) from None
         if self._channels:
-            if self._channels >= 3 and not (np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2])):
-                raise InputError(f"{self.path}: mask has colour channels that differ; save it as a "
-                                 "single-channel 0/1 image")
+            if self._channels >= 3 and not (
+                np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2])
+            ):
+                raise InputError(
+                    f"{self.path}: mask has colour channels that differ; save it as a single-channel 0/1 image"
+                )
             a = a[..., 0]
         if a.dtype == bool:
             return a.view(np.uint8)
@@ -492,8 +544,10 @@ class Mask:
         if m > 1:
             if m != 255 or np.any((a != 0) & (a != 255)):
                 bad = np.unique(a)[:8].tolist()
-                raise InputError(f"{self.path}: mask values must be 0/1 (or 0/255), found {bad} in "
-                                 f"rows {y0}-{y1}; binarise the mask first")
+                raise InputError(
+                    f"{self.path}: mask values must be 0/1 (or 0/255), found {bad} in "
+                    f"rows {y0}-{y1}; binarise the mask first"
+                )
             a = (a > 0).view(np.uint8) if a.dtype == np.uint8 else (a > 0).astype(np.uint8)
         return a.astype(np.uint8, copy=False)
 
@@ -513,7 +567,7 @@ class Mask:
         k = downsample / d
         if k == int(k) and x0 * d == x and y0 * d == y and native.shape == (height * int(k), width * int(k)):
             k = int(k)
-            return np.ascontiguousarray(native[k // 2::k, k // 2::k]) if k > 1 else native
+            return np.ascontiguousarray(native[k // 2 :: k, k // 2 :: k]) if k > 1 else native
         # Nearest sample at the centre of each output pixel.
         ys = ((y + (np.arange(height) + 0.5) * downsample) / d).astype(np.int64) - y0
         xs = ((x + (np.arange(width) + 0.5) * downsample) / d).astype(np.int64) - x0
@@ -524,7 +578,7 @@ class Mask:
             out[np.ix_(oky, okx)] = native[np.ix_(ys[oky], xs[okx])]
         return out
 
-    def window_fractions(self, y, xs, footprint, max_pixels=2 ** 25):
+    def window_fractions(self, y, xs, footprint, max_pixels=2**25):
         """Fraction of mask pixels inside square windows along one row.
 
         Reads the mask band ``[y, y + footprint)`` in chunks of at most ``max_pixels`` pixels,
@@ -552,10 +606,10 @@ class Mask:
         area = np.maximum(1, (c1 - c0)) * max(1, r1 - r0)
         return (cs[c1] - cs[c0]) / area
 
-    def block_counts(self, r0, r1, block=16, max_pixels=2 ** 25):
+    def block_counts(self, r0, r1, block=16, max_pixels=2**25):
         """Mask pixels per ``block`` x ``block`` block, for block rows ``r0`` to ``r1``.
 
-        A map of these counts (see ``helpers.patches.mask_count_map``) answers the tumour
+        A map of these counts (see ``helpers.maskcounts.mask_count_map``) answers the tumour
         fraction of any block-aligned window without decoding the full-resolution mask again:
         at 16x, one map cell stands for 256 mask pixels.
 
@@ -570,11 +624,11 @@ class Mask:
             a = self.read_native(0, b * block, self.width, min(self.height, b1 * block))
             h = a.shape[0]
             pad = np.zeros(((b1 - b) * block, nbx * block), np.uint8)
-            pad[:h, :a.shape[1]] = a
-            out[b - r0:b1 - r0] = pad.reshape(b1 - b, block, nbx, block).sum(axis=(1, 3), dtype=np.uint16)
+            pad[:h, : a.shape[1]] = a
+            out[b - r0 : b1 - r0] = pad.reshape(b1 - b, block, nbx, block).sum(axis=(1, 3), dtype=np.uint16)
         return out
 
-    def count(self, step=1, max_pixels=2 ** 25):
+    def count(self, step=1, max_pixels=2**25):
         """Number of mask pixels (every ``step``-th row and column), read in chunks."""
         n = 0
         rows = max(step, (max_pixels // max(1, self.width)) // step * step)
@@ -583,7 +637,7 @@ class Mask:
         return n
 
 
-def check_viable_inside_whole(whole, viable, step=4, tolerance=0.01, max_pixels=2 ** 25, warn=True):
+def check_viable_inside_whole(whole, viable, step=4, tolerance=0.01, max_pixels=2**25, warn=True):
     """Check that the viable-tumour mask lies inside the whole-tumour mask.
 
     PAIP 2019 has one training case (01_01_0107) whose two files are swapped; this catches it.
@@ -601,8 +655,10 @@ def check_viable_inside_whole(whole, viable, step=4, tolerance=0.01, max_pixels=
         ``message`` (what is wrong and what to do; empty when ok).
     """
     if (whole.width, whole.height) != (viable.width, viable.height):
-        raise InputError(f"{whole.path.name} is {whole.width}x{whole.height} but {viable.path.name} is "
-                         f"{viable.width}x{viable.height}; the two masks of a case must match")
+        raise InputError(
+            f"{whole.path.name} is {whole.width}x{whole.height} but {viable.path.name} is "
+            f"{viable.width}x{viable.height}; the two masks of a case must match"
+        )
     rows = max(step, (max_pixels // max(1, whole.width)) // step * step)
     nw = nv = outside = whole_outside = 0
     for r in range(0, whole.height, rows):
@@ -618,19 +674,19 @@ def check_viable_inside_whole(whole, viable, step=4, tolerance=0.01, max_pixels=
     swapped = (not ok) and nw > 0 and whole_outside / nw <= tolerance
     message = ""
     if not ok:
-        hint = ("the two files look swapped (as PAIP 2019 case 01_01_0107): swap them or pass "
-                "label_mask accordingly" if swapped else "check the annotation")
+        hint = (
+            "the two files look swapped (as PAIP 2019 case 01_01_0107): swap them or pass label_mask accordingly"
+            if swapped
+            else "check the annotation"
+        )
         message = f"{viable.path.name}: {frac:.1%} of viable-tumour pixels lie outside {whole.path.name}; {hint}"
         if warn:
             warnings.warn(message, SlideWarning, stacklevel=2)
-    return {"whole_px": nw, "viable_px": nv, "viable_outside": round(frac, 4), "ok": ok, "swapped": swapped,
-            "message": message}
-
-
-def __getattr__(name):
-    # Transition: the dataset listing moved to helpers.dataset.
-    if name in ("Case", "list_cases", "read_labels"):
-        from . import dataset
-
-        return getattr(dataset, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return {
+        "whole_px": nw,
+        "viable_px": nv,
+        "viable_outside": round(frac, 4),
+        "ok": ok,
+        "swapped": swapped,
+        "message": message,
+    }

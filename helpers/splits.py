@@ -17,11 +17,16 @@ SPLITS = ("train", "val", "test")
 def check_fractions(fractions):
     """Raise :class:`InputError` unless ``fractions`` are three non-negative shares summing to 1
     with a positive training share; return them as a tuple of floats."""
-    ok = (isinstance(fractions, (list, tuple)) and len(fractions) == 3
-          and all(isinstance(f, (int, float)) and not isinstance(f, bool) and f >= 0 for f in fractions))
+    ok = (
+        isinstance(fractions, (list, tuple))
+        and len(fractions) == 3
+        and all(isinstance(f, (int, float)) and not isinstance(f, bool) and f >= 0 for f in fractions)
+    )
     if not ok or abs(sum(fractions) - 1) > 1e-6 or fractions[0] <= 0:
-        raise InputError(f"parameter 'split_fractions' must be three shares (train, val, test) summing to 1 "
-                         f"with train above 0, e.g. [0.6, 0.2, 0.2]; got {fractions!r}")
+        raise InputError(
+            f"parameter 'split_fractions' must be three shares (train, val, test) summing to 1 "
+            f"with train above 0, e.g. [0.6, 0.2, 0.2]; got {fractions!r}"
+        )
     return tuple(float(f) for f in fractions)
 
 
@@ -81,8 +86,9 @@ def split_cases(case_ids, labels=None, fractions=(0.6, 0.2, 0.2), seed=0, patien
         for p in queue:
             for c in slides_of[p]:
                 out[c] = "train"
-    return pd.DataFrame({"case_id": case_ids, "patient_id": patients, "label": labels,
-                         "split": [out[c] for c in case_ids]})
+    return pd.DataFrame(
+        {"case_id": case_ids, "patient_id": patients, "label": labels, "split": [out[c] for c in case_ids]}
+    )
 
 
 def save_split(run_folder, table, key):

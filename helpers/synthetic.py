@@ -66,14 +66,14 @@ GENERATOR_VERSION = 7
 DEMO_MPP = 0.5
 DEMO_MAGNIFICATION = 20
 
-GRID = 16          # level-0 pixels per cell of the coarse fields
-STEP = 4           # the fields are interpolated once per STEP x STEP block of pixels
-TILE = 256         # TIFF tile size
-STRIP = 512        # rows rendered at once (a multiple of TILE and of STEP)
-PAD = 12           # rows and columns drawn around a region: the focus blur's reach
-CHUNK = 32         # rows of per-pixel arithmetic at a time (their arrays stay in cache)
-TEX = 1024         # side of the periodic textures
-_MARGIN = 18       # farthest a stamped object reaches from its centre (px)
+GRID = 16  # level-0 pixels per cell of the coarse fields
+STEP = 4  # the fields are interpolated once per STEP x STEP block of pixels
+TILE = 256  # TIFF tile size
+STRIP = 512  # rows rendered at once (a multiple of TILE and of STEP)
+PAD = 12  # rows and columns drawn around a region: the focus blur's reach
+CHUNK = 32  # rows of per-pixel arithmetic at a time (their arrays stay in cache)
+TEX = 1024  # side of the periodic textures
+_MARGIN = 18  # farthest a stamped object reaches from its centre (px)
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,6 @@ class CaseSpec:
     pen: int = 0
 
 
-
 def demo_cases(seed=2019):
     """The 45 slides of the built-in demo dataset, shaped like the paper's data.
 
@@ -161,27 +160,36 @@ def demo_cases(seed=2019):
     biopsy |= {int(i) for i in rng.choice(without, 2, replace=False)}
     out = []
     for i, (g, tumor) in enumerate(slides):
-        short = int(rng.integers(4600, 4900)) | 1                      # odd: never a multiple of 64
+        short = int(rng.integers(4600, 4900)) | 1  # odd: never a multiple of 64
         long_ = int(min(6199, short * rng.uniform(1.03, 1.3))) | 1
         w, h = (short, long_) if rng.random() < 0.5 else (long_, short)
         viable = rng.uniform(0.52, 0.85) if i in high else rng.uniform(0.15, 0.45)
         necrosis = rng.uniform(0.03, 0.25) if rng.random() < 0.7 else 0.0
         r = rng.random(11)
-        out.append(CaseSpec(
-            f"demo_{i + 1:02d}", w, h, tumor, seed * 1000 + i, patient_id=pid[g], biopsy=i in biopsy,
-            tissue_share=round(0.55 + 0.3 * r[0], 3),
-            tumor_share=round(min(0.95, viable / (1 - necrosis)), 3) if tumor else 0.0,
-            necrosis=round(necrosis, 3) if tumor else 0.0,
-            grade=round(0.05 + 0.9 * r[1], 3) if tumor else 0.5,
-            lab=int(labs[g]),
-            pale_stroma=round(0.15 + 0.2 * r[2], 3) if r[3] < 0.3 else 0.0,
-            pale_tumor=round(0.3 + 0.3 * r[4], 3) if tumor and r[5] < 0.35 else 0.0,
-            mimics=round(0.1 + 0.5 * r[6] if tumor else 0.35 + 0.6 * r[6], 3),
-            steatosis=round(0.6 * r[7] ** 1.5, 3),
-            fibrosis=round(r[8], 3),
-            blur=round(0.25 * r[9] if r[10] < 0.7 else 0.5 + 0.9 * r[9], 3),
-            folds=int(rng.choice(3, p=[0.55, 0.35, 0.1])),
-            pen=int(rng.choice(3, p=[0.75, 0.15, 0.1]))))
+        out.append(
+            CaseSpec(
+                f"demo_{i + 1:02d}",
+                w,
+                h,
+                tumor,
+                seed * 1000 + i,
+                patient_id=pid[g],
+                biopsy=i in biopsy,
+                tissue_share=round(0.55 + 0.3 * r[0], 3),
+                tumor_share=round(min(0.95, viable / (1 - necrosis)), 3) if tumor else 0.0,
+                necrosis=round(necrosis, 3) if tumor else 0.0,
+                grade=round(0.05 + 0.9 * r[1], 3) if tumor else 0.5,
+                lab=int(labs[g]),
+                pale_stroma=round(0.15 + 0.2 * r[2], 3) if r[3] < 0.3 else 0.0,
+                pale_tumor=round(0.3 + 0.3 * r[4], 3) if tumor and r[5] < 0.35 else 0.0,
+                mimics=round(0.1 + 0.5 * r[6] if tumor else 0.35 + 0.6 * r[6], 3),
+                steatosis=round(0.6 * r[7] ** 1.5, 3),
+                fibrosis=round(r[8], 3),
+                blur=round(0.25 * r[9] if r[10] < 0.7 else 0.5 + 0.9 * r[9], 3),
+                folds=int(rng.choice(3, p=[0.55, 0.35, 0.1])),
+                pen=int(rng.choice(3, p=[0.75, 0.15, 0.1])),
+            )
+        )
     return out
 
 
@@ -217,19 +225,23 @@ def _cell_uniforms(key, iy, ix, n):
     A pure function of the key and the cell, so a cell gets the same numbers in every window.
     """
     with np.errstate(over="ignore"):
-        base = (np.uint64(key) + iy.astype(np.uint64) * np.uint64(0xD1B54A32D192ED03)
-                + ix.astype(np.uint64) * np.uint64(0xABC98388FB8FAC03))
+        base = (
+            np.uint64(key)
+            + iy.astype(np.uint64) * np.uint64(0xD1B54A32D192ED03)
+            + ix.astype(np.uint64) * np.uint64(0xABC98388FB8FAC03)
+        )
         base = _mix(base)
         out = np.empty((n, base.size), np.float32)
         for j in range(n):
             z = _mix(base + np.uint64((j + 1) * 0x632BE59BD9B4E019 & _MASK64))
-            out[j] = (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
+            out[j] = (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Periodic textures (shared by all slides; each slide reads them at its own offsets)
 # ---------------------------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=1)
 def _textures():
@@ -246,8 +258,12 @@ def _textures():
         t = ndimage.gaussian_filter(rng.standard_normal((TEX, TEX)).astype(np.float32), sigma, mode="wrap")
         return (t - t.mean()) / t.std()
 
-    tex = {"fibre": band((0.7, 4.0)), "cords": band((2.4, 4.2)), "blobs": band(2.0),
-           "grain": rng.standard_normal((TEX, TEX)).astype(np.float32)}
+    tex = {
+        "fibre": band((0.7, 4.0)),
+        "cords": band((2.4, 4.2)),
+        "blobs": band(2.0),
+        "grain": rng.standard_normal((TEX, TEX)).astype(np.float32),
+    }
     for name in ("fibre", "cords"):
         tex[name + "_t"] = np.ascontiguousarray(tex[name].T)
     return tex
@@ -257,8 +273,8 @@ def _textures():
 # Stamps: anti-aliased discs and ellipses, drawn many at a time
 # ---------------------------------------------------------------------------------------------
 
-_ROUND_R = np.arange(1.0, 16.01, 0.5)        # radii of the round stamps
-_LONG_R = np.arange(1.5, 4.51, 0.5)          # radii of the elongated ones (4 orientations each)
+_ROUND_R = np.arange(1.0, 16.01, 0.5)  # radii of the round stamps
+_LONG_R = np.arange(1.5, 4.51, 0.5)  # radii of the elongated ones (4 orientations each)
 
 
 def _make_stamps():
@@ -274,7 +290,7 @@ def _make_stamps():
     for r, aspect, angle in shapes:
         a, b = r * math.sqrt(aspect), r / math.sqrt(aspect)
         reach = int(math.ceil(a)) + 1
-        yy, xx = np.mgrid[-reach:reach + 1, -reach:reach + 1].astype(np.float64)
+        yy, xx = np.mgrid[-reach : reach + 1, -reach : reach + 1].astype(np.float64)
         u = xx * math.cos(angle) + yy * math.sin(angle)
         v = -xx * math.sin(angle) + yy * math.cos(angle)
         d = np.hypot(u / a, v / b)
@@ -286,8 +302,13 @@ def _make_stamps():
         start.append(n)
         length.append(int(keep.sum()))
         n += int(keep.sum())
-    return (np.concatenate(dy), np.concatenate(dx), np.concatenate(al).astype(np.float64),
-            np.array(start), np.array(length))
+    return (
+        np.concatenate(dy),
+        np.concatenate(dx),
+        np.concatenate(al).astype(np.float64),
+        np.array(start),
+        np.array(length),
+    )
 
 
 _ST_DY, _ST_DX, _ST_A, _ST_START, _ST_LEN = _make_stamps()
@@ -332,13 +353,17 @@ def _rings(cx, cy, radius, count, phase):
     rep = np.repeat(np.arange(len(cx)), count)
     j = np.arange(rep.size) - np.repeat(np.cumsum(count) - count, count)
     ang = phase[rep] + 2 * np.pi * j / count[rep]
-    return (np.rint(cx[rep] + radius[rep] * np.cos(ang)).astype(np.int64),
-            np.rint(cy[rep] + radius[rep] * np.sin(ang)).astype(np.int64), rep)
+    return (
+        np.rint(cx[rep] + radius[rep] * np.cos(ang)).astype(np.int64),
+        np.rint(cy[rep] + radius[rep] * np.sin(ang)).astype(np.int64),
+        rep,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Coarse fields and their interpolation
 # ---------------------------------------------------------------------------------------------
+
 
 def _smooth_noise(rng, shape, scale):
     """A smooth random field on the coarse grid, mean 0 and variance 1.
@@ -351,7 +376,7 @@ def _smooth_noise(rng, shape, scale):
     k = max(scale / GRID / 3.0, 1.0)
     small = (int(shape[0] / k) + 4, int(shape[1] / k) + 4)
     n = ndimage.gaussian_filter(rng.standard_normal(small), 1.0, mode="wrap")
-    f = ndimage.zoom(n, k, order=3, grid_mode=True, mode="grid-wrap")[:shape[0], :shape[1]]
+    f = ndimage.zoom(n, k, order=3, grid_mode=True, mode="grid-wrap")[: shape[0], : shape[1]]
     return ((f - f.mean()) / (f.std() + 1e-9)).astype(np.float32)
 
 
@@ -393,12 +418,12 @@ class _Window:
         lo, n = int(cols[0]), int(cols[-1] - cols[0]) + 1
         parts, at = [], lo % TEX
         while n > 0:
-            parts.append(rows[:, at:at + n])
+            parts.append(rows[:, at : at + n])
             n -= parts[-1].shape[1]
             at = 0
         out = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         if zoom > 1:
-            out = np.repeat(out, zoom, axis=1)[:, int(self.xs[0] + offset[0]) - zoom * lo:][:, :len(self.xs)]
+            out = np.repeat(out, zoom, axis=1)[:, int(self.xs[0] + offset[0]) - zoom * lo :][:, : len(self.xs)]
         return out
 
 
@@ -515,14 +540,16 @@ class _Scene:
         self.h_vec = (hv / np.linalg.norm(hv) * sh * math.exp(r.normal(0, 0.18))).astype(np.float32)
         self.e_vec = (ev / np.linalg.norm(ev) * se * math.exp(r.normal(0, 0.18))).astype(np.float32)
         self.glass = np.clip(np.array(glass) + r.normal(0, 2.0, 3), 228, 250).astype(np.float32)
-        self.offsets = {k: tuple(int(v) for v in r.integers(0, TEX, 2)) for k in
-                        ("fibre", "fibre2", "cords_a", "cords_b", "cords_t", "blobs", "grain")}
+        self.offsets = {
+            k: tuple(int(v) for v in r.integers(0, TEX, 2))
+            for k in ("fibre", "fibre2", "cords_a", "cords_b", "cords_t", "blobs", "grain")
+        }
         self.sinus_open = float(r.uniform(0.45, 0.95))
         self.noise_gray = float(r.uniform(1.2, 2.6))
         stripe = int(r.integers(700, 1600))
         self.stripes = (stripe, (1 + r.normal(0, 0.008, s.width // stripe + 2)).astype(np.float32))
         self.gland_rate = float(0.05 + 0.35 * s.grade * r.uniform(0.3, 1.0))
-        self.tumor_fat = float(r.choice([0.1, 0.4, 1.0], p=[0.5, 0.3, 0.2]))      # steatohepatitic HCC
+        self.tumor_fat = float(r.choice([0.1, 0.4, 1.0], p=[0.5, 0.3, 0.2]))  # steatohepatitic HCC
 
     def _draw_tissue(self, r):
         """The section: a resection filling ``tissue_share`` of the slide, or biopsy cores."""
@@ -535,11 +562,12 @@ class _Scene:
         else:
             cx, cy = W * (0.5 + r.uniform(-0.05, 0.05)), H * (0.5 + r.uniform(-0.05, 0.05))
             t = 0.5 * self._noise(r, 0.25 * self._size) + 2.0 * _blob(
-                X, Y, cx, cy, W * r.uniform(0.38, 0.5), H * r.uniform(0.38, 0.5), power=1.5)
+                X, Y, cx, cy, W * r.uniform(0.38, 0.5), H * r.uniform(0.38, 0.5), power=1.5
+            )
             t += 0.12 * self._noise(r, 0.04 * self._size)
             win = np.clip(np.minimum.reduce([X, W - X, Y, H - Y]) / (0.05 * min(W, H) + 1), 0, 1)
-            t = t * win - 3 * (1 - win)                     # glass along the slide's border
-            for _ in range(int(r.integers(1, 5))):          # large vessels and tears
+            t = t * win - 3 * (1 - win)  # glass along the slide's border
+            for _ in range(int(r.integers(1, 5))):  # large vessels and tears
                 hx, hy = r.uniform(0.2, 0.8) * W, r.uniform(0.2, 0.8) * H
                 hr = r.uniform(0.006, 0.02) * self._size
                 t -= 4 * _blob(X, Y, hx, hy, hr * r.uniform(1, 2.5), hr, r.uniform(0, np.pi))
@@ -564,15 +592,26 @@ class _Scene:
             k = int(r.integers(1, 4))
             f = np.zeros(self.grid_shape, np.float32)
             for j in range(k):
-                if j == 0 and not s.biopsy:           # the main nodule near the tissue's middle
+                if j == 0 and not s.biopsy:  # the main nodule near the tissue's middle
                     cx, cy = X[on].mean() + r.normal(0, 0.08 * s.width), Y[on].mean() + r.normal(0, 0.08 * s.height)
                 else:
                     pick = int(r.integers(0, len(xs_)))
                     cx, cy = X[ys_[pick], xs_[pick]], Y[ys_[pick], xs_[pick]]
                 rad = math.sqrt(area / k / np.pi) * (1.2 if j == 0 else r.uniform(0.5, 0.9))
-                f = np.maximum(f, _blob(X, Y, cx, cy, rad * r.uniform(0.8, 1.25), rad * r.uniform(0.8, 1.25),
-                                        r.uniform(0, np.pi), power=2))
-            for _ in range(int(r.integers(0, 4))):        # satellite nodules
+                f = np.maximum(
+                    f,
+                    _blob(
+                        X,
+                        Y,
+                        cx,
+                        cy,
+                        rad * r.uniform(0.8, 1.25),
+                        rad * r.uniform(0.8, 1.25),
+                        r.uniform(0, np.pi),
+                        power=2,
+                    ),
+                )
+            for _ in range(int(r.integers(0, 4))):  # satellite nodules
                 pick = int(r.integers(0, len(xs_)))
                 rad = r.uniform(60, 200)
                 f = np.maximum(f, _blob(X, Y, X[ys_[pick], xs_[pick]], Y[ys_[pick], xs_[pick]], rad, rad, power=2))
@@ -581,20 +620,27 @@ class _Scene:
             intum = on & (tumor > 0)
             if intum.any():
                 depth = np.clip(tumor / (np.abs(tumor[intum]).max() + 1e-6), 0, 1)
-            if s.necrosis > 0 and intum.any():            # one to three confluent necrotic areas
+            if s.necrosis > 0 and intum.any():  # one to three confluent necrotic areas
                 ys_, xs_ = np.nonzero(intum)
                 nf = 0.35 * self._noise(r, 0.03 * size) + 0.1 * self._noise(r, 0.01 * size)
                 k = int(r.integers(1, 4))
                 rad = math.sqrt(intum.sum() * GRID * GRID * s.necrosis / k / np.pi)
                 for _ in range(k):
                     pick = int(r.integers(0, len(xs_)))
-                    nf += _blob(X, Y, X[ys_[pick], xs_[pick]], Y[ys_[pick], xs_[pick]], rad, rad * r.uniform(0.6, 1.4),
-                                r.uniform(0, np.pi))
+                    nf += _blob(
+                        X,
+                        Y,
+                        X[ys_[pick], xs_[pick]],
+                        Y[ys_[pick], xs_[pick]],
+                        rad,
+                        rad * r.uniform(0.6, 1.4),
+                        r.uniform(0, np.pi),
+                    )
                 necrosis = _quantile_shift(nf, intum, s.necrosis)
         self.tumor = tumor.astype(np.float32)
         self.necrosis = necrosis.astype(np.float32)
         gy, gx = np.gradient(self.tumor, GRID)
-        self._edge = self.tumor / (np.hypot(gx, gy) + 1e-6)     # about the distance to the tumour's edge, px
+        self._edge = self.tumor / (np.hypot(gx, gy) + 1e-6)  # about the distance to the tumour's edge, px
         cap_w = r.uniform(15, 45) * s.fibrosis if r.random() < 0.7 else 0.0
         capsule = np.zeros(self.grid_shape, np.float32)
         if cap_w:
@@ -644,20 +690,37 @@ class _Scene:
                 gi, gj = min(int(cy // GRID), gh - 1), min(int(cx // GRID), gw - 1)
                 if not (cx < s.width and cy < s.height and self.tissue[gi, gj] > 0.15 and self.tumor[gi, gj] < -0.15):
                     continue
-                if (i + j) % 2:                           # central vein
+                if (i + j) % 2:  # central vein
                     lumens.append((cx, cy, 10 + 22 * u[0], 1 + 0.5 * u[1], np.pi * u[2], 0.6 * u[3]))
                     continue
-                R = 30 + 50 * u[0]                        # portal tract: vein, one or two bile ducts
+                R = 30 + 50 * u[0]  # portal tract: vein, one or two bile ducts
                 portal = np.maximum(portal, self._irregular_disc(X, Y, cx, cy, R, u[1:5]))
                 a = 2 * np.pi * u[5]
-                lumens.append((cx + 0.35 * R * math.cos(a), cy + 0.35 * R * math.sin(a), 5 + 0.25 * R * u[6],
-                               1 + 0.6 * u[7], np.pi * u[8], 0.5 * u[9]))
+                lumens.append(
+                    (
+                        cx + 0.35 * R * math.cos(a),
+                        cy + 0.35 * R * math.sin(a),
+                        5 + 0.25 * R * u[6],
+                        1 + 0.6 * u[7],
+                        np.pi * u[8],
+                        0.5 * u[9],
+                    )
+                )
                 for k in range(1 + int(u[10] < 0.5)):
                     b = a + np.pi * (0.7 + 0.6 * k + 0.3 * u[11])
-                    rings.append((cx + 0.45 * R * math.cos(b), cy + 0.45 * R * math.sin(b), 7 + 3 * u[11],
-                                  int(8 + 4 * u[11]), 2.6, 1.15, 2.5 + 2 * u[11]))
-        self.lumens = np.array(lumens, np.float64).reshape(-1, 6)     # x, y, radius, aspect, angle, blood
-        self.rings = np.array(rings, np.float64).reshape(-1, 7)       # x, y, ring radius, nuclei, r, dark, lumen r
+                    rings.append(
+                        (
+                            cx + 0.45 * R * math.cos(b),
+                            cy + 0.45 * R * math.sin(b),
+                            7 + 3 * u[11],
+                            int(8 + 4 * u[11]),
+                            2.6,
+                            1.15,
+                            2.5 + 2 * u[11],
+                        )
+                    )
+        self.lumens = np.array(lumens, np.float64).reshape(-1, 6)  # x, y, radius, aspect, angle, blood
+        self.rings = np.array(rings, np.float64).reshape(-1, 7)  # x, y, ring radius, nuclei, r, dark, lumen r
         infl = np.maximum(np.float32(0.015), (0.25 + 0.4 * s.mimics) * portal)
         return np.maximum(fib, 0.9 * portal), infl
 
@@ -668,9 +731,12 @@ class _Scene:
         for _ in range(int(round(1 + 9 * s.mimics))):
             cx, cy = r.uniform(0, s.width), r.uniform(0, s.height)
             rad = r.uniform(40, 200)
-            infl = np.maximum(infl, r.uniform(0.45, 0.85) * np.clip(
-                1.6 * _blob(X, Y, cx, cy, rad, rad * r.uniform(0.5, 1.5), r.uniform(0, np.pi)) - 0.2, 0, 1))
-        rim = np.clip(1 - np.abs(self._edge + 60) / 60, 0, 1) * (self._edge < 0)    # a cuff around the tumour
+            infl = np.maximum(
+                infl,
+                r.uniform(0.45, 0.85)
+                * np.clip(1.6 * _blob(X, Y, cx, cy, rad, rad * r.uniform(0.5, 1.5), r.uniform(0, np.pi)) - 0.2, 0, 1),
+            )
+        rim = np.clip(1 - np.abs(self._edge + 60) / 60, 0, 1) * (self._edge < 0)  # a cuff around the tumour
         infl = np.maximum(infl, 0.3 * s.mimics * rim)
         self.infl = np.where(in_t, np.minimum(infl, 0.06), infl).astype(np.float32)
         edge_band = np.clip(1 - np.abs(ndimage.uniform_filter(fib, 5) - 0.35) / 0.3, 0, 1)
@@ -678,7 +744,7 @@ class _Scene:
         self.steat = np.clip(s.steatosis * (1 + 0.9 * self._noise(r, 0.15 * self._size)), 0, 0.9).astype(np.float32)
         loose = np.zeros(self.grid_shape, np.float32)
         healthy = self._on & (self.tumor < -0.1)
-        if s.pale_stroma > 0 and healthy.any():      # mostly towards the section's edges
+        if s.pale_stroma > 0 and healthy.any():  # mostly towards the section's edges
             score = self._noise(r, 0.08 * self._size) - 1.5 * np.clip(self.tissue / self.tissue[self._on].max(), 0, 1)
             loose = np.clip(_quantile_shift(score, healthy, s.pale_stroma) * 4 + 0.5, 0, 1) * (self.tumor < -0.1)
         self.loose = loose.astype(np.float32)
@@ -689,9 +755,9 @@ class _Scene:
         s, X, Y, size = self.spec, self._X, self._Y, self._size
         od = r.uniform(0.85, 1.2) * (1 + 0.12 * self._noise(r, 0.35 * size))
         focus = np.full(self.grid_shape, 0.7 * s.blur if s.blur >= 0.4 else 0.0, np.float32)
-        if s.blur > 0:                                    # out-of-focus patches
+        if s.blur > 0:  # out-of-focus patches
             focus += (0.3 + s.blur) * np.clip(self._noise(r, 0.12 * size) - 1.0, 0, 1)
-        for _ in range(s.folds):                          # tissue lying double along a band
+        for _ in range(s.folds):  # tissue lying double along a band
             a = r.uniform(0, np.pi)
             ox, oy = r.uniform(0.3, 0.7) * s.width, r.uniform(0.3, 0.7) * s.height
             d = (X - ox) * math.sin(a) - (Y - oy) * math.cos(a)
@@ -736,7 +802,7 @@ class _Scene:
             across = -(X - x0) * math.sin(a) + (Y - yc) * math.cos(a) + 35 * wiggle
             half = r.uniform(80, 150)
             core = np.minimum.reduce([half - np.abs(across), along, length - along]) / half
-            if r.random() < 0.5:                          # a break in the core
+            if r.random() < 0.5:  # a break in the core
                 at = r.uniform(0.3, 0.7) * length
                 core = np.minimum(core, (np.abs(along - at) - r.uniform(10, 40)) / half)
             t = np.maximum(t, core)
@@ -750,8 +816,7 @@ class _Scene:
         px = (np.arange(nx)[None, :] - 1 + 0.5 + r.uniform(-0.4, 0.4, (ny, nx))) * spacing
         iy = np.clip((Y // spacing).astype(int) + 1, 1, ny - 2)
         ix = np.clip((X // spacing).astype(int) + 1, 1, nx - 2)
-        d = np.stack([np.hypot(X - px[iy + a, ix + b], Y - py[iy + a, ix + b])
-                      for a in (-1, 0, 1) for b in (-1, 0, 1)])
+        d = np.stack([np.hypot(X - px[iy + a, ix + b], Y - py[iy + a, ix + b]) for a in (-1, 0, 1) for b in (-1, 0, 1)])
         d.partition(1, axis=0)
         return np.clip(1 - (d[1] - d[0]) / width, 0, 1)
 
@@ -823,8 +888,9 @@ class _Scene:
 
         def cells(stream, spacing, nvals, offset=0.0):
             def span(lo, hi):
-                return np.arange(math.floor((lo - _MARGIN) / spacing - offset),
-                                 math.floor((hi + _MARGIN) / spacing - offset) + 1)
+                return np.arange(
+                    math.floor((lo - _MARGIN) / spacing - offset), math.floor((hi + _MARGIN) / spacing - offset) + 1
+                )
 
             CY, CX = np.meshgrid(span(Y0, y1), span(X0, x1), indexing="ij")
             CY, CX = CY.ravel(), CX.ravel()
@@ -855,7 +921,7 @@ class _Scene:
             pres = pres * (1 - c["fib"]) * (1 - c["loose"]) * (np.abs(t) > wsin)
             keep = c["tissue"] & (u[2] < pres)
             r = 3.2 + 1.6 * a + (0.22 + 0.8 * a * a) * _gauss(u[3], u[4])
-            dark = (0.7 + 0.25 * a) * (0.85 + 0.3 * u[5]) * np.where(c["necro"], 0.2, 1.0)   # ghosts in necrosis
+            dark = (0.7 + 0.25 * a) * (0.85 + 0.3 * u[5]) * np.where(c["necro"], 0.2, 1.0)  # ghosts in necrosis
             add(nuc_parts, x, y, _round_stamp(np.clip(r, 2.0, 8.5)), dark, keep)
         # Lymphocytes: small, round, very dark; dense in infiltrates and portal tracts.
         CX, CY, u = cells(12, 7, 5)
@@ -889,14 +955,19 @@ class _Scene:
         duct = c["tissue"] & ~c["whole"] & (u[2] < _field_at(self.duct, x, y))
         artery = c["tissue"] & c["whole"] & ~c["necro"] & (u[2] < 0.05)
 
-        def rows(keep, *shape):            # ring radius, nuclei, nucleus radius, darkness, lumen radius
+        def rows(keep, *shape):  # ring radius, nuclei, nucleus radius, darkness, lumen radius
             return np.column_stack([x[keep], y[keep]] + [np.full(int(keep.sum()), v) for v in shape])
 
         reach = _MARGIN + 20
-        near = ((self.rings[:, 0] > X0 - reach) & (self.rings[:, 0] < x1 + reach)
-                & (self.rings[:, 1] > Y0 - reach) & (self.rings[:, 1] < y1 + reach))
-        ring = np.concatenate([self.rings[near], rows(duct, 5.5, 6, 2.3, 1.1, 1.8),
-                               rows(artery, 6.0, 9, 2.2, 1.3, 2.5)])
+        near = (
+            (self.rings[:, 0] > X0 - reach)
+            & (self.rings[:, 0] < x1 + reach)
+            & (self.rings[:, 1] > Y0 - reach)
+            & (self.rings[:, 1] < y1 + reach)
+        )
+        ring = np.concatenate(
+            [self.rings[near], rows(duct, 5.5, 6, 2.3, 1.1, 1.8), rows(artery, 6.0, 9, 2.2, 1.3, 2.5)]
+        )
         if len(ring):
             phase = np.concatenate([np.zeros(int(near.sum())), u[3][duct] * 6.28, u[3][artery] * 6.28])
             rx, ry, idx = _rings(ring[:, 0], ring[:, 1], ring[:, 2], ring[:, 3].astype(np.int64), phase)
@@ -962,8 +1033,13 @@ class _Scene:
         orient = win.field(self.orient)
         fibre = win.texture("fibre", off["fibre"])
         fibre += orient * (win.texture("fibre_t", off["fibre2"]) - fibre)
-        t, wsin = self._cords(a, orient, win.texture("cords", off["cords_a"]), win.texture("cords_t", off["cords_b"]),
-                              win.texture("cords", off["cords_t"], zoom=2))
+        t, wsin = self._cords(
+            a,
+            orient,
+            win.texture("cords", off["cords_a"]),
+            win.texture("cords_t", off["cords_b"]),
+            win.texture("cords", off["cords_t"], zoom=2),
+        )
         fib = np.clip(3 * win.field(self.fib) - 1 + 0.35 * fibre, 0, 1)
         loose = np.clip(3 * win.field(self.loose) - 1 + 0.3 * blobs, 0, 1) * ~whole
         clear = np.minimum(np.maximum(clear, lumen), 1)
@@ -981,7 +1057,7 @@ class _Scene:
         Hd += necro * (0.06 * (1 + 0.5 * fibre) - Hd)
         keep = 1 - clear
         E *= keep
-        Hd += nuclei * (1 + 0.25 * blobs)          # chromatin texture
+        Hd += nuclei * (1 + 0.25 * blobs)  # chromatin texture
         Hd *= keep
         E += 1.1 * np.clip(blood * 2.2 - 0.6 + 0.5 * blobs, 0, 1) * blood
         scale = win.field(self.od) * tissue
@@ -1003,11 +1079,11 @@ class _Scene:
         r0, r1 = max(rows.min() - PAD, 0), rows.max() + PAD + 1
         c0, c1 = max(cols.min() - PAD, 0), cols.max() + PAD + 1
         f = focus[r0:r1, c0:c1]
-        f1 = np.clip(f, 0, 1) * (f > 0.02)           # exactly 0 where the window may not have filtered
+        f1 = np.clip(f, 0, 1) * (f > 0.02)  # exactly 0 where the window may not have filtered
         f2 = np.clip(f - 1, 0, 1) if f.max() > 1 else None
         for d in dyes:
             d = d[r0:r1, c0:c1]
-            b1 = ndimage.gaussian_filter(d, 1.5, truncate=3.0)               # reach 5 px
+            b1 = ndimage.gaussian_filter(d, 1.5, truncate=3.0)  # reach 5 px
             b2 = ndimage.gaussian_filter(b1, 2.9, truncate=2.2) if f2 is not None else None  # reach 5 + 6 px
             d += f1 * (b1 - d)
             if b2 is not None:
@@ -1015,8 +1091,11 @@ class _Scene:
 
     def _colour(self, win, E, Hd, out):
         """Beer-Lambert colour of a window's dye maps, with ink, glass tint, stripes and noise."""
-        pen = win.field(self.pen) * (0.85 + 0.15 * win.texture("blobs", self.offsets["blobs"])) \
-            if self.pen is not None else None
+        pen = (
+            win.field(self.pen) * (0.85 + 0.15 * win.texture("blobs", self.offsets["blobs"]))
+            if self.pen is not None
+            else None
+        )
         gain = self.stripes[1][np.clip(win.xs // self.stripes[0], 0, len(self.stripes[1]) - 1)]
         grain = self.noise_gray * win.texture("grain", self.offsets["grain"])
         for ch in range(3):
@@ -1056,8 +1135,8 @@ class _Scene:
         for r0 in range(0, h, CHUNK):
             rs = slice(PAD + r0, PAD + min(r0 + CHUNK, h))
             win = _Window(xs[cols], ys[rs], self.grid_shape)
-            self._colour(win, E[rs, cols], Hd[rs, cols], rgb[r0:r0 + CHUNK])
-        return (rgb, *(m[PAD:PAD + h, cols] for m in masks))
+            self._colour(win, E[rs, cols], Hd[rs, cols], rgb[r0 : r0 + CHUNK])
+        return (rgb, *(m[PAD : PAD + h, cols] for m in masks))
 
 
 def render_region(scene, x0, y0, w, h):
@@ -1080,6 +1159,7 @@ def render_region(scene, x0, y0, w, h):
 # Writing slides and masks tile by tile
 # ---------------------------------------------------------------------------------------------
 
+
 def _shrink4(rgb):
     """Box-average an RGB strip by 4 (rows and columns a multiple of 4 are used), rounded like
     :func:`helpers.slides.box_reduce`, by adding strided slices (several times faster)."""
@@ -1095,23 +1175,34 @@ def _pad_tile(a, tile=TILE):
     if a.shape[0] == tile and a.shape[1] == tile:
         return a
     out = np.full((tile, tile) + a.shape[2:], 255 if a.ndim == 3 else 0, a.dtype)
-    out[:a.shape[0], :a.shape[1]] = a
+    out[: a.shape[0], : a.shape[1]] = a
     return out
 
 
 def _tiles_of(strip, tile=TILE):
     """The tiles of a strip of ``tile`` rows, left to right."""
     for x in range(0, strip.shape[1], tile):
-        yield _pad_tile(strip[:, x:x + tile], tile)
+        yield _pad_tile(strip[:, x : x + tile], tile)
 
 
 def _aperio_description(w, h, level_w=None, level_h=None):
     """An Aperio ImageDescription: level 0 (with AppMag and MPP) or a lower level."""
     head = f"Aperio Image Library v10.0.50 (synthetic demo, helpers.synthetic v{GENERATOR_VERSION})\r\n"
     if level_w is None:
-        return (head + f"{w}x{h} [0,0 {w}x{h}] ({TILE}x{TILE}) JPEG/RGB Q=90"
-                f"|AppMag = {DEMO_MAGNIFICATION}|MPP = {DEMO_MPP:.4f}|Filename = synthetic")
+        return (
+            head + f"{w}x{h} [0,0 {w}x{h}] ({TILE}x{TILE}) JPEG/RGB Q=90"
+            f"|AppMag = {DEMO_MAGNIFICATION}|MPP = {DEMO_MPP:.4f}|Filename = synthetic"
+        )
     return head + f"{w}x{h} -> {level_w}x{level_h} - ({TILE}x{TILE}) JPEG/RGB Q=90"
+
+
+def _reserved_memmap(path, shape):
+    """A uint8 ``.npy`` memory map whose disk blocks are reserved up front: a full disk is then an
+    ``OSError`` here, not a SIGBUS that kills the process halfway through writing the map."""
+    arr = np.lib.format.open_memmap(path, "w+", np.uint8, shape)
+    with open(path, "r+b") as f:
+        os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+    return arr
 
 
 def write_case(spec, folder, quality=90, masks=True):
@@ -1145,50 +1236,68 @@ def write_case(spec, folder, quality=90, masks=True):
     with atomic_path(paths["slide"], suffix=".svs") as tmp_slide:
         try:
             for i, (lw, lh) in enumerate(dims[1:]):
-                bufs.append(np.lib.format.open_memmap(f"{tmp_slide}.l{i + 1}.npy", "w+", np.uint8, (lh, lw, 3)))
+                bufs.append(_reserved_memmap(f"{tmp_slide}.l{i + 1}.npy", (lh, lw, 3)))
             mask_files = {}
 
             def level0_tiles():
                 for y in range(0, H, STRIP):
                     h = min(STRIP, H - y)
                     rgb, _, whole, viable = render_region(scene, 0, y, W, h)
-                    if masks:                  # mask strips wait on disk until the slide is written
+                    if masks:  # mask strips wait on disk until the slide is written
                         for name, m in (("whole", whole), ("viable", viable)):
                             if name not in mask_files:
-                                mask_files[name] = open(f"{tmp_slide}.{name}.raw", "wb")
+                                mask_files[name] = open(f"{tmp_slide}.{name}.raw", "wb")  # noqa: SIM115 (closed below)
                             mask_files[name].write(m.view(np.uint8).tobytes())
                     if bufs:
                         r = _shrink4(rgb)
-                        bufs[0][y // 4: y // 4 + r.shape[0], : r.shape[1]] = r
+                        bufs[0][y // 4 : y // 4 + r.shape[0], : r.shape[1]] = r
                     for ty in range(0, h, TILE):
-                        yield from _tiles_of(rgb[ty:ty + TILE])
+                        yield from _tiles_of(rgb[ty : ty + TILE])
 
             def level_tiles(level):
                 src = bufs[level - 1]
                 for y in range(0, src.shape[0], STRIP):
-                    strip = np.asarray(src[y:y + STRIP])
+                    strip = np.asarray(src[y : y + STRIP])
                     if level < len(bufs):
                         r = _shrink4(strip)
-                        bufs[level][y // 4: y // 4 + r.shape[0], : r.shape[1]] = r
+                        bufs[level][y // 4 : y // 4 + r.shape[0], : r.shape[1]] = r
                     for ty in range(0, strip.shape[0], TILE):
-                        yield from _tiles_of(strip[ty:ty + TILE])
+                        yield from _tiles_of(strip[ty : ty + TILE])
 
             res = (1e4 / DEMO_MPP, 1e4 / DEMO_MPP)
-            with tifffile.TiffWriter(tmp_slide, bigtiff=W * H * 3 > 2 ** 31) as tw:
-                tw.write(level0_tiles(), shape=(H, W, 3), dtype=np.uint8, tile=(TILE, TILE),
-                         compression="jpeg", compressionargs={"level": quality}, photometric="rgb",
-                         description=_aperio_description(W, H), resolution=res,
-                         resolutionunit="CENTIMETER", metadata=None)
+            with tifffile.TiffWriter(tmp_slide, bigtiff=W * H * 3 > 2**31) as tw:
+                tw.write(
+                    level0_tiles(),
+                    shape=(H, W, 3),
+                    dtype=np.uint8,
+                    tile=(TILE, TILE),
+                    compression="jpeg",
+                    compressionargs={"level": quality},
+                    photometric="rgb",
+                    description=_aperio_description(W, H),
+                    resolution=res,
+                    resolutionunit="CENTIMETER",
+                    metadata=None,
+                )
                 for f in mask_files.values():
                     f.close()
                 for lvl, (lw, lh) in enumerate(dims[1:], start=1):
-                    tw.write(level_tiles(lvl), shape=(lh, lw, 3), dtype=np.uint8, tile=(TILE, TILE),
-                             compression="jpeg", compressionargs={"level": quality}, photometric="rgb",
-                             description=_aperio_description(W, H, lw, lh), metadata=None)
+                    tw.write(
+                        level_tiles(lvl),
+                        shape=(lh, lw, 3),
+                        dtype=np.uint8,
+                        tile=(TILE, TILE),
+                        compression="jpeg",
+                        compressionargs={"level": quality},
+                        photometric="rgb",
+                        description=_aperio_description(W, H, lw, lh),
+                        metadata=None,
+                    )
             for name in ("whole", "viable") if masks else ():
                 raw = np.memmap(f"{tmp_slide}.{name}.raw", np.uint8, "r", shape=(H, W))
-                _write_mask(paths[name], lambda raw=raw: (np.asarray(raw[y:y + TILE]) for y in range(0, H, TILE)),
-                            (H, W))
+                _write_mask(
+                    paths[name], lambda raw=raw: (np.asarray(raw[y : y + TILE]) for y in range(0, H, TILE)), (H, W)
+                )
                 del raw
         finally:
             for b in bufs:
@@ -1209,10 +1318,17 @@ def _write_mask(path, strips, shape):
         for strip in strips():
             yield from _tiles_of(strip, TILE)
 
-    with atomic_path(path, suffix=".tif") as tmp:
-        with tifffile.TiffWriter(tmp, bigtiff=W * H > 2 ** 31) as tw:
-            tw.write(tiles(), shape=(H, W), dtype=np.uint8, tile=(TILE, TILE), compression="zlib",
-                     compressionargs={"level": 1}, photometric="minisblack", metadata=None)
+    with atomic_path(path, suffix=".tif") as tmp, tifffile.TiffWriter(tmp, bigtiff=W * H > 2**31) as tw:
+        tw.write(
+            tiles(),
+            shape=(H, W),
+            dtype=np.uint8,
+            tile=(TILE, TILE),
+            compression="zlib",
+            compressionargs={"level": 1},
+            photometric="minisblack",
+            metadata=None,
+        )
 
 
 def _write_plain(spec, folder, kind, masks):
@@ -1226,11 +1342,19 @@ def _write_plain(spec, folder, kind, masks):
     path = folder / f"{spec.case_id}.{kind}"
     with atomic_path(path, suffix=f".{kind}") as tmp:
         if kind == "tif":
-            tifffile.imwrite(tmp, rgb, tile=(TILE, TILE), compression="jpeg", compressionargs={"level": 90},
-                             photometric="rgb", metadata=None)
+            tifffile.imwrite(
+                tmp,
+                rgb,
+                tile=(TILE, TILE),
+                compression="jpeg",
+                compressionargs={"level": 90},
+                photometric="rgb",
+                metadata=None,
+            )
         else:
-            Image.fromarray(rgb).save(tmp, format="PNG" if kind == "png" else "JPEG",
-                                      **({"quality": 90} if kind == "jpg" else {}))
+            Image.fromarray(rgb).save(
+                tmp, format="PNG" if kind == "png" else "JPEG", **({"quality": 90} if kind == "jpg" else {})
+            )
     out = {"slide": path}
     for name, m in (("whole", whole), ("viable", viable)) if masks else ():
         m = m.view(np.uint8)
@@ -1240,7 +1364,7 @@ def _write_plain(spec, folder, kind, masks):
                 Image.fromarray(m).save(tmp, format="PNG")
         else:
             out[name] = folder / f"{spec.case_id}_{name}.tif"
-            _write_mask(out[name], lambda m=m: (m[y:y + TILE] for y in range(0, m.shape[0], TILE)), m.shape)
+            _write_mask(out[name], lambda m=m: (m[y : y + TILE] for y in range(0, m.shape[0], TILE)), m.shape)
     return out
 
 
@@ -1323,12 +1447,16 @@ def ensure_demo_dataset(folder=None, cases=None, workers=None, progress=True):
     workers = workers or min(len(cases), os.cpu_count() or 1)
     with atomic_dir(folder) as tmp:
         _write_all([("svs", c, tmp, True) for c in cases], workers, "demo slides", progress)
-        _write_labels(tmp / "labels.csv", ["slide_id", "label", "patient_id"],
-                      [[c.case_id, int(c.tumor), c.patient_id] for c in cases])
+        _write_labels(
+            tmp / "labels.csv",
+            ["slide_id", "label", "patient_id"],
+            [[c.case_id, int(c.tumor), c.patient_id] for c in cases],
+        )
         (tmp / "manifest.json").write_text(json.dumps(want, indent=2) + "\n")
         (tmp / "README.txt").write_text(
             "Synthetic PAIP 2019-like demo slides written by helpers.synthetic; regenerate with\n"
-            "python -c 'import helpers.synthetic as s; s.ensure_demo_dataset()'.\n")
+            "python -c 'import helpers.synthetic as s; s.ensure_demo_dataset()'.\n"
+        )
     return folder
 
 
@@ -1336,14 +1464,22 @@ def ensure_demo_dataset(folder=None, cases=None, workers=None, progress=True):
 # The dataset zoo: small, odd folders for robustness tests
 # ---------------------------------------------------------------------------------------------
 
+
 def _zoo_spec(rng, case_id, w, h, tumor, patient="", **style):
     """A small slide with a random but plausible style."""
-    base = dict(patient_id=patient, tumor_share=float(rng.uniform(0.3, 0.7)) if tumor else 0.0,
-                grade=float(rng.uniform(0.2, 0.9)), lab=int(rng.integers(0, 4)), necrosis=float(rng.uniform(0, 0.2)),
-                mimics=float(rng.uniform(0.1, 0.7)), fibrosis=float(rng.uniform(0, 0.8)),
-                tissue_share=float(rng.uniform(0.5, 0.8)), blur=float(rng.uniform(0, 0.4)))
+    base = dict(
+        patient_id=patient,
+        tumor_share=float(rng.uniform(0.3, 0.7)) if tumor else 0.0,
+        grade=float(rng.uniform(0.2, 0.9)),
+        lab=int(rng.integers(0, 4)),
+        necrosis=float(rng.uniform(0, 0.2)),
+        mimics=float(rng.uniform(0.1, 0.7)),
+        fibrosis=float(rng.uniform(0, 0.8)),
+        tissue_share=float(rng.uniform(0.5, 0.8)),
+        blur=float(rng.uniform(0, 0.4)),
+    )
     base.update(style)
-    return CaseSpec(case_id, int(w), int(h), bool(tumor), int(rng.integers(0, 2 ** 31)), **base)
+    return CaseSpec(case_id, int(w), int(h), bool(tumor), int(rng.integers(0, 2**31)), **base)
 
 
 def _zoo_mixed(rng, folder):
@@ -1371,8 +1507,12 @@ def _zoo_mixed(rng, folder):
 
 def _zoo_unannotated(rng, folder):
     """The ``unannotated`` shape's write jobs (no labels, no masks)."""
-    rows = [("un_01", "svs", 2000, 1600, True), ("un_02", "tif", 1500, 1800, False),
-            ("un_03", "jpg", 1400, 1100, True), ("un_04", "svs", 2400, 2000, False)]
+    rows = [
+        ("un_01", "svs", 2000, 1600, True),
+        ("un_02", "tif", 1500, 1800, False),
+        ("un_03", "jpg", 1400, 1100, True),
+        ("un_04", "svs", 2400, 2000, False),
+    ]
     return [(kind, _zoo_spec(rng, sid, w, h, t), folder, False) for sid, kind, w, h, t in rows]
 
 
@@ -1380,7 +1520,7 @@ def _zoo_many(rng, folder):
     """The ``many`` shape: writes ``labels.csv`` (patients in ``case_id``), returns the jobs."""
     jobs, labels = [], []
     patient_tumor = rng.random(70) < 0.45
-    slides_of = np.bincount(rng.integers(0, 70, 200 - 140), minlength=70) + 2   # 2+ slides each, 200 in all
+    slides_of = np.bincount(rng.integers(0, 70, 200 - 140), minlength=70) + 2  # 2+ slides each, 200 in all
     i = 0
     for p in range(70):
         first = True
@@ -1398,22 +1538,37 @@ def _zoo_many(rng, folder):
 
 def _zoo_case_labels(rng, folder):
     """The ``case_labels`` shape: writes the old ``case_id,label`` file, returns the jobs."""
-    rows = [("cl_01", 2200, 1800, True), ("cl_02", 1600, 2100, False), ("cl_03", 2500, 2300, True),
-            ("cl_04", 1900, 1500, False), ("cl_05", 2100, 2600, True)]
+    rows = [
+        ("cl_01", 2200, 1800, True),
+        ("cl_02", 1600, 2100, False),
+        ("cl_03", 2500, 2300, True),
+        ("cl_04", 1900, 1500, False),
+        ("cl_05", 2100, 2600, True),
+    ]
     _write_labels(folder / "labels.csv", ["case_id", "label"], [[sid, int(t)] for sid, _, _, t in rows])
     return [("svs", _zoo_spec(rng, sid, w, h, t), folder, True) for sid, w, h, t in rows]
 
 
 def _zoo_no_tumour(rng, folder):
     """The ``no_tumour`` shape: writes ``labels.csv`` (all 0), returns the jobs."""
-    rows = [("nt_01", 2400, 2000, "N1"), ("nt_02", 1500, 1900, "N1"), ("nt_03", 2600, 2200, "N2"),
-            ("nt_04", 1800, 1300, "N3"), ("nt_05", 2100, 2500, "N4")]
+    rows = [
+        ("nt_01", 2400, 2000, "N1"),
+        ("nt_02", 1500, 1900, "N1"),
+        ("nt_03", 2600, 2200, "N2"),
+        ("nt_04", 1800, 1300, "N3"),
+        ("nt_05", 2100, 2500, "N4"),
+    ]
     _write_labels(folder / "labels.csv", ["slide_id", "label", "patient_id"], [[sid, 0, p] for sid, _, _, p in rows])
     return [("svs", _zoo_spec(rng, sid, w, h, False, p), folder, True) for sid, w, h, p in rows]
 
 
-_ZOO = {"mixed": _zoo_mixed, "unannotated": _zoo_unannotated, "many": _zoo_many,
-        "case_labels": _zoo_case_labels, "no_tumour": _zoo_no_tumour}
+_ZOO = {
+    "mixed": _zoo_mixed,
+    "unannotated": _zoo_unannotated,
+    "many": _zoo_many,
+    "case_labels": _zoo_case_labels,
+    "no_tumour": _zoo_no_tumour,
+}
 
 #: The shapes :func:`write_zoo_dataset` knows.
 ZOO_SHAPES = tuple(_ZOO)

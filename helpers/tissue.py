@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 #: At most about this many pyramid-level pixels are read at once for a slide's thumbnail.
-READ_PIXELS = 2 ** 24
+READ_PIXELS = 2**24
 
 # ---------------------------------------------------------------------------------------------
 # Per patch: Otsu with the white-glass rule (the paper), vectorised over many patches
@@ -120,7 +120,7 @@ def otsu_tissue_masks(gray_patches, glass_level=210):
         return np.zeros(g.shape, bool)
     n = g.shape[0]
     idx = (np.arange(n, dtype=np.int64)[:, None] * 256 + g.reshape(n, -1)).ravel()
-    hist = np.bincount(idx, minlength=n * 256).reshape(n, 256)      # as tissue_fractions
+    hist = np.bincount(idx, minlength=n * 256).reshape(n, 256)  # as tissue_fractions
     t, _, m0, m1 = otsu_thresholds(hist)
     # Per patch, the gray level at or below which a pixel is tissue (-1: none is).
     cut = np.where(m0 >= glass_level, -1, np.where(m1 >= glass_level, t, glass_level))
@@ -153,8 +153,8 @@ def find_glass(hist, min_glass=200, min_share=0.01):
     if hist.sum() == 0:
         return None
     h = hist.copy()
-    h[254:] = 0                               # saturated white (the outside of a scan) is not glass
-    near = np.convolve(h, np.ones(5), mode="same")              # pixels within +-2 levels
+    h[254:] = 0  # saturated white (the outside of a scan) is not glass
+    near = np.convolve(h, np.ones(5), mode="same")  # pixels within +-2 levels
     padded = np.pad(near, 1, constant_values=-1)
     peak = (near >= padded[:-2]) & (near >= padded[2:]) & (near >= min_share * hist.sum())
     levels = np.flatnonzero(peak[min_glass:]) + min_glass
@@ -168,8 +168,9 @@ def find_glass(hist, min_glass=200, min_share=0.01):
 
 def threshold_from_gray(gray, method="glass", **kwargs):
     """:func:`threshold_from_histogram` of a uint8 gray image (e.g. a thumbnail, any shape)."""
-    return threshold_from_histogram(np.bincount(np.asarray(gray, dtype=np.uint8).ravel(), minlength=256),
-                                    method, **kwargs)
+    return threshold_from_histogram(
+        np.bincount(np.asarray(gray, dtype=np.uint8).ravel(), minlength=256), method, **kwargs
+    )
 
 
 def threshold_from_histogram(hist, method="glass", bounds=(200, 240), margin=10, spread_factor=4, min_glass=200):
@@ -229,8 +230,8 @@ def slide_tissue_threshold(slide, method="glass", thumbnail_size=1024, **kwargs)
         W, H = s.dimensions
         ds = max(1.0, max(W, H) / thumbnail_size)
         w, h = max(1, int(W / ds)), max(1, int(H / ds))
-        f = ds / s.level_downsamples[s.best_level(ds)]        # pyramid-level pixels per thumbnail pixel
-        band = max(1, int(READ_PIXELS // (w * f * f)))        # thumbnail rows per read
+        f = ds / s.level_downsamples[s.best_level(ds)]  # pyramid-level pixels per thumbnail pixel
+        band = max(1, int(READ_PIXELS // (w * f * f)))  # thumbnail rows per read
         hist = np.zeros(256, np.int64)
         for y in range(0, h, band):
             rgb = s.read_region(0, y * ds, w, min(band, h - y), downsample=ds)
@@ -319,19 +320,19 @@ def reference_tissue_mask(rgb, background=None, od_threshold=0.15, saturation_th
         ``(h, w)`` bool mask.
     """
     rgb = np.asarray(rgb)
-    if background is not None:          # white balance, channel by channel through a lookup table
+    if background is not None:  # white balance, channel by channel through a lookup table
         lut = np.clip(np.round(np.arange(256)[:, None] * 255.0 / np.maximum(background, 1)), 0, 255)
         rgb = np.stack([lut[rgb[..., c], c] for c in range(3)], axis=-1).astype(np.uint8)
     lo = rgb.min(axis=-1).astype(np.int16)
     hi = rgb.max(axis=-1).astype(np.int16)
     # The darkest channel has the largest OD: OD > t  <=>  I + 1 < 256 * 10^-t.
-    mask = (lo + 1 < 256 * 10 ** -od_threshold) | (hi - lo > saturation_threshold * hi)
+    mask = (lo + 1 < 256 * 10**-od_threshold) | (hi - lo > saturation_threshold * hi)
     if radius > 0 and mask.size:
         r = radius
         box = np.ones((2 * r + 1, 2 * r + 1), bool)
         padded = np.pad(mask, 2 * r, mode="edge")
         padded = ndimage.binary_closing(ndimage.binary_opening(padded, box), box)
-        mask = padded[2 * r:-2 * r, 2 * r:-2 * r]
+        mask = padded[2 * r : -2 * r, 2 * r : -2 * r]
     return mask
 
 
@@ -340,8 +341,7 @@ def _iou(inter, union):
     return float(inter / union) if union else 1.0
 
 
-def compare_methods(slide, methods, scale=1, patch_size=224, tissue_threshold=0.5, tissue_subsample=4,
-                    truth=None):
+def compare_methods(slide, methods, scale=1, patch_size=224, tissue_threshold=0.5, tissue_subsample=4, truth=None):
     """Score tissue methods over a slide's patch grid against the reference mask (and a truth).
 
     The grid is extraction's (``patch_size`` at ``scale``, no overlap), read one row of patches
@@ -388,9 +388,9 @@ def compare_methods(slide, methods, scale=1, patch_size=224, tissue_threshold=0.
     ref_keep = {a: [] for a in against}
     seconds = {m: 0.0 for m in names}
 
-    def as_patches(strip):                       # (P/k, cols P/k) -> (cols, P/k, P/k)
+    def as_patches(strip):  # (P/k, cols P/k) -> (cols, P/k, P/k)
         q = P // k
-        return strip[::k, ::k][:, :cols * q].reshape(q, cols, q).transpose(1, 0, 2)
+        return strip[::k, ::k][:, : cols * q].reshape(q, cols, q).transpose(1, 0, 2)
 
     try:
         for row in range(rows):
@@ -430,9 +430,18 @@ def compare_methods(slide, methods, scale=1, patch_size=224, tissue_threshold=0.
             if m == a:
                 continue
             kp = cat(keep[m])
-            out.append({"method": m, "against": a, "patches": rows * cols,
-                        "pixel_iou": _iou(inter[m, a], union[m, a]), "kept": int(kp.sum()),
-                        "ref_kept": int(r.sum()), "kept_iou": _iou(int((kp & r).sum()), int((kp | r).sum())),
-                        "tissue_lost": int((r & ~kp).sum()), "glass_kept": int((kp & ~r).sum()),
-                        "seconds": seconds[m]})
+            out.append(
+                {
+                    "method": m,
+                    "against": a,
+                    "patches": rows * cols,
+                    "pixel_iou": _iou(inter[m, a], union[m, a]),
+                    "kept": int(kp.sum()),
+                    "ref_kept": int(r.sum()),
+                    "kept_iou": _iou(int((kp & r).sum()), int((kp | r).sum())),
+                    "tissue_lost": int((r & ~kp).sum()),
+                    "glass_kept": int((kp & ~r).sum()),
+                    "seconds": seconds[m],
+                }
+            )
     return out

@@ -38,9 +38,9 @@ from torch.optim.swa_utils import update_bn
 from . import distributed as dd
 from .atomic import atomic_path
 from .errors import InputError, check_positive, check_type
-from .prefetch import ReadAhead, pin_batch
-from .progress import progress_bar
 from .notebook import library_versions, seed_everything
+from .parallel import ReadAhead, pin_batch
+from .progress import progress_bar
 
 #: ``OSError.errno`` values that mean the disk (or the user's quota) is full.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -115,9 +115,8 @@ def save_checkpoint(path, payload):
     The file is written through a Python file object, so a full disk raises ``OSError``
     (``ENOSPC``) rather than torch's unspecific ``RuntimeError`` for a path.
     """
-    with atomic_path(path, suffix=".pt") as tmp:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
+    with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path):
@@ -125,8 +124,9 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise InputError(f"{path}: cannot be read as a checkpoint ({type(exc).__name__}: {exc}); "
-                         "delete it to train from scratch") from None
+        raise InputError(
+            f"{path}: cannot be read as a checkpoint ({type(exc).__name__}: {exc}); delete it to train from scratch"
+        ) from None
 
 
 def load_trained(model, checkpoint, meta):
@@ -148,9 +148,11 @@ def load_trained(model, checkpoint, meta):
     theirs = (ck.get("identity") or {}).get("meta", {})
     diff = sorted(k for k in set(theirs) | set(meta) if theirs.get(k) != meta.get(k))
     if diff:
-        raise InputError(f"{checkpoint} was trained with other settings: "
-                         + ", ".join(f"{k} {theirs.get(k)!r} (here {meta.get(k)!r})" for k in diff[:5])
-                         + "; use the matching parameters or another run_name")
+        raise InputError(
+            f"{checkpoint} was trained with other settings: "
+            + ", ".join(f"{k} {theirs.get(k)!r} (here {meta.get(k)!r})" for k in diff[:5])
+            + "; use the matching parameters or another run_name"
+        )
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as exc:
@@ -262,7 +264,7 @@ def recalibrate_batchnorm(model, batches, prepare, device, autocast=contextlib.n
     try:
         with autocast():
             update_bn(inputs(), model)
-    finally:   # update_bn leaves momentum None (a cumulative average) if a batch fails
+    finally:  # update_bn leaves momentum None (a cumulative average) if a batch fails
         for m, mo in zip(bns, momenta):
             m.momentum = mo
         model.train(was)
@@ -279,8 +281,10 @@ def _training_device(config, distributed):
         device = torch.device("cuda", dd.local_rank())
         torch.cuda.set_device(device)
     elif backend == "nccl":
-        raise InputError("the process group uses NCCL, which needs GPUs, but parameter 'device' is 'cpu'; use "
-                         "device='auto' (or 'cuda'), or initialise the group with backend='gloo'")
+        raise InputError(
+            "the process group uses NCCL, which needs GPUs, but parameter 'device' is 'cpu'; use "
+            "device='auto' (or 'cuda'), or initialise the group with backend='gloo'"
+        )
     return device
 
 
@@ -296,12 +300,14 @@ def _rng_state(prepare, device):
 
 def _restore_rng(saved, prepare, device, log):
     """Set this rank's random states from a checkpoint's ``rng`` entry (a list, one per rank)."""
-    if isinstance(saved, dict):        # checkpoints written before the states were kept per rank
+    if isinstance(saved, dict):  # checkpoints written before the states were kept per rank
         saved = [saved]
     world = dd.world_size()
     if not saved or len(saved) != world:
-        log(f"note: last.pt was written by {len(saved or [])} processes and {world} resume it: the random "
-            "streams (augmentation) start again from the seed, so the numbers differ from an uninterrupted run")
+        log(
+            f"note: last.pt was written by {len(saved or [])} processes and {world} resume it: the random "
+            "streams (augmentation) start again from the seed, so the numbers differ from an uninterrupted run"
+        )
         return
     s = saved[dd.rank()]
     torch.set_rng_state(s["torch"])
@@ -314,8 +320,10 @@ def _restore_rng(saved, prepare, device, log):
         if "prepare" in s:
             prepare.load_state_dict(s["prepare"])
         else:
-            log("note: last.pt holds no augmentation state (written by an older version): augmentation "
-                "continues from its seed, so the numbers differ slightly from an uninterrupted run")
+            log(
+                "note: last.pt holds no augmentation state (written by an older version): augmentation "
+                "continues from its seed, so the numbers differ slightly from an uninterrupted run"
+            )
 
 
 def _slicer(rank, world):
@@ -351,11 +359,15 @@ def _save_epoch(out, payload, history, improved, held):
             # (an InputError that is also an OSError): either way, say which checkpoint is intact.
             if exc.errno not in DISK_FULL and not isinstance(exc, InputError):
                 raise
-            state = (f"{last} holds epoch {held} and is intact (files are replaced only by complete new ones): "
-                     "free some space and rerun; training resumes from it" if held else
-                     "no checkpoint was written yet: free some space and rerun to train from the start")
-            raise InputError(f"{path}: the disk is full (no space left on the device) while saving epoch "
-                             f"{payload['epoch']}; {state}") from None
+            state = (
+                f"{last} holds epoch {held} and is intact (files are replaced only by complete new ones): "
+                "free some space and rerun; training resumes from it"
+                if held
+                else "no checkpoint was written yet: free some space and rerun to train from the start"
+            )
+            raise InputError(
+                f"{path}: the disk is full (no space left on the device) while saving epoch {payload['epoch']}; {state}"
+            ) from None
         if path == last:
             held = payload["epoch"]
 
@@ -364,8 +376,21 @@ def _quiet(*_):
     pass
 
 
-def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, prepare=default_prepare,
-        progress=True, log=print, bn_batches=None, read_ahead=2, batch_size=None):
+def fit(
+    model,
+    train_batches,
+    evaluate,
+    loss_fn,
+    config,
+    out_dir,
+    meta=None,
+    prepare=default_prepare,
+    progress=True,
+    log=print,
+    bn_batches=None,
+    read_ahead=2,
+    batch_size=None,
+):
     """Train ``model``, resuming from ``out_dir/last.pt`` when it is there.
 
     In distributed training (a ``torch.distributed`` process group of more than one process,
@@ -406,7 +431,7 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
             BatchNorm statistics are recomputed over them after each epoch's training, before
             validation and the checkpoint (see :func:`recalibrate_batchnorm`).
         read_ahead: training batches gathered ahead in a background thread (see
-            :mod:`helpers.prefetch`); 0 gathers each batch only when it is needed. The batches
+            :mod:`helpers.parallel`); 0 gathers each batch only when it is needed. The batches
             and their order are the same either way.
         batch_size: the global batch size ``train_batches`` yields, checked against the number
             of processes in distributed training (default: the first batch's size).
@@ -428,8 +453,10 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
     world, rank = dd.world_size(), dd.rank()
     ddp = world > 1
     if ddp and batch_size is not None and batch_size % world:
-        raise InputError(f"parameter 'batch_size' ({batch_size}) must divide by the {world} processes training "
-                         f"together (each takes an equal slice of every batch): use a multiple of {world}")
+        raise InputError(
+            f"parameter 'batch_size' ({batch_size}) must divide by the {world} processes training "
+            f"together (each takes an equal slice of every batch): use a multiple of {world}"
+        )
     if rank != 0:
         log, progress = _quiet, False
     else:
@@ -437,8 +464,11 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
     device = _training_device(config, ddp)
     seed_everything(dd.rank_seed(config.seed))
     cuda = device.type == "cuda"
-    identity = {"config": {k: v for k, v in asdict(config).items() if k != "epochs"}, "meta": meta,
-                "model": type(model).__name__}
+    identity = {
+        "config": {k: v for k, v in asdict(config).items() if k != "epochs"},
+        "meta": meta,
+        "model": type(model).__name__,
+    }
     model.to(device)
     if cuda and config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -449,42 +479,53 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
         opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     else:
         opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=config.mode, factor=config.lr_factor,
-                                                       patience=config.lr_patience)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode=config.mode, factor=config.lr_factor, patience=config.lr_patience
+    )
     history, best, start, stale = [], None, 0, 0
     last = out / "last.pt"
     if last.exists():
         ck = load_checkpoint(last)
         if ck.get("identity") != identity:
             old = ck.get("identity") or {}
-            diff = [f"{sec}.{k}" for sec in ("config", "meta") for k in
-                    set(old.get(sec, {})) | set(identity[sec]) if old.get(sec, {}).get(k) != identity[sec].get(k)]
+            diff = [
+                f"{sec}.{k}"
+                for sec in ("config", "meta")
+                for k in set(old.get(sec, {})) | set(identity[sec])
+                if old.get(sec, {}).get(k) != identity[sec].get(k)
+            ]
             if old.get("model") != identity["model"]:
                 diff.append("model")
-            raise InputError(f"{last} was written by a run with other settings ({', '.join(sorted(diff)[:6])}); "
-                             "use another output folder, or delete it to start again")
+            raise InputError(
+                f"{last} was written by a run with other settings ({', '.join(sorted(diff)[:6])}); "
+                "use another output folder, or delete it to start again"
+            )
         try:
             model.load_state_dict(ck["model"])
         except RuntimeError as exc:
-            raise InputError(f"{last}: its weights do not fit this model ({str(exc)[:200]}); use another "
-                             "output folder") from None
+            raise InputError(
+                f"{last}: its weights do not fit this model ({str(exc)[:200]}); use another output folder"
+            ) from None
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         history, best, start, stale = ck["history"], ck["best"], ck["epoch"], ck["stale"]
         _restore_rng(ck.get("rng"), prepare, device, log)
         log(f"resumed from {last} after epoch {start}")
         if start > config.epochs:
-            log(f"note: {last} already holds {start} epochs, more than epochs={config.epochs}; nothing is "
+            log(
+                f"note: {last} already holds {start} epochs, more than epochs={config.epochs}; nothing is "
                 "trained and its checkpoints stay those of the longer run (use another output folder to "
-                f"train {config.epochs} epochs)")
+                f"train {config.epochs} epochs)"
+            )
         if config.early_stop_patience and stale >= config.early_stop_patience:
             start = config.epochs  # it had stopped early: nothing more to do
-    held = start                   # the epoch last.pt holds
+    held = start  # the epoch last.pt holds
     net = model
     if ddp:
         # Broadcasts rank 0's weights and buffers, then averages the gradients in every step.
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
-                                                        static_graph=True)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if cuda else None, static_graph=True
+        )
     take = _slicer(rank, world) if ddp else None
     announced = not ddp
     versions = library_versions()
@@ -494,8 +535,12 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
         net.train()
         total, n = torch.zeros((), dtype=torch.float64, device=device), 0
         batches = train_batches(epoch)
-        bar = progress_bar(len(batches) if hasattr(batches, "__len__") else None, f"epoch {epoch + 1}/{config.epochs}",
-                           "batch", progress)
+        bar = progress_bar(
+            len(batches) if hasattr(batches, "__len__") else None,
+            f"epoch {epoch + 1}/{config.epochs}",
+            "batch",
+            progress,
+        )
         transform = take
         if read_ahead:
             # The next batches are gathered (sliced, and pinned for asynchronous copies to a GPU)
@@ -511,16 +556,23 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
                 whole = batch[2]
                 if not announced:
                     if batch_size is None and whole % world:
-                        raise InputError(f"the first training batch holds {whole} patches, which does not divide "
-                                         f"by the {world} processes training together: use a batch_size that is "
-                                         f"a multiple of {world}")
-                    log(f"distributed training: {world} processes ({torch.distributed.get_backend()}), global "
+                        raise InputError(
+                            f"the first training batch holds {whole} patches, which does not divide "
+                            f"by the {world} processes training together: use a batch_size that is "
+                            f"a multiple of {world}"
+                        )
+                    log(
+                        f"distributed training: {world} processes ({torch.distributed.get_backend()}), global "
                         f"batch {batch_size or whole} = {(batch_size or whole) // world} per process; learning "
                         f"rate {config.lr:g} as configured (not scaled with the number of processes); BatchNorm "
-                        + ("synchronised across processes (SyncBatchNorm)" if cuda else
-                           "per process (torch's SyncBatchNorm needs GPUs)"))
+                        + (
+                            "synchronised across processes (SyncBatchNorm)"
+                            if cuda
+                            else "per process (torch's SyncBatchNorm needs GPUs)"
+                        )
+                    )
                     announced = True
-                if whole < world:      # a last batch too small to give every process a patch
+                if whole < world:  # a last batch too small to give every process a patch
                     bar.update()
                     continue
             x, y = prepare(x, y, device, True)
@@ -552,7 +604,7 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
             if ddp:
                 source = ((xb, yb) for xb, yb, whole in map(take, source) if whole >= world)
             recalibrate_batchnorm(model, source, prepare, device, autocast)
-            if ddp and not cuda:       # without SyncBatchNorm the ranks' statistics differ: keep rank 0's
+            if ddp and not cuda:  # without SyncBatchNorm the ranks' statistics differ: keep rank 0's
                 for buf in model.buffers():
                     torch.distributed.broadcast(buf, 0)
         train_loss, lr = float(total) / n, opt.param_groups[0]["lr"]
@@ -563,10 +615,15 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
                 val = dict(evaluate(model, device))
             if config.monitor not in val:
                 raise InputError(f"evaluate() returned {sorted(val)}, which lacks the monitored {config.monitor!r}")
-            return {"epoch": epoch + 1, "train_loss": train_loss, **{k: float(v) for k, v in val.items()},
-                    "lr": lr, "seconds": round(time.perf_counter() - t0, 2)}
+            return {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                **{k: float(v) for k, v in val.items()},
+                "lr": lr,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
 
-        row = dd.run_on_main(validate)   # rank 0 validates; every rank gets the same row
+        row = dd.run_on_main(validate)  # rank 0 validates; every rank gets the same row
         history.append(row)
         score = row[config.monitor]
         sched.step(score)
@@ -575,15 +632,28 @@ def fit(model, train_batches, evaluate, loss_fn, config, out_dir, meta=None, pre
             best, stale = score, 0
         else:
             stale += 1
-        rng = dd.all_gather_object(_rng_state(prepare, device))    # every rank's random state
-        payload = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                   "epoch": epoch + 1, "history": history, "best": best, "stale": stale, "identity": identity,
-                   "versions": versions, "rng": rng, "world_size": world}
+        rng = dd.all_gather_object(_rng_state(prepare, device))  # every rank's random state
+        payload = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "epoch": epoch + 1,
+            "history": history,
+            "best": best,
+            "stale": stale,
+            "identity": identity,
+            "versions": versions,
+            "rng": rng,
+            "world_size": world,
+        }
         dd.run_on_main(lambda: _save_epoch(out, payload, history, improved, held))
         held = epoch + 1
-        log(f"epoch {epoch + 1}/{config.epochs}: train_loss {row['train_loss']:.4f}, "
+        log(
+            f"epoch {epoch + 1}/{config.epochs}: train_loss {row['train_loss']:.4f}, "
             + ", ".join(f"{k} {row[k]:.4f}" for k in row if k not in ("epoch", "train_loss", "lr", "seconds"))
-            + f", lr {row['lr']:.2g}" + (" (best)" if improved else ""))
+            + f", lr {row['lr']:.2g}"
+            + (" (best)" if improved else "")
+        )
         if config.early_stop_patience and stale >= config.early_stop_patience:
             log(f"stopped early: {config.monitor} did not improve for {stale} epochs")
             break
@@ -613,7 +683,7 @@ def batches_from_arrays(images, labels, batch_size, indices=None, shuffle=False,
 
         def __iter__(self):
             for i in range(0, len(idx), batch_size):
-                b = np.sort(idx[i:i + batch_size])
+                b = np.sort(idx[i : i + batch_size])
                 x = torch.from_numpy(np.ascontiguousarray(images[b])).permute(0, 3, 1, 2)
                 y = torch.from_numpy(np.ascontiguousarray(labels[b]))
                 yield x, y

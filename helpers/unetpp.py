@@ -25,8 +25,14 @@ from .metrics import soft_dice_loss
 
 
 def _block(cin, cout):
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
 
 
 class UNetPlusPlus(nn.Module):
@@ -44,7 +50,7 @@ class UNetPlusPlus(nn.Module):
     def __init__(self, encoder, decoder_channels=(32, 48, 64, 128), head_channels=16):
         super().__init__()
         self.encoder = encoder
-        enc = list(encoder.out_channels[1:6])                 # X[i][0], i = 0..4
+        enc = list(encoder.out_channels[1:6])  # X[i][0], i = 0..4
         dec = list(decoder_channels) + [enc[4]]
         self.depth = 4
         self.up = nn.ModuleDict()
@@ -56,9 +62,14 @@ class UNetPlusPlus(nn.Module):
                 cin = enc[i] + (j - 1) * dec[i] + dec[i]
                 self.node[f"{i}_{j}"] = _block(cin, dec[i])
         self.heads = nn.ModuleList(
-            nn.Sequential(nn.ConvTranspose2d(dec[0], head_channels, 2, stride=2), nn.BatchNorm2d(head_channels),
-                          nn.ReLU(inplace=True), nn.Conv2d(head_channels, 1, 1))
-            for _ in range(self.depth))
+            nn.Sequential(
+                nn.ConvTranspose2d(dec[0], head_channels, 2, stride=2),
+                nn.BatchNorm2d(head_channels),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(head_channels, 1, 1),
+            )
+            for _ in range(self.depth)
+        )
 
     def nodes(self, x):
         """All nodes ``{(i, j): tensor}`` for an input batch (for inspection)."""
@@ -75,7 +86,9 @@ class UNetPlusPlus(nn.Module):
 
     def forward(self, x):
         if x.shape[-1] % 32 or x.shape[-2] % 32:
-            raise InputError(f"UNet++ input sides must be multiples of 32 (the encoder halves 5 times), got {tuple(x.shape[-2:])}")
+            raise InputError(
+                f"UNet++ input sides must be multiples of 32 (the encoder halves 5 times), got {tuple(x.shape[-2:])}"
+            )
         X = self.nodes(x)
         return [head(X[(0, j)]) for j, head in zip(range(1, self.depth + 1), self.heads)]
 
@@ -86,7 +99,9 @@ class UNetPlusPlus(nn.Module):
         with torch.no_grad():
             X = self.nodes(torch.zeros(1, 3, size, size, device=next(self.parameters()).device))
         self.train(was)
-        return {f"X[{i}][{j}]": tuple(t.shape[1:]) for (i, j), t in sorted(X.items(), key=lambda kv: (kv[0][1], kv[0][0]))}
+        return {
+            f"X[{i}][{j}]": tuple(t.shape[1:]) for (i, j), t in sorted(X.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+        }
 
 
 def as_head_list(outputs):
@@ -134,8 +149,7 @@ def build_segmenter(variant="paper", pretrained=False, weights_path=None):
     use_hub = pretrained and weights_path is None
     if use_hub and not models.hub_reachable():
         raise models._offline_error("the efficientnet-b0 encoder")
-    enc = smp.encoders.get_encoder("efficientnet-b0", in_channels=3, depth=5,
-                                   weights="imagenet" if use_hub else None)
+    enc = smp.encoders.get_encoder("efficientnet-b0", in_channels=3, depth=5, weights="imagenet" if use_hub else None)
     model = UNetPlusPlus(enc)
     if weights_path is not None:
         models.load_weights(model, weights_path, "UNet++ (paper)")

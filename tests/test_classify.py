@@ -6,12 +6,20 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers.classify import (PREDICTION_COLUMNS, class_batches, class_prepare, load_class_patches,
-                              make_class_evaluator, predict_patches, prediction_table, require_both_classes)
+from helpers.caches import ExtractionParams
+from helpers.classify import (
+    PREDICTION_COLUMNS,
+    class_batches,
+    class_prepare,
+    load_class_patches,
+    make_class_evaluator,
+    predict_patches,
+    prediction_table,
+    require_both_classes,
+)
+from helpers.dataset import list_cases
 from helpers.errors import InputError
 from helpers.models import build_classifier
-from helpers.caches import ExtractionParams
-from helpers.dataset import list_cases
 from helpers.patches import extract_dataset
 
 
@@ -61,7 +69,7 @@ def test_a_class_absent_names_the_scale(cls_run):
         require_both_classes(free, "validation")
     # A split without a single labelled patch at a scale: listed, and a clear error.
     empty = load_class_patches([c for c in cases if c.case_id == "tiny_n0"], root, params, 16)
-    assert len(empty) == 0 and empty.no_patch == ["tiny_n0"]   # 2,048 px: no 16x patch fits
+    assert len(empty) == 0 and empty.no_patch == ["tiny_n0"]  # 2,048 px: no 16x patch fits
     with pytest.raises(InputError, match="no labelled patch at 16x"):
         make_class_evaluator(empty, 32)
 
@@ -88,7 +96,7 @@ def test_prepare_resizes_and_augments(cls_run):
     xa, ya = prep(x, y, torch.device("cpu"), True)
     xe, _ = prep(x, y, torch.device("cpu"), False)
     assert xa.shape == xe.shape == (4, 3, 64, 64) and torch.equal(ya, y)
-    assert 0 <= float(xa.min()) and float(xa.max()) <= 1
+    assert float(xa.min()) >= 0 and float(xa.max()) <= 1
     assert not torch.allclose(xa, xe)
 
 
@@ -131,5 +139,5 @@ def test_a_real_classifier_runs_on_the_patches(cls_run):
     torch.manual_seed(0)
     model = build_classifier("efficientnet_b0")
     p = predict_patches(model, d, 32, batch_size=16)
-    assert p.shape == (len(d),) and np.isfinite(p).all() and ((0 <= p) & (p <= 1)).all()
+    assert p.shape == (len(d),) and np.isfinite(p).all() and ((p >= 0) & (p <= 1)).all()
     assert isinstance(prediction_table(d, p, "efficientnet_b0"), pd.DataFrame)

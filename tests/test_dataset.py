@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from conftest import write_png, write_tiff_mask
+
 from helpers.dataset import Case, describe_cases, list_cases, read_labels
 from helpers.errors import InputError
 from helpers.slides import SlideWarning
@@ -36,17 +36,20 @@ def test_list_cases_layout(tmp_path):
         b_.mask_path("tumor")
 
 
-@pytest.mark.parametrize("header,rows,patients", [
-    ("slide_id,label,patient_id", ["a,1,P1", "b,0,P1", "c,,P2"], {"a": "P1", "b": "P1", "c": "P2"}),
-    ("slide_id,label,case_id", ["a,1,P1", "b,0,P1", "c,,P2"], {"a": "P1", "b": "P1", "c": "P2"}),
-    ("case_id,label", ["a,1", "b,0", "c,"], {}),
-    ("case_id,label,patient_id", ["a,tumour,P9", "b,normal,", "c,,P9"], {"a": "P9", "c": "P9"}),
-])
+@pytest.mark.parametrize(
+    "header,rows,patients",
+    [
+        ("slide_id,label,patient_id", ["a,1,P1", "b,0,P1", "c,,P2"], {"a": "P1", "b": "P1", "c": "P2"}),
+        ("slide_id,label,case_id", ["a,1,P1", "b,0,P1", "c,,P2"], {"a": "P1", "b": "P1", "c": "P2"}),
+        ("case_id,label", ["a,1", "b,0", "c,"], {}),
+        ("case_id,label,patient_id", ["a,tumour,P9", "b,normal,", "c,,P9"], {"a": "P9", "c": "P9"}),
+    ],
+)
 def test_the_accepted_label_layouts(tmp_path, header, rows, patients):
     _folder(tmp_path)
     (tmp_path / "labels.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
     cases = list_cases(tmp_path)
-    assert [c.label for c in cases] == [1, 0, None]         # an empty label is unknown, not 0
+    assert [c.label for c in cases] == [1, 0, None]  # an empty label is unknown, not 0
     assert {c.case_id: c.patient_id for c in cases if c.patient_id} == patients
     assert [c.patient for c in cases] == [patients.get(i, i) for i in "abc"]
 
@@ -69,7 +72,7 @@ def test_bad_label_files(tmp_path):
     p.write_text("slide_id,label\nx,1\nx,0\n")
     with pytest.raises(InputError, match="line 3.*'x' is listed twice"):
         read_labels(p)
-    p.write_text("\ufeffslide_id , label\nx,1\n")               # a BOM and spaces (spreadsheet export)
+    p.write_text("\ufeffslide_id , label\nx,1\n")  # a BOM and spaces (spreadsheet export)
     assert read_labels(p).labels == {"x": 1}
 
 

@@ -25,10 +25,11 @@ import torch
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
-N_TRAIN, BATCH = 61, 8          # 7 full batches of 8, then one of 5: uneven slices (3 + 2)
+N_TRAIN, BATCH = 61, 8  # 7 full batches of 8, then one of 5: uneven slices (3 + 2)
 
 
 # -- the small network and its data, shared by the worker processes and the test ------------
+
 
 def small_setup():
     from helpers.train import TrainConfig, batches_from_arrays
@@ -38,8 +39,9 @@ def small_setup():
     x = rng.integers(0, 60, (N_TRAIN + 20, 8, 8, 3)).astype(np.uint8)
     x[y == 1, :, :, 0] += 120
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-                                torch.nn.Linear(6 * 6 * 6, 2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(6 * 6 * 6, 2)
+    )
     config = TrainConfig(epochs=3, optimizer="sgd", lr=0.05, momentum=0.9, device="cpu", seed=0)
 
     def train_batches(epoch, batch=BATCH):
@@ -48,8 +50,10 @@ def small_setup():
     def evaluate(m, device):
         xb = torch.from_numpy(x[N_TRAIN:]).permute(0, 3, 1, 2).float() / 255
         out = m(xb)
-        return {"val_loss": float(torch.nn.functional.cross_entropy(out, torch.from_numpy(y[N_TRAIN:]))),
-                "val_acc": float((out.argmax(1).numpy() == y[N_TRAIN:]).mean())}
+        return {
+            "val_loss": float(torch.nn.functional.cross_entropy(out, torch.from_numpy(y[N_TRAIN:]))),
+            "val_acc": float((out.argmax(1).numpy() == y[N_TRAIN:]).mean()),
+        }
 
     def loss(out, yb):
         return torch.nn.functional.cross_entropy(out, yb.long())
@@ -71,8 +75,15 @@ def worker(out_dir):
     errors = []
     for kwargs in ({"batch_size": 7}, {"train_batches": lambda e: tb(e, 7)}):
         try:
-            fit(model, **{"train_batches": tb, **kwargs}, evaluate=ev, loss_fn=loss, config=cfg,
-                out_dir=out / "refused", **quiet)
+            fit(
+                model,
+                **{"train_batches": tb, **kwargs},
+                evaluate=ev,
+                loss_fn=loss,
+                config=cfg,
+                out_dir=out / "refused",
+                **quiet,
+            )
         except InputError as exc:
             errors.append(str(exc))
     (out / f"errors{dd.rank()}.txt").write_text("\n".join(errors))
@@ -85,16 +96,16 @@ if __name__ == "__main__":
     from helpers.distributed import exit_process
 
     worker(sys.argv[1])
-    exit_process(0)                  # see its docstring: DDP's process group and interpreter shutdown
+    exit_process(0)  # see its docstring: DDP's process group and interpreter shutdown
 
 
 # -- the tests ------------------------------------------------------------------------------
 
 from helpers import distributed as dd  # noqa: E402
-from helpers.errors import InputError  # noqa: E402
-from helpers.jobs import ClassifierJob, SegmentationJob, run_distributed, run_jobs, write_spec  # noqa: E402
 from helpers.caches import ExtractionParams  # noqa: E402
 from helpers.dataset import list_cases  # noqa: E402
+from helpers.errors import InputError  # noqa: E402
+from helpers.jobs import ClassifierJob, SegmentationJob, run_distributed, run_jobs, write_spec  # noqa: E402
 from helpers.patches import extract_dataset  # noqa: E402
 from helpers.train import fit  # noqa: E402
 
@@ -126,7 +137,7 @@ def test_two_gloo_processes_train_as_one_process_on_the_global_batch(tmp_path):
     finally:
         torch.set_num_threads(threads)
     for k, v in model.state_dict().items():
-        assert (v - init[k]).abs().max() > 1e-2                    # the weights moved
+        assert (v - init[k]).abs().max() > 1e-2  # the weights moved
         torch.testing.assert_close(w0[k], v, rtol=1e-5, atol=1e-6)  # and to the same place
     ddp = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)
     assert ddp["world_size"] == 2 and len(ddp["rng"]) == 2 and ddp["epoch"] == 3
@@ -142,27 +153,54 @@ def caches(small_dataset, tmp_path_factory):
     cases = list_cases(small_dataset)
     extract_dataset(cases, [1], root, seg, workers=1, progress=False)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")          # some tiny slides are too small at 4x: not the point here
+        warnings.simplefilter("ignore")  # some tiny slides are too small at 4x: not the point here
         extract_dataset(cases, [4], root, cls, workers=1, progress=False)
-    return {"data_dir": str(small_dataset), "cache_root": str(root), "seg": asdict(seg), "cls": asdict(cls),
-            "ids": [c.case_id for c in cases]}
+    return {
+        "data_dir": str(small_dataset),
+        "cache_root": str(root),
+        "seg": asdict(seg),
+        "cls": asdict(cls),
+        "ids": [c.case_id for c in cases],
+    }
 
 
 def classifier_job(caches, out_dir, epochs=4):
     # 26 balanced patches per epoch: batches of 10, 10 and 6 (5 + 5 and 3 + 3 per process).
-    return ClassifierJob(arch="efficientnet_b0", scale=4, params=caches["cls"], cache_root=caches["cache_root"],
-                         data_dir=caches["data_dir"], train_cases=caches["ids"], val_cases=["tiny_t1"],
-                         out_dir=str(out_dir), input_size=32, batch_size=10, color_jitter=0.06, bn_batches=2,
-                         config={"epochs": epochs, "optimizer": "sgd", "lr": 0.003, "seed": 5, "device": "cpu"},
-                         meta={"test": "ddp"})
+    return ClassifierJob(
+        arch="efficientnet_b0",
+        scale=4,
+        params=caches["cls"],
+        cache_root=caches["cache_root"],
+        data_dir=caches["data_dir"],
+        train_cases=caches["ids"],
+        val_cases=["tiny_t1"],
+        out_dir=str(out_dir),
+        input_size=32,
+        batch_size=10,
+        color_jitter=0.06,
+        bn_batches=2,
+        config={"epochs": epochs, "optimizer": "sgd", "lr": 0.003, "seed": 5, "device": "cpu"},
+        meta={"test": "ddp"},
+    )
 
 
 def segmentation_job(caches, out_dir):
-    return SegmentationJob(params=caches["seg"], cache_root=caches["cache_root"], data_dir=caches["data_dir"],
-                           train_cases=caches["ids"], val_cases=["tiny_t2"], out_dir=str(out_dir), input_size=32,
-                           batch_size=4, steps=3, val_max_patches=8, bn_batches=2, color_jitter=0.06,
-                           config={"epochs": 2, "optimizer": "adam", "lr": 2e-3, "seed": 5, "device": "cpu"},
-                           meta={"test": "jobs"})
+    return SegmentationJob(
+        params=caches["seg"],
+        cache_root=caches["cache_root"],
+        data_dir=caches["data_dir"],
+        train_cases=caches["ids"],
+        val_cases=["tiny_t2"],
+        out_dir=str(out_dir),
+        input_size=32,
+        batch_size=4,
+        steps=3,
+        val_max_patches=8,
+        bn_batches=2,
+        color_jitter=0.06,
+        config={"epochs": 2, "optimizer": "adam", "lr": 2e-3, "seed": 5, "device": "cpu"},
+        meta={"test": "jobs"},
+    )
 
 
 def descendants(pid):
@@ -200,48 +238,54 @@ def test_a_killed_distributed_run_resumes_from_last_pt(caches, tmp_path):
     spec = write_spec(job)
     out = Path(job.out_dir)
     cmd = dd.torchrun_command(["helpers.jobs", spec], nproc_per_node=2)
-    agent = subprocess.Popen(cmd, cwd=REPO, env=dd.child_environment(ENV), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.STDOUT)
+    agent = subprocess.Popen(
+        cmd, cwd=REPO, env=dd.child_environment(ENV), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
     t = time.monotonic()
-    while not (out / "history.csv").exists():            # epoch 1 saved: kill the run in epoch 2
+    while not (out / "history.csv").exists():  # epoch 1 saved: kill the run in epoch 2
         assert agent.poll() is None and time.monotonic() - t < 120, "the run ended or hung before epoch 1"
         time.sleep(0.01)
-    for pid in descendants(agent.pid) + [agent.pid]:       # the workers and torchrun itself
+    for pid in descendants(agent.pid) + [agent.pid]:  # the workers and torchrun itself
         os.kill(pid, signal.SIGKILL)
     agent.wait()
     killed_at = torch.load(out / "last.pt", weights_only=False)["epoch"]
-    assert 1 <= killed_at < 4                               # killed before the end
+    assert 1 <= killed_at < 4  # killed before the end
 
     logs = []
-    dd.launch([spec], nproc_per_node=2, env=ENV, log=logs.append)   # the same command again
+    dd.launch([spec], nproc_per_node=2, env=ENV, log=logs.append)  # the same command again
     assert any(f"resumed from {out / 'last.pt'} after epoch {killed_at}" in m for m in logs)
     assert sum("distributed training: 2 processes (gloo), global batch 10 = 5 per process" in m for m in logs) == 1
 
-    (full,) = run_distributed(classifier_job(caches, tmp_path / "uninterrupted"), nproc_per_node=2, env=ENV,
-                              log=lambda *_: None)
+    (full,) = run_distributed(
+        classifier_job(caches, tmp_path / "uninterrupted"), nproc_per_node=2, env=ENV, log=lambda *_: None
+    )
     assert list(full.epoch) == [1, 2, 3, 4]
     checkpoints_identical(out / "last.pt", tmp_path / "uninterrupted" / "last.pt")
 
 
 def test_jobs_side_by_side_give_what_they_give_one_after_another(caches, tmp_path):
-    jobs = [classifier_job(caches, tmp_path / "seq" / "cls", epochs=2),
-            segmentation_job(caches, tmp_path / "seq" / "seg")]
+    jobs = [
+        classifier_job(caches, tmp_path / "seq" / "cls", epochs=2),
+        segmentation_job(caches, tmp_path / "seq" / "seg"),
+    ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        seq = run_jobs(jobs, devices=[], log=lambda *_: None)              # in this process, in turn
+        seq = run_jobs(jobs, devices=[], log=lambda *_: None)  # in this process, in turn
     finally:
         torch.set_num_threads(threads)
-    par_jobs = [classifier_job(caches, tmp_path / "par" / "cls", epochs=2),
-                segmentation_job(caches, tmp_path / "par" / "seg")]
+    par_jobs = [
+        classifier_job(caches, tmp_path / "par" / "cls", epochs=2),
+        segmentation_job(caches, tmp_path / "par" / "seg"),
+    ]
     logs = []
-    par = run_jobs(par_jobs, devices=["cpu", "cpu"], threads=1, log=logs.append)   # two processes at once
+    par = run_jobs(par_jobs, devices=["cpu", "cpu"], threads=1, log=logs.append)  # two processes at once
     assert sum("starting on the CPU" in m for m in logs) == 2
     assert any(m.startswith("[cls] epoch 2/2") for m in logs) and any(m.startswith("[seg] epoch 2/2") for m in logs)
     for s, p, name in zip(seq, par, ("cls", "seg")):
         assert len(s) == len(p) == 2
         checkpoints_identical(tmp_path / "seq" / name / "last.pt", tmp_path / "par" / name / "last.pt")
-        assert (tmp_path / "par" / name / "job.json").exists()              # the spec it ran, kept
+        assert (tmp_path / "par" / name / "job.json").exists()  # the spec it ran, kept
 
 
 def test_bad_job_specs_and_launcher_arguments_are_named(caches, tmp_path):
@@ -266,9 +310,23 @@ def test_bad_job_specs_and_launcher_arguments_are_named(caches, tmp_path):
     with pytest.raises(InputError, match="rdzv_endpoint"):
         dd.torchrun_command(["helpers.jobs", "x.json"], 8, nnodes=2)
     cmd = dd.torchrun_command(["helpers.jobs", "x.json"], 8, nnodes=2, rdzv_endpoint="node1:29400")
-    assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc-per-node", "8", "--nnodes", "2", "--rdzv-backend",
-                       "c10d", "--rdzv-endpoint", "node1:29400", "--rdzv-id", "paip-repro", "-m", "helpers.jobs",
-                       "x.json"]
+    assert cmd[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "8",
+        "--nnodes",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "node1:29400",
+        "--rdzv-id",
+        "paip-repro",
+        "-m",
+        "helpers.jobs",
+        "x.json",
+    ]
     with pytest.raises(InputError, match="no such job spec"):
         dd.launch([tmp_path / "missing.json"], 2)
 

@@ -1,9 +1,9 @@
 """The set-up files agree: environment.yml and pyproject.toml name the same dependencies."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,7 +19,9 @@ def test_environment_yml_matches_pyproject():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     conda = {_name(r): r.replace(" ", "") for r in pip if not r.startswith("-e")}
-    assert set(py) == set(conda), f"only in pyproject: {set(py) - set(conda)}; only in environment.yml: {set(conda) - set(py)}"
+    assert set(py) == set(conda), (
+        f"only in pyproject: {set(py) - set(conda)}; only in environment.yml: {set(conda) - set(py)}"
+    )
     # The pins must agree too, not only the names.
     assert {k: py[k] for k in py} == {k: conda[k] for k in py}
     assert any(r.startswith("-e") for r in pip), "environment.yml must install the project itself"

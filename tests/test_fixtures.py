@@ -4,9 +4,8 @@ import hashlib
 import subprocess
 import zipfile
 
-import pytest
-
 import conftest
+import pytest
 
 
 def test_cmu_fixture_gives_the_verified_file(cmu_slide):
@@ -43,4 +42,4 @@ def test_small_dataset_fixture(small_dataset, small_cases):
     assert (small_dataset / "manifest.json").exists()
     assert len(small_cases) == 3 and sum(c.tumor for c in small_cases) == 2
     for c in small_cases:
-        assert 2048 <= min(c.width, c.height) and max(c.width, c.height) <= 4096
+        assert min(c.width, c.height) >= 2048 and max(c.width, c.height) <= 4096

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.dataset import list_cases
 from helpers.errors import InputError
 from helpers.inference import predict_slide, save_mask_tiff
-from helpers.dataset import list_cases
 from helpers.slides import Mask, Slide
 
 
@@ -39,7 +39,7 @@ def test_stitched_canvas_shape_and_coverage(t1):
         W, H = s.dimensions
     assert res["prob"].shape == (H // 16, W // 16) and res["prob"].dtype == np.float32
     assert res["n_patches"] > 0
-    assert 0 <= res["prob"].min() and res["prob"].max() <= 1
+    assert res["prob"].min() >= 0 and res["prob"].max() <= 1
     # Covered cells are those of the predicted (tissue) patches: at most n_patches of them.
     assert 0 < (res["coverage"] > 0).sum() <= res["n_patches"] * (224 // 16) ** 2
 
@@ -106,8 +106,7 @@ def test_reader_threads_give_the_same_map_and_stop_when_the_model_fails(t1):
     import threading
 
     one = predict_slide(Purple(), t1.slide, _ident, out_downsample=16, batch_size=5, progress=False, read_workers=1)
-    three = predict_slide(Purple(), t1.slide, _ident, out_downsample=16, batch_size=5, progress=False,
-                          read_workers=3)
+    three = predict_slide(Purple(), t1.slide, _ident, out_downsample=16, batch_size=5, progress=False, read_workers=3)
     np.testing.assert_array_equal(one["prob"], three["prob"])
     np.testing.assert_array_equal(one["coverage"], three["coverage"])
     assert one["n_patches"] == three["n_patches"] > 0
@@ -130,13 +129,21 @@ def test_every_tissue_pixel_is_predicted_up_to_the_edges(tmp_path, size, scale):
     from PIL import Image
 
     W, H = size
-    img = np.full((H, W, 3), 120, np.uint8)      # tissue everywhere, dark purple
+    img = np.full((H, W, 3), 120, np.uint8)  # tissue everywhere, dark purple
     img[..., 1] = 40
     Image.fromarray(img).save(tmp_path / "edge.png")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no mpp for a PNG
-        res = predict_slide(Purple(), tmp_path / "edge.png", _ident, out_downsample=4 * scale, patch_size=64,
-                            stride=64, progress=False, scale=scale)
+        res = predict_slide(
+            Purple(),
+            tmp_path / "edge.png",
+            _ident,
+            out_downsample=4 * scale,
+            patch_size=64,
+            stride=64,
+            progress=False,
+            scale=scale,
+        )
     assert res["prob"].shape == (H // (4 * scale), W // (4 * scale))
     assert (res["coverage"] > 0).all(), "some canvas cells (the right/bottom margins) were never predicted"
     assert res["prob"].min() == 1.0
@@ -146,6 +153,6 @@ def test_grid_positions_reach_the_end():
     from helpers.inference import grid_positions
 
     assert grid_positions(1000, 224, 224).tolist() == [0, 224, 448, 672, 776]
-    assert grid_positions(896, 224, 224).tolist() == [0, 224, 448, 672]        # exact: nothing added
+    assert grid_positions(896, 224, 224).tolist() == [0, 224, 448, 672]  # exact: nothing added
     assert grid_positions(1000, 224, 224, align=16).tolist() == [0, 224, 448, 672, 768]
     assert grid_positions(100, 224, 224).tolist() == [0]

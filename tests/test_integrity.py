@@ -13,7 +13,7 @@ import pytest
 import helpers.patches as hp
 from helpers.dataset import list_cases
 from helpers.patches import extract_slide
-from helpers.prefetch import WorkerDied
+from helpers.parallel import WorkerDied
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ _REAL_JOB = hp._extract_rows_job
 
 def _oom_on_row_3(args):
     if args[2] == 3:
-        os.kill(os.getpid(), signal.SIGKILL)      # what the out-of-memory killer does
+        os.kill(os.getpid(), signal.SIGKILL)  # what the out-of-memory killer does
     return _REAL_JOB(args)
 
 
@@ -78,7 +78,7 @@ def test_workers_die_with_their_parent(small_dataset, tmp_path):
         hp._extract_rows_job = slow
         hp.ROWS_PER_TASK_MAX = 1
         case = [c for c in list_cases({str(small_dataset)!r}) if c.case_id == "tiny_t1"][0]
-        extract_slide(case, 1, {str(tmp_path / 'cache')!r}, workers=2)
+        extract_slide(case, 1, {str(tmp_path / "cache")!r}, workers=2)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
     try:
@@ -97,3 +97,86 @@ def test_workers_die_with_their_parent(small_dataset, tmp_path):
         proc.kill()
         for w in _children(proc.pid):
             os.kill(w, signal.SIGKILL)
+
+
+def test_a_checkpoint_trained_on_other_patches_is_never_resumed(tmp_path):
+    """Notebook 02 rerun with another tissue_threshold rewrites the caches: the training meta
+    (which holds every cache's key) changes, and fit refuses last.pt instead of resuming it."""
+    import torch
+
+    from helpers.errors import InputError
+    from helpers.train import TrainConfig, fit
+
+    def batches(epoch):
+        g = torch.Generator().manual_seed(epoch)
+        return [(torch.rand(4, 3, 8, 8, generator=g), torch.randint(0, 2, (4,), generator=g)) for _ in range(2)]
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 2))
+
+    def evaluate(model, device):
+        return {"val_loss": 1.0}
+
+    meta = {"input_size": 8, "data": {"split": "S1", "caches": {"train": {"a": "key-at-0.5"}}}}
+    cfg = TrainConfig(epochs=1, seed=0)
+    fit(
+        make(),
+        batches,
+        evaluate,
+        torch.nn.functional.cross_entropy,
+        cfg,
+        tmp_path,
+        meta=meta,
+        progress=False,
+        log=lambda m: None,
+    )
+    changed = {**meta, "data": {"split": "S1", "caches": {"train": {"a": "key-at-0.3"}}}}
+    with pytest.raises(InputError, match="other settings.*meta.data"):
+        fit(
+            make(),
+            batches,
+            evaluate,
+            torch.nn.functional.cross_entropy,
+            TrainConfig(epochs=2, seed=0),
+            tmp_path,
+            meta=changed,
+            progress=False,
+            log=lambda m: None,
+        )
+
+
+def test_parameters_that_cannot_work_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    from helpers import run as runner
+
+    monkeypatch.setenv("PAIP_REPRO_RUNS", str(tmp_path / "runs"))
+    for args, what in (
+        (["-p", "split_fractions", "[0.5, 0.5]"], "split_fractions"),
+        (["-p", "patch_size", "100000"], "patch_size"),
+        (["-p", "seg_scale", "2"], "seg_scale"),
+        (["-p", "class_strides", "[64, 16]"], "class_strides"),
+    ):
+        assert runner.main(["--no-progress", "--run-name", "x", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert what in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "runs" / "x" / "params.json").exists(), "a refused run must not write params.json"
+
+
+def test_caches_survive_a_moved_dataset(small_dataset, tmp_path):
+    """Keys hold the content of the files, not their paths: the same slides elsewhere reuse them."""
+    import shutil
+
+    from helpers.patches import extract_dataset
+
+    cases = list_cases(small_dataset)
+    summary, _ = extract_dataset(cases, [4], tmp_path / "cache", workers=1, progress=False)
+    assert not summary.from_cache.any()
+    moved = tmp_path / "moved"
+    shutil.copytree(small_dataset, moved)
+    again, _ = extract_dataset(list_cases(moved), [4], tmp_path / "cache", workers=1, progress=False)
+    assert again.from_cache.all()
+    # A changed slide is a different input: not reused.
+    for suffix in (".svs", "_whole.tif", "_viable.tif"):
+        (moved / f"tiny_t1{suffix}").write_bytes((small_dataset / f"tiny_t2{suffix}").read_bytes())
+    third, _ = extract_dataset(list_cases(moved), [4], tmp_path / "cache", workers=1, progress=False)
+    assert not third.set_index("case_id").from_cache["tiny_t1"]

@@ -28,8 +28,9 @@ def test_every_cell_that_draws_shows_its_figure(path):
         src = "".join(c["source"])
         body = "\n".join(ln for ln in src.splitlines() if not ln.lstrip().startswith(("import ", "from ", "#", "def ")))
         if any(k in body for k in DRAWS):
-            assert any("image/png" in o.get("data", {}) for o in c.get("outputs", [])), \
+            assert any("image/png" in o.get("data", {}) for o in c.get("outputs", [])), (
                 f"{path.name}: code cell {i} draws but its committed output has no image"
+            )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name[:2])

@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import forget_open_slides, write_png
 from skimage.filters import threshold_otsu
 
-import helpers.patches as hp
-from conftest import forget_open_slides, write_png
 from helpers.caches import TABLE_COLUMNS, ExtractionParams, grid_shape, label_patches, load_patch_set
 from helpers.dataset import Case, list_cases
 from helpers.patches import extract_dataset, extract_slide
@@ -32,6 +31,7 @@ def _hist(gray):
 # ---------------------------------------------------------------------------------------------
 # Otsu and tissue fractions
 # ---------------------------------------------------------------------------------------------
+
 
 def test_otsu_agrees_with_skimage_on_bimodal_patches():
     rng = np.random.default_rng(1234)
@@ -81,11 +81,11 @@ def test_tissue_fractions_reference_patches():
     stack = np.stack([white, glass, noisy_glass, pink_gray, half, quarter, dark_nuclei])
     frac, thr = tissue_fractions(stack, glass_level=210)
     assert frac.shape == (7,) and thr.shape == (7,)
-    assert frac[0] == 0 and frac[1] == 0 and frac[2] == 0          # glass, clean or noisy
-    assert frac[3] == pytest.approx(1.0, abs=0.01)                  # all tissue
-    assert frac[4] == pytest.approx(0.5, abs=0.02)                  # half and half
+    assert frac[0] == 0 and frac[1] == 0 and frac[2] == 0  # glass, clean or noisy
+    assert frac[3] == pytest.approx(1.0, abs=0.01)  # all tissue
+    assert frac[4] == pytest.approx(0.5, abs=0.02)  # half and half
     assert frac[5] == pytest.approx(0.25, abs=0.02)
-    assert frac[6] == pytest.approx(1.0, abs=0.01)                  # tissue with nuclei
+    assert frac[6] == pytest.approx(1.0, abs=0.01)  # tissue with nuclei
     # glass_level decides what counts as glass: at 180, pale pink (gray ~191) is glass.
     frac2, _ = tissue_fractions(stack[3:5], glass_level=180)
     assert frac2.max() < 0.05
@@ -103,16 +103,20 @@ def test_to_gray():
 # Grid and labels
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dims,scale,P,S,want", [
-    ((2220, 2967), 1, 224, 224, (13, 9)),
-    ((2220, 2967), 4, 224, 224, (3, 2)),
-    ((2220, 2967), 16, 224, 224, (0, 0)),
-    ((2220, 2967), 1, 224, 112, (25, 18)),
-    ((448, 224), 1, 224, 224, (1, 2)),
-    ((447, 223), 1, 224, 224, (0, 0)),  # no whole patch: an empty grid either way
-    ((16384, 15360), 64, 224, 224, (1, 1)),
-    ((50000, 50000), 4, 224, 224, (55, 55)),
-])
+
+@pytest.mark.parametrize(
+    "dims,scale,P,S,want",
+    [
+        ((2220, 2967), 1, 224, 224, (13, 9)),
+        ((2220, 2967), 4, 224, 224, (3, 2)),
+        ((2220, 2967), 16, 224, 224, (0, 0)),
+        ((2220, 2967), 1, 224, 112, (25, 18)),
+        ((448, 224), 1, 224, 224, (1, 2)),
+        ((447, 223), 1, 224, 224, (0, 0)),  # no whole patch: an empty grid either way
+        ((16384, 15360), 64, 224, 224, (1, 1)),
+        ((50000, 50000), 4, 224, 224, (55, 55)),
+    ],
+)
 def test_grid_shape(dims, scale, P, S, want):
     assert grid_shape(dims, scale, P, S) == want
 
@@ -127,6 +131,7 @@ def test_label_patches():
 # ---------------------------------------------------------------------------------------------
 # The real CMU slide
 # ---------------------------------------------------------------------------------------------
+
 
 def _direct_tissue(slide_path, table, P, scale, glass=210):
     """Share of pixels darker than glass in each patch, read patch by patch."""
@@ -147,15 +152,15 @@ def test_cmu_extraction_scale1(cmu_slide, tmp_path):
     # The CMU region is a strip of tissue with glass on both sides (about 35 % tissue).
     assert 0.2 * 117 <= n <= 0.6 * 117, n
     assert ps.patches.shape == (n, 224, 224, 3)
-    assert ps.masks is None                       # no masks: nothing to store
+    assert ps.masks is None  # no masks: nothing to store
     assert t["whole_frac"].isna().all() and (t["label"] == -1).all()
     # The tissue test agrees with a direct count of non-glass pixels.
     direct = _direct_tissue(cmu_slide, t, 224, 1)
     assert np.corrcoef(direct, t["tissue_frac"])[0, 1] > 0.95
     assert np.abs(direct - t["tissue_frac"]).mean() < 0.08
     grid = t.sort_values(["row", "col"])["tissue_frac"].to_numpy().reshape(13, 9)
-    assert grid[:4, :3].max() < 0.05              # glass at the top left
-    assert grid[4:11, 4:6].min() > 0.6            # the middle of the strip is tissue
+    assert grid[:4, :3].max() < 0.05  # glass at the top left
+    assert grid[4:11, 4:6].min() > 0.6  # the middle of the strip is tissue
     kept_t = ps.kept
     assert (kept_t["tissue_frac"] >= 0.5).all()
     # A kept patch holds the slide's pixels at its place.
@@ -181,6 +186,7 @@ def test_cmu_extraction_scale4(cmu_slide, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The small synthetic dataset
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def t1_scale1(small_dataset, tmp_path_factory):
@@ -209,8 +215,9 @@ def test_cache_table_matches_patches(t1_scale1):
     assert (t["x"] == t["col"] * 224).all() and (t["y"] == t["row"] * 224).all()
     assert ps.patches.dtype == np.uint8 and ps.masks.dtype == np.uint8
     assert set(np.unique(np.asarray(ps.masks)).tolist()) <= {0, 1}
-    assert m["key"]["case_id"] == "tiny_t1" and m["key"]["params"] == json.loads(json.dumps(
-        ExtractionParams().__dict__))
+    assert m["key"]["case_id"] == "tiny_t1" and m["key"]["params"] == json.loads(
+        json.dumps(ExtractionParams().__dict__)
+    )
     assert ps.folder.parent == root / "tiny_t1" and ps.folder.name.startswith("x1_")
 
 
@@ -220,8 +227,7 @@ def test_cached_patches_and_tumour_fractions_match_direct_reads(t1_scale1):
     # Pick patches across the range of tumour fractions, including partial ones.
     part = kept[(kept["viable_frac"] > 0.02) & (kept["viable_frac"] < 0.98)]
     assert len(part) >= 2, "the small case should have patches on the tumour border"
-    picks = pd.concat([part.head(2), kept[kept["viable_frac"] == 0].head(1),
-                       kept[kept["viable_frac"] >= 0.98].head(1)])
+    picks = pd.concat([part.head(2), kept[kept["viable_frac"] == 0].head(1), kept[kept["viable_frac"] >= 0.98].head(1)])
     with Slide(case.slide) as s, Mask(case.whole, s.dimensions) as w, Mask(case.viable, s.dimensions) as v:
         for r in picks.itertuples():
             assert np.array_equal(np.asarray(ps.patches[r.index]), s.read_region(r.x, r.y, 224, 224))
@@ -229,7 +235,7 @@ def test_cached_patches_and_tumour_fractions_match_direct_reads(t1_scale1):
             mv = v.read(r.x, r.y, 224, 224)
             assert r.whole_frac == pytest.approx(mw.mean(), abs=1e-4)
             assert r.viable_frac == pytest.approx(mv.mean(), abs=1e-4)
-            assert np.array_equal(np.asarray(ps.masks[r.index]), mv)   # label_mask = viable
+            assert np.array_equal(np.asarray(ps.masks[r.index]), mv)  # label_mask = viable
             assert r.label == label_patches([mv.mean()])[0]
     # Unkept patches have tumour fractions too (the table covers the whole grid).
     assert ps.table["viable_frac"].notna().all()
@@ -260,7 +266,7 @@ def test_different_params_different_cache(t1_scale1):
     ps2, cached = extract_slide(case, 1, root, p, workers=1)
     assert cached is False and ps2.folder != ps.folder
     assert ps2.folder.parent == ps.folder.parent
-    assert ps2.meta["n_kept"] > ps.meta["n_kept"]        # a lower tissue threshold keeps more
+    assert ps2.meta["n_kept"] > ps.meta["n_kept"]  # a lower tissue threshold keeps more
     assert ps2.masks is None and not (ps2.folder / "masks.u8").exists()
     # Labels now come from the whole-tumour mask.
     assert (ps2.table["label"] == label_patches(ps2.table["whole_frac"])).all()
@@ -284,7 +290,7 @@ def test_coarse_scale_tumour_fractions_match_direct_reads(small_dataset, tmp_pat
             assert r.viable_frac == pytest.approx(v.read(r.x, r.y, 896, 896).mean(), abs=1e-4)
             assert np.array_equal(np.asarray(ps.patches[r.index]), s.read_region(r.x, r.y, 224, 224, downsample=4))
     assert t["whole_frac"].max() > 0.3 and (t["whole_frac"] >= t["viable_frac"]).all()
-    assert ((t["label"] == label_patches(t["viable_frac"])).all())
+    assert (t["label"] == label_patches(t["viable_frac"])).all()
     # Nothing but caches beside the patch caches.
     for p in (tmp_path / "tiny_t2").iterdir():
         assert ".tmp" not in p.name
@@ -302,8 +308,9 @@ def test_odd_sized_slide_fractions_at_coarse_scales(tmp_path, scale):
     assert len(t) == np.prod(grid_shape((2000, 1500), scale)) > 0
     with Slide(case.slide) as s, Mask(case.whole, s.dimensions) as w:
         direct = np.array([w.read(r.x, r.y, r.footprint, r.footprint).mean() for r in t.itertuples()])
-        assert np.array_equal(np.asarray(ps.patches[-1]), s.read_region(
-            int(t.iloc[-1].x), int(t.iloc[-1].y), 224, 224, downsample=scale))
+        assert np.array_equal(
+            np.asarray(ps.patches[-1]), s.read_region(int(t.iloc[-1].x), int(t.iloc[-1].y), 224, 224, downsample=scale)
+        )
     assert np.abs(direct - t["whole_frac"].to_numpy()).max() < 1e-4
     assert t["whole_frac"].max() > 0.2
 
@@ -318,15 +325,25 @@ def test_workers_1_and_2_give_identical_caches(small_dataset, tmp_path):
     assert ps1.meta["n_kept"] == ps2.meta["n_kept"] > 0
     assert np.array_equal(np.asarray(ps1.patches), np.asarray(ps2.patches))
     assert np.array_equal(np.asarray(ps1.masks), np.asarray(ps2.masks))
-    assert ps1.folder.name == ps2.folder.name   # same key, different roots
+    assert ps1.folder.name == ps2.folder.name  # same key, different roots
 
 
 def test_extract_dataset_summary(small_dataset, tmp_path):
     cases = list_cases(small_dataset)
     p = ExtractionParams(tissue_threshold=0.3)
     summary, sets = extract_dataset(cases, [1, 4], tmp_path / "cache", p, workers=2, progress=False)
-    assert list(summary.columns) == ["case_id", "scale", "grid", "kept", "pos", "neg", "ambiguous",
-                                     "seconds", "from_cache", "note"]
+    assert list(summary.columns) == [
+        "case_id",
+        "scale",
+        "grid",
+        "kept",
+        "pos",
+        "neg",
+        "ambiguous",
+        "seconds",
+        "from_cache",
+        "note",
+    ]
     assert len(summary) == 6 and set(sets) == {(c.case_id, s) for c in cases for s in (1, 4)}
     dims = {"tiny_t1": (3072, 2560), "tiny_n0": (2048, 2048), "tiny_t2": (2560, 3584)}
     for r in summary.itertuples():
@@ -403,11 +420,11 @@ def test_stride_and_subsample_variants(small_dataset, tmp_path):
     ps3, _ = extract_slide(case, 4, tmp_path, p3)
     assert ps3.meta["grid_cols"] == grid_shape((2048, 2048), 4, 224, 100)[1] == 3
     with Slide(case.slide) as s:
-        r = ps3.table.iloc[1]                          # column 1: x = 100 px at 4x
+        r = ps3.table.iloc[1]  # column 1: x = 100 px at 4x
         strip = to_gray(s.read_region(0, int(r.y), 2048 // 4, 224, downsample=4))
     # The subsampled lattice is anchored at the strip's left edge: the window starts at
     # 100 // 8 = 12 subsampled columns (96 px), within one subsample step of x = 100.
-    g = strip[::8, ::8][:, 12:12 + 28]
+    g = strip[::8, ::8][:, 12 : 12 + 28]
     assert r.tissue_frac == pytest.approx(tissue_fractions(g[None])[0][0], abs=1e-4)
     exact = strip[::8, 100:324:8]
     assert r.tissue_frac == pytest.approx(tissue_fractions(exact[None])[0][0], abs=0.05)
@@ -416,6 +433,7 @@ def test_stride_and_subsample_variants(small_dataset, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Bugs found while writing these tests (strict xfails: they pass once the bug is fixed)
 # ---------------------------------------------------------------------------------------------
+
 
 def test_replaced_slide_file_is_reread(tmp_path):
     half = np.full((448, 448, 3), 243, np.uint8)
@@ -430,7 +448,7 @@ def test_replaced_slide_file_is_reread(tmp_path):
         ps, _ = extract_slide(case, 1, tmp_path / "cache", workers=1)
         assert ps.table["kept"].tolist() == [True, False, True, False]
         write_png(tmp_path / "new.png", right)
-        os.replace(tmp_path / "new.png", path)       # e.g. the demo data was regenerated
+        os.replace(tmp_path / "new.png", path)  # e.g. the demo data was regenerated
         os.utime(path, ns=(time.time_ns() + 10**9,) * 2)
         ps2, cached = extract_slide(case, 1, tmp_path / "cache", workers=1)
     assert not cached and ps2.folder != ps.folder
@@ -465,8 +483,13 @@ _FORK_SCRIPT = textwrap.dedent("""
 
 def test_fork_pool_after_serial_extraction(small_dataset, tmp_path):
     try:
-        res = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, str(small_dataset), str(tmp_path), "12"],
-                             cwd=REPO, capture_output=True, text=True, timeout=90)
+        res = subprocess.run(
+            [sys.executable, "-c", _FORK_SCRIPT, str(small_dataset), str(tmp_path), "12"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         res = subprocess.CompletedProcess(exc.cmd, -9, out, "")
@@ -478,7 +501,7 @@ def test_fork_pool_after_serial_extraction(small_dataset, tmp_path):
 
 def test_tumour_fraction_never_exceeds_one_for_thumbnail_masks(tmp_path):
     dims = (2220, 2967)
-    full = write_png(tmp_path / "m.png", np.full((512, 383), 255, np.uint8))   # downsample 5.796
+    full = write_png(tmp_path / "m.png", np.full((512, 383), 255, np.uint8))  # downsample 5.796
     with Mask(full, dims) as m:
         assert m.downsample == pytest.approx(2220 / 383)
         fr = m.window_fractions(224, np.arange(0, 1800, 224), 224)

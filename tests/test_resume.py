@@ -30,6 +30,7 @@ EPOCHS = 3
 
 # -- the child process ----------------------------------------------------------------------
 
+
 def child(spec, hook):
     """Train ``spec`` with ``fit``; ``hook``: ``none``, ``step:K`` (stop before the K-th training
     step of this process), ``epoch:E`` (stop once epoch E is saved and logged) or ``keep``
@@ -76,9 +77,9 @@ if __name__ == "__main__":
 
 # -- the tests ------------------------------------------------------------------------------
 
-from helpers.jobs import ClassifierJob, SegmentationJob, write_spec  # noqa: E402
 from helpers.caches import ExtractionParams  # noqa: E402
 from helpers.dataset import list_cases  # noqa: E402
+from helpers.jobs import ClassifierJob, SegmentationJob, write_spec  # noqa: E402
 from helpers.patches import extract_dataset  # noqa: E402
 from helpers.train import SeededPrepare  # noqa: E402
 
@@ -91,29 +92,55 @@ def caches(small_dataset, tmp_path_factory):
     cases = list_cases(small_dataset)
     extract_dataset(cases, [1], root, seg, workers=1, progress=False)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")          # some tiny slides are too small at 4x: not the point here
+        warnings.simplefilter("ignore")  # some tiny slides are too small at 4x: not the point here
         extract_dataset(cases, [4], root, cls, workers=1, progress=False)
-    return {"data_dir": str(small_dataset), "cache_root": str(root), "seg": asdict(seg), "cls": asdict(cls),
-            "ids": [c.case_id for c in cases]}
+    return {
+        "data_dir": str(small_dataset),
+        "cache_root": str(root),
+        "seg": asdict(seg),
+        "cls": asdict(cls),
+        "ids": [c.case_id for c in cases],
+    }
 
 
 def make_job(kind, caches, out_dir):
     config = {"epochs": EPOCHS, "seed": 7, "device": "cpu", "lr_patience": 1}
-    common = {"cache_root": caches["cache_root"], "data_dir": caches["data_dir"], "train_cases": caches["ids"],
-              "out_dir": str(out_dir), "input_size": 32, "batch_size": 4, "color_jitter": 0.06, "bn_batches": 2,
-              "meta": {"test": "resume", "kind": kind}}
+    common = {
+        "cache_root": caches["cache_root"],
+        "data_dir": caches["data_dir"],
+        "train_cases": caches["ids"],
+        "out_dir": str(out_dir),
+        "input_size": 32,
+        "batch_size": 4,
+        "color_jitter": 0.06,
+        "bn_batches": 2,
+        "meta": {"test": "resume", "kind": kind},
+    }
     if kind == "segmentation":
-        return SegmentationJob(params=caches["seg"], val_cases=["tiny_t2"], steps=3, val_max_patches=8,
-                               config={**config, "optimizer": "adam", "lr": 2e-3}, **common)
-    return ClassifierJob(arch="efficientnet_b0", scale=4, params=caches["cls"], val_cases=["tiny_t1"],
-                         config={**config, "optimizer": "sgd", "lr": 0.01}, **common)
+        return SegmentationJob(
+            params=caches["seg"],
+            val_cases=["tiny_t2"],
+            steps=3,
+            val_max_patches=8,
+            config={**config, "optimizer": "adam", "lr": 2e-3},
+            **common,
+        )
+    return ClassifierJob(
+        arch="efficientnet_b0",
+        scale=4,
+        params=caches["cls"],
+        val_cases=["tiny_t1"],
+        config={**config, "optimizer": "sgd", "lr": 0.01},
+        **common,
+    )
 
 
 def start(spec, hook):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     out = open(Path(spec).with_suffix(f".{hook.replace(':', '_')}.log"), "w")
-    return subprocess.Popen([sys.executable, str(HERE), str(spec), hook], env=env, stdout=out,
-                            stderr=subprocess.STDOUT, cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, str(HERE), str(spec), hook], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO
+    )
 
 
 def log_of(spec, hook):
@@ -126,8 +153,9 @@ def kill_when_stopped(proc, spec, hook, timeout=120):
     t = time.monotonic()
     while not flag.exists():
         if proc.poll() is not None:
-            pytest.fail(f"the run ({hook}) ended (code {proc.returncode}) before its stop:\n"
-                        + log_of(spec, hook)[-2000:])
+            pytest.fail(
+                f"the run ({hook}) ended (code {proc.returncode}) before its stop:\n" + log_of(spec, hook)[-2000:]
+            )
         if time.monotonic() - t > timeout:
             proc.kill()
             pytest.fail(f"the run ({hook}) did not reach its stop in {timeout} s")
@@ -161,7 +189,7 @@ def assert_identical(a, b, where="checkpoint"):
         for i, (u, v) in enumerate(zip(a, b)):
             assert_identical(u, v, f"{where}[{i}]")
     else:
-        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"     # NaN == NaN here
+        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"  # NaN == NaN here
 
 
 def assert_same_run(a, b):
@@ -175,7 +203,7 @@ def test_killed_runs_resume_exactly(kind, caches, tmp_path):
     ref_spec = write_spec(make_job(kind, caches, tmp_path / "uninterrupted"), tmp_path / "ref.json")
     spec = write_spec(make_job(kind, caches, tmp_path / "killed"), tmp_path / "run.json")
     out = tmp_path / "killed"
-    ref = start(ref_spec, "keep")                  # the uninterrupted run, alongside (one thread each)
+    ref = start(ref_spec, "keep")  # the uninterrupted run, alongside (one thread each)
     from helpers.jobs import build_job
 
     steps = len(build_job(spec)["train_batches"](0))
@@ -191,13 +219,13 @@ def test_killed_runs_resume_exactly(kind, caches, tmp_path):
     kill_when_stopped(proc, spec, "epoch:2")
     assert "resumed from" in log_of(spec, "epoch:2") and "after epoch 1" in log_of(spec, "epoch:2")
     finish(ref, ref_spec, "keep")
-    assert_same_run(tmp_path / "uninterrupted" / "epoch2.pt", out / "last.pt")   # the mid-epoch kill
+    assert_same_run(tmp_path / "uninterrupted" / "epoch2.pt", out / "last.pt")  # the mid-epoch kill
 
     # 3. Rerun: resumes after epoch 2 and finishes.
     proc = start(spec, "none")
     finish(proc, spec, "none")
     assert "after epoch 2" in log_of(spec, "none")
-    assert_same_run(tmp_path / "uninterrupted" / "last.pt", out / "last.pt")      # the boundary kill
+    assert_same_run(tmp_path / "uninterrupted" / "last.pt", out / "last.pt")  # the boundary kill
 
     # The comparison is not trivial: the weights moved, and augmentation drew random numbers.
     final, first = load(out / "last.pt"), load(tmp_path / "uninterrupted" / "epoch1.pt")
@@ -217,11 +245,11 @@ def test_seeded_prepare_state_round_trip():
     state = a.state_dict()
     nxt, _ = a(x, None, "cpu", True)
     b = SeededPrepare(fn, seed=3)
-    b.load_state_dict(state)                       # before its generator exists: taken on first use
+    b.load_state_dict(state)  # before its generator exists: taken on first use
     assert torch.equal(b(x, None, "cpu", True)[0], nxt) and not torch.equal(nxt, first)
     c = SeededPrepare(fn, seed=3)
     c(x, None, "cpu", True)
     c(x, None, "cpu", True)
-    c.load_state_dict(state)                       # after: its generator is rewound
+    c.load_state_dict(state)  # after: its generator is rewound
     assert torch.equal(c(x, None, "cpu", True)[0], nxt)
     assert torch.equal(SeededPrepare(fn, seed=3)(x, None, "cpu", True)[0], first)

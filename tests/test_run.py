@@ -1,7 +1,6 @@
 """The papermill runner: parameter checks, run-folder safety, and a failing notebook named."""
 
 import json
-import sys
 import textwrap
 
 import nbformat
@@ -74,9 +73,11 @@ def _fake_series(tmp_path, monkeypatch, body):
 
     nbdir = tmp_path / "notebooks"
     nbdir.mkdir()
-    cells = [nbformat.v4.new_markdown_cell("# 01 - t"),
-             nbformat.v4.new_code_cell("run_name = 'demo'\nseed = 1\nmode = 'fine'"),
-             nbformat.v4.new_code_cell(textwrap.dedent(body))]
+    cells = [
+        nbformat.v4.new_markdown_cell("# 01 - t"),
+        nbformat.v4.new_code_cell("run_name = 'demo'\nseed = 1\nmode = 'fine'"),
+        nbformat.v4.new_code_cell(textwrap.dedent(body)),
+    ]
     cells[1].metadata["tags"] = ["parameters"]
     nb = nbformat.v4.new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -92,10 +93,14 @@ def _fake_series(tmp_path, monkeypatch, body):
 
 
 def test_failing_notebook_is_named_and_the_good_one_kept(tmp_path, monkeypatch, capsys):
-    runs = _fake_series(tmp_path, monkeypatch, """
+    runs = _fake_series(
+        tmp_path,
+        monkeypatch,
+        """
         if mode == "boom":
             raise ValueError("the cell that fails")
-        print('fine')""")
+        print('fine')""",
+    )
     assert runner.main(["--no-progress", "--run-name", "r"]) == 0
     rec = json.loads((runs / "r" / "params.json").read_text())
     assert rec["parameters"]["seed"] == 1 and "finished" in rec
@@ -118,12 +123,16 @@ def test_failing_notebook_is_named_and_the_good_one_kept(tmp_path, monkeypatch, 
 
 
 def test_a_killed_kernel_is_one_line_with_the_cell_and_the_cause(tmp_path, monkeypatch, capsys):
-    runs = _fake_series(tmp_path, monkeypatch, """
+    runs = _fake_series(
+        tmp_path,
+        monkeypatch,
+        """
         import os, signal
         from helpers.paths import run_dir
         (run_dir(run_name) / ".half.npy.tmp").write_bytes(b"x")   # what a killed writer leaves
         if mode == "oom":
-            os.kill(os.getpid(), signal.SIGKILL)""")
+            os.kill(os.getpid(), signal.SIGKILL)""",
+    )
     import time
 
     t0 = time.monotonic()

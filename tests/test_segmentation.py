@@ -6,18 +6,24 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from helpers.errors import InputError
-from helpers.caches import ExtractionParams, load_extraction_record, save_extraction_record
-from helpers.dataset import Case, list_cases
-from helpers.patches import extract_dataset
-from helpers.segmentation import (load_segmentation_patches, make_evaluator, mask_fraction_map, segment_cases,
-                                  segmentation_batches, segmentation_prepare, slide_metrics)
-from helpers.slides import Mask, Slide
-from helpers.train import TrainConfig, fit, load_trained
-
 from conftest import write_tiff_mask
 from test_inference import Purple
+
+from helpers.caches import ExtractionParams, load_extraction_record, save_extraction_record
+from helpers.dataset import Case, list_cases
+from helpers.errors import InputError
+from helpers.patches import extract_dataset
+from helpers.segmentation import (
+    load_segmentation_patches,
+    make_evaluator,
+    mask_fraction_map,
+    segment_cases,
+    segmentation_batches,
+    segmentation_prepare,
+    slide_metrics,
+)
+from helpers.slides import Mask, Slide
+from helpers.train import TrainConfig, fit, load_trained
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +135,7 @@ def test_evaluator_scores_a_perfect_and_a_useless_model(seg_run):
             return [torch.full_like(x[:, :1], -20.0)]
 
     res = ev(Oracle(), torch.device("cpu"))
-    assert res["val_dice"] == 0.0 and res["val_loss"] > 0.9   # predicts nothing, tumour exists
+    assert res["val_dice"] == 0.0 and res["val_loss"] > 0.9  # predicts nothing, tumour exists
 
 
 def test_mask_fraction_map_in_bands_matches_a_whole_read(tmp_path):
@@ -138,7 +144,7 @@ def test_mask_fraction_map_in_bands_matches_a_whole_read(tmp_path):
     m[50:200, 100:300] = 1
     p = write_tiff_mask(tmp_path / "m.tif", m, tile=64)
     whole = mask_fraction_map(p, (410, 300), 8)
-    banded = mask_fraction_map(p, (410, 300), 8, max_pixels=410 * 8)   # one band of 8 rows at a time
+    banded = mask_fraction_map(p, (410, 300), 8, max_pixels=410 * 8)  # one band of 8 rows at a time
     ref = m[:296, :408].reshape(37, 8, 51, 8).mean(axis=(1, 3))
     np.testing.assert_allclose(whole, ref, atol=1e-6)
     np.testing.assert_allclose(banded, ref, atol=1e-6)
@@ -152,17 +158,17 @@ def test_mask_fraction_map_in_bands_matches_a_whole_read(tmp_path):
 def test_slide_metrics_three_conventions():
     truth = np.zeros((8, 8), bool)
     pred = np.zeros_like(truth)
-    truth[0:4, 0:4] = True          # tumour fills patch (0, 0) of 4 x 4 cells
-    pred[0:4, 0:2] = True           # half of it predicted
+    truth[0:4, 0:4] = True  # tumour fills patch (0, 0) of 4 x 4 cells
+    pred[0:4, 0:2] = True  # half of it predicted
     cov = np.ones_like(truth, np.uint16)
-    cov[4:, 4:] = 0                 # patch (1, 1) is glass: not predicted
+    cov[4:, 4:] = 0  # patch (1, 1) is glass: not predicted
     r = slide_metrics(pred, truth, cov, 4)
     assert r["dice_pooled"] == pytest.approx(2 * 8 / (8 + 16))
     assert r["jaccard_pooled"] == pytest.approx(8 / 16)
     assert r["n_scored_patches"] == 3 and r["n_empty_patches"] == 2
     assert r["dice_patch"] == pytest.approx((2 / 3 + 1 + 1) / 3)
     assert r["jaccard_patch"] == pytest.approx((0.5 + 1 + 1) / 3)
-    assert r["paip"] == 0.0         # Jaccard 0.5 < 0.65
+    assert r["paip"] == 0.0  # Jaccard 0.5 < 0.65
     assert slide_metrics(truth, truth, cov, 4)["paip"] == 1.0
     with pytest.raises(InputError, match="differ in shape"):
         slide_metrics(pred[:4], truth, cov, 4)
@@ -172,8 +178,17 @@ def _tiny_fit(tmp_path, meta):
     model = torch.nn.Conv2d(3, 1, 1)
     x = torch.rand(4, 3, 8, 8)
     y = (x[:, :1] > 0.5).float()
-    fit(model, lambda e: [(x, y)], lambda m, d: {"val_loss": 0.0}, lambda o, t: ((o - t) ** 2).mean(),
-        TrainConfig(epochs=1, device="cpu"), tmp_path, meta=meta, progress=False, log=lambda *a: None)
+    fit(
+        model,
+        lambda e: [(x, y)],
+        lambda m, d: {"val_loss": 0.0},
+        lambda o, t: ((o - t) ** 2).mean(),
+        TrainConfig(epochs=1, device="cpu"),
+        tmp_path,
+        meta=meta,
+        progress=False,
+        log=lambda *a: None,
+    )
     return model
 
 
@@ -204,8 +219,17 @@ def test_segment_cases_metrics_missing_mask_and_resume(seg_run, tmp_path):
 
     unmasked = replace(t1, case_id="tiny_t1_nomask", viable=None, whole=None)
     logs = []
-    table, canv = segment_cases(PurpleHeads(), [t1, unmasked], tmp_path, 224, params, "weights-a",
-                                out_downsample=16, progress=False, log=logs.append)
+    table, canv = segment_cases(
+        PurpleHeads(),
+        [t1, unmasked],
+        tmp_path,
+        224,
+        params,
+        "weights-a",
+        out_downsample=16,
+        progress=False,
+        log=logs.append,
+    )
     row = table.set_index("case_id")
     assert row.loc["tiny_t1", "dice_pooled"] > 0.3
     assert np.isnan(row.loc["tiny_t1_nomask", "dice_pooled"])
@@ -221,14 +245,25 @@ def test_segment_cases_metrics_missing_mask_and_resume(seg_run, tmp_path):
     # Rerun with the same weights: reused, same numbers; other weights (a retrained model):
     # predicted again, never the old model's masks.
     logs.clear()
-    again, _ = segment_cases(PurpleHeads(), [t1], tmp_path, 224, params, "weights-a", out_downsample=16,
-                             progress=False, log=logs.append)
+    again, _ = segment_cases(
+        PurpleHeads(), [t1], tmp_path, 224, params, "weights-a", out_downsample=16, progress=False, log=logs.append
+    )
     assert any("reusing" in m for m in logs)
     assert again.dice_pooled.iloc[0] == row.loc["tiny_t1", "dice_pooled"]
     for changed in ({"weights": "weights-b"}, {"stride": 112}):
         logs.clear()
-        segment_cases(PurpleHeads(), [t1], tmp_path, 224, params, changed.get("weights", "weights-a"),
-                      out_downsample=16, stride=changed.get("stride"), progress=False, log=logs.append)
+        segment_cases(
+            PurpleHeads(),
+            [t1],
+            tmp_path,
+            224,
+            params,
+            changed.get("weights", "weights-a"),
+            out_downsample=16,
+            stride=changed.get("stride"),
+            progress=False,
+            log=logs.append,
+        )
         assert not any("reusing" in m for m in logs), changed
     assert not list(tmp_path.glob(".*tmp*"))
 
@@ -243,8 +278,17 @@ def test_segment_cases_slide_without_tissue(tmp_path):
     case = Case("glass", folder / "glass.png", None, folder / "glass_viable.tif")
     logs = []
     with pytest.warns(UserWarning):  # no mpp for a PNG
-        table, canv = segment_cases(PurpleHeads(), [case], tmp_path / "o", 224, ExtractionParams(), "w",
-                                    out_downsample=16, progress=False, log=logs.append)
+        table, canv = segment_cases(
+            PurpleHeads(),
+            [case],
+            tmp_path / "o",
+            224,
+            ExtractionParams(),
+            "w",
+            out_downsample=16,
+            progress=False,
+            log=logs.append,
+        )
     assert any("no tissue patch found" in m for m in logs)
     assert table.n_patches.iloc[0] == 0 and not canv["glass"]["pred"].any()
-    assert table.dice_pooled.iloc[0] == 1.0   # no tumour, none predicted: the empty convention
+    assert table.dice_pooled.iloc[0] == 1.0  # no tumour, none predicted: the empty convention

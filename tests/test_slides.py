@@ -4,9 +4,9 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import write_png, write_tiff_mask
 from PIL import Image
 
-from conftest import write_png, write_tiff_mask
 from helpers.errors import InputError
 from helpers.slides import Mask, Slide, SlideWarning, box_reduce, check_viable_inside_whole, rgba_to_rgb
 
@@ -25,6 +25,7 @@ def cmu(cmu_slide):
 # ---------------------------------------------------------------------------------------------
 # The real CMU-1-Small-Region.svs
 # ---------------------------------------------------------------------------------------------
+
 
 def test_cmu_metadata(cmu):
     assert cmu.dimensions == CMU_DIMS
@@ -90,12 +91,12 @@ def test_cmu_region_outside_is_white(cmu):
     # Left of x = 0, and at a downsample.
     b = cmu.read_region(-400, 2567, 100, 200, downsample=4)
     assert b.shape == (200, 100, 3)
-    assert (b[:, :100] == 255).all()             # x < 0: all 100 columns (400 level-0 px)
+    assert (b[:, :100] == 255).all()  # x < 0: all 100 columns (400 level-0 px)
     b = cmu.read_region(-300, 1300, 300, 100, downsample=4)
-    assert (b[:, :75] == 255).all()              # x < 0: 300 level-0 px = 75 px at 4x
-    assert b[:, 75:].min() < 200                 # inside: tissue
+    assert (b[:, :75] == 255).all()  # x < 0: 300 level-0 px = 75 px at 4x
+    assert b[:, 75:].min() < 200  # inside: tissue
     b = cmu.read_region(400, 2567, 100, 200, downsample=4)
-    assert (b[100:] == 255).all()                # rows past the bottom edge (y >= 2967)
+    assert (b[100:] == 255).all()  # rows past the bottom edge (y >= 2967)
     assert b[:100].mean() < 240
     # Entirely outside: all white.
     c = cmu.read_region(5000, 5000, 32, 32)
@@ -128,11 +129,11 @@ def test_pyramid_best_level(small_dataset):
 
 
 def test_pyramid_region_outside_is_white(small_dataset):
-    with Slide(small_dataset / "tiny_n0.svs") as s:           # 2048 x 2048, levels 1, 4, 16
+    with Slide(small_dataset / "tiny_n0.svs") as s:  # 2048 x 2048, levels 1, 4, 16
         a = s.read_region(1848, 1848, 100, 100, downsample=4)  # 200 level-0 px inside = 50 px
         assert a.shape == (100, 100, 3)
         assert (a[50:] == 255).all() and (a[:, 50:] == 255).all()
-        b = s.read_region(-512, 0, 64, 64, downsample=16)      # 32 px left of the slide at 16x
+        b = s.read_region(-512, 0, 64, 64, downsample=16)  # 32 px left of the slide at 16x
         assert (b[:, :32] == 255).all()
         assert not (b[:, 32:] == 255).all()
 
@@ -140,6 +141,7 @@ def test_pyramid_region_outside_is_white(small_dataset):
 # ---------------------------------------------------------------------------------------------
 # A plain image as a slide
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def png_image(tmp_path):
@@ -182,9 +184,9 @@ def test_gray_and_rgba_images_read_as_rgb(tmp_path):
 
 def test_rgba_to_rgb_composites_on_white():
     arr = np.zeros((2, 2, 4), np.uint8)
-    arr[0, 0] = (10, 20, 30, 255)      # opaque
-    arr[0, 1] = (0, 0, 0, 0)           # transparent: white
-    arr[1, 0] = (50, 50, 50, 128)      # premultiplied half: 50 + 127
+    arr[0, 0] = (10, 20, 30, 255)  # opaque
+    arr[0, 1] = (0, 0, 0, 0)  # transparent: white
+    arr[1, 0] = (50, 50, 50, 128)  # premultiplied half: 50 + 127
     arr[1, 1] = (255, 255, 255, 255)
     rgb = rgba_to_rgb(arr)
     assert rgb.tolist() == [[[10, 20, 30], [255, 255, 255]], [[177, 177, 177], [255, 255, 255]]]
@@ -209,7 +211,7 @@ W, H = 1024, 768
 
 def _blob_mask():
     """A level-0 0/1 mask that is constant on 4 x 4 blocks (so its 4x downsample is exact)."""
-    yy, xx = np.mgrid[0:H // 4, 0:W // 4]
+    yy, xx = np.mgrid[0 : H // 4, 0 : W // 4]
     small = (((xx - 120) / 70.0) ** 2 + ((yy - 90) / 50.0) ** 2 < 1).astype(np.uint8)
     small[150:170, 10:60] = 1
     return np.kron(small, np.ones((4, 4), np.uint8)), small
@@ -224,13 +226,13 @@ def test_level0_mask(tmp_path):
         assert np.array_equal(m.read(300, 200, 111, 77), m0[200:277, 300:411])
         assert np.array_equal(m.read(0, 0, W // 4, H // 4, downsample=4), m0[2::4, 2::4])
         # Non-aligned windows and windows partly outside the mask.
-        assert np.array_equal(m.read(5, 7, 50, 60, downsample=3), m0[7 + 1:7 + 180:3, 5 + 1:5 + 150:3])
+        assert np.array_equal(m.read(5, 7, 50, 60, downsample=3), m0[7 + 1 : 7 + 180 : 3, 5 + 1 : 5 + 150 : 3])
         out = m.read(W - 10, H - 10, 20, 20)
         assert out.shape == (20, 20) and out[10:].max() == 0 and out[:, 10:].max() == 0
         assert m.count() == int(m0.sum())
         assert m.count(step=2) == int(m0[::2, ::2].sum())
         fr = m.window_fractions(224, np.array([0, 224, 448, 800]), 224)
-        want = [m0[224:448, x:x + 224].mean() for x in (0, 224, 448, 800)]
+        want = [m0[224:448, x : x + 224].mean() for x in (0, 224, 448, 800)]
         assert fr == pytest.approx(want, abs=1e-9)
         assert fr.max() > 0.2  # the blob is there
         # Chunked reads give the same fractions.
@@ -248,7 +250,7 @@ def test_downsampled_png_mask(tmp_path):
         assert np.array_equal(m.read(0, 0, W // 4, H // 4, downsample=4), small)
         assert np.array_equal(m.read(100, 40, 64, 64, downsample=2), m0[40:168:2, 100:228:2])
         fr = m.window_fractions(224, np.array([0, 224, 448]), 224)
-        assert fr == pytest.approx([m0[224:448, x:x + 224].mean() for x in (0, 224, 448)])
+        assert fr == pytest.approx([m0[224:448, x : x + 224].mean() for x in (0, 224, 448)])
 
 
 def test_rgb_mask_with_equal_channels_is_accepted(tmp_path):

@@ -66,7 +66,7 @@ def test_augment_is_seeded_and_keeps_shape_and_range():
     c = augment_batch(x, generator=torch.Generator().manual_seed(1), blur_p=1.0)
     assert a.shape == (5, 3, 64, 64) and a.dtype == torch.float32
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert 0 <= float(a.min()) and float(a.max()) <= 1
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
 
 
 def test_augment_identity_when_all_off():

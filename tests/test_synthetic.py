@@ -23,8 +23,7 @@ from helpers.tissue import to_gray
 def _leftovers(folder):
     """Temporaries (``.*.tmp*``) and writer buffers left anywhere under ``folder``."""
     folder = Path(folder)
-    return sorted(str(p) for p in folder.rglob("*")
-                  if ".tmp" in p.name or p.suffix in (".npy", ".raw"))
+    return sorted(str(p) for p in folder.rglob("*") if ".tmp" in p.name or p.suffix in (".npy", ".raw"))
 
 
 def _read_all(paths):
@@ -39,13 +38,29 @@ def _csv(path):
 
 
 #: A slide with every nuisance switched on (focus blur, pen, folds, pale stroma and tumour).
-BUSY = CaseSpec("busy", 1500, 1300, True, 4, blur=1.5, pen=2, folds=2, pale_tumor=0.5, pale_stroma=0.3,
-                necrosis=0.3, lab=2, steatosis=0.4, mimics=0.8, fibrosis=0.8)
+BUSY = CaseSpec(
+    "busy",
+    1500,
+    1300,
+    True,
+    4,
+    blur=1.5,
+    pen=2,
+    folds=2,
+    pale_tumor=0.5,
+    pale_stroma=0.3,
+    necrosis=0.3,
+    lab=2,
+    steatosis=0.4,
+    mimics=0.8,
+    fibrosis=0.8,
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # Determinism and seams
 # ---------------------------------------------------------------------------------------------
+
 
 def test_same_spec_gives_identical_pixels_and_masks(tmp_path):
     spec = CaseSpec("det", 1024, 768, True, 7)
@@ -68,15 +83,20 @@ def test_any_window_has_the_pixels_it_has_in_the_whole_slide(spec):
         assert np.array_equal(a, b)
     scene = syn._Scene(spec)
     rng = np.random.default_rng(spec.seed)
-    windows = [(128, 200, 256, 100), (0, 512, spec.width, 512), (333, 97, 501, 333), (1, 1, 7, 9),
-               (spec.width - 40, spec.height - 30, 40, 30)]
+    windows = [
+        (128, 200, 256, 100),
+        (0, 512, spec.width, 512),
+        (333, 97, 501, 333),
+        (1, 1, 7, 9),
+        (spec.width - 40, spec.height - 30, 40, 30),
+    ]
     for _ in range(8):
         x, y = rng.integers(0, spec.width - 8), rng.integers(0, spec.height - 8)
         windows.append((int(x), int(y), int(rng.integers(1, spec.width - x)), int(rng.integers(1, spec.height - y))))
     for x, y, w, h in windows:
-        part = syn.render_region(scene, x, y, w, h)
-        for whole_px, part, what in zip(full, part, ("rgb", "tissue", "whole", "viable")):
-            assert np.array_equal(whole_px[y:y + h, x:x + w], part), f"{what} of window {(x, y, w, h)} differs"
+        window = syn.render_region(scene, x, y, w, h)
+        for whole_px, part, what in zip(full, window, ("rgb", "tissue", "whole", "viable")):
+            assert np.array_equal(whole_px[y : y + h, x : x + w], part), f"{what} of window {(x, y, w, h)} differs"
     rgb = full[0]
     assert rgb.dtype == np.uint8 and rgb.shape == (spec.height, spec.width, 3)
 
@@ -99,20 +119,23 @@ def test_written_strips_match_the_render(tmp_path):
 # Masks and pixels come from the same fields
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec", [BUSY, CaseSpec("free", 1200, 1000, False, 9, mimics=0.9, pale_stroma=0.3)],
-                         ids=["tumour", "tumour-free"])
+
+@pytest.mark.parametrize(
+    "spec", [BUSY, CaseSpec("free", 1200, 1000, False, 9, mimics=0.9, pale_stroma=0.3)], ids=["tumour", "tumour-free"]
+)
 def test_masks_nest_and_agree_with_pixels(spec):
     scene = syn._Scene(spec)
     rgb, tissue, whole, viable = syn.render_region(scene, 0, 0, spec.width, spec.height)
     assert not np.any(viable & ~whole) and not np.any(whole & ~tissue)
     if spec.tumor:
-        assert viable.mean() > 0.05 and (whole & ~viable).mean() > 0.01   # viable tumour and necrosis
+        assert viable.mean() > 0.05 and (whole & ~viable).mean() > 0.01  # viable tumour and necrosis
     else:
         assert not whole.any()
     # Glass (away from pen ink and from the tissue's edge) has the glass colour, tissue is darker.
     win = syn._Window(np.arange(spec.width), np.arange(spec.height), scene.grid_shape)
     inkless = win.field(scene.pen) < 0.01 if scene.pen is not None else np.ones(tissue.shape, bool)
     from scipy import ndimage
+
     glass = ~ndimage.binary_dilation(tissue, iterations=14) & inkless
     assert glass.mean() > 0.05
     assert np.abs(rgb[glass].astype(float) - scene.glass).mean() < 6
@@ -133,6 +156,7 @@ def test_coverage_follows_the_spec():
 # ---------------------------------------------------------------------------------------------
 # The look: stains, pale stroma, tumour, blur, ink
 # ---------------------------------------------------------------------------------------------
+
 
 def _render(spec):
     return syn.render_region(syn._Scene(spec), 0, 0, spec.width, spec.height)
@@ -166,8 +190,8 @@ def test_tumour_is_darker_and_busier_than_liver_at_4x(small_dataset):
     w4 = box_reduce(whole[..., None].astype(np.uint8) * 255, 4)[..., 0] > 250
     tissue = gray < 215
     liver = tissue & ~(box_reduce(whole[..., None].astype(np.uint8) * 255, 4)[..., 0] > 0)
-    assert np.mean(gray[w4] < 225) > 0.95                      # tumour lies on stained tissue
-    assert np.median(gray[w4]) < np.median(gray[liver]) - 5    # and is darker than the liver
+    assert np.mean(gray[w4] < 225) > 0.95  # tumour lies on stained tissue
+    assert np.median(gray[w4]) < np.median(gray[liver]) - 5  # and is darker than the liver
     lap = np.abs(gray[1:-1, 1:-1] * 4 - gray[:-2, 1:-1] - gray[2:, 1:-1] - gray[1:-1, :-2] - gray[1:-1, 2:])
     assert lap[w4[1:-1, 1:-1]].mean() > 1.2 * lap[liver[1:-1, 1:-1]].mean()
 
@@ -186,23 +210,24 @@ def test_focus_blur_softens_and_pen_inks():
 # The demo dataset's structure
 # ---------------------------------------------------------------------------------------------
 
+
 def test_demo_case_list_structure():
     cases = syn.demo_cases()
     assert [c.case_id for c in cases] == [f"demo_{i:02d}" for i in range(1, 46)]
-    assert syn.demo_cases() == cases                                   # deterministic
+    assert syn.demo_cases() == cases  # deterministic
     labels = [c.tumor for c in cases]
     assert sum(labels) == 27 and len(labels) - sum(labels) == 18
     assert labels != sorted(labels) and labels != sorted(labels, reverse=True)
-    assert sum(a != b for a, b in zip(labels, labels[1:])) > 10       # well mixed
+    assert sum(a != b for a, b in zip(labels, labels[1:])) > 10  # well mixed
     per_patient = Counter(c.patient_id for c in cases)
     assert len(per_patient) == 36 and Counter(per_patient.values()) == {1: 27, 2: 9}
     assert all(p.startswith("P") for p in per_patient)
     pairs = [[c for c in cases if c.patient_id == p] for p, n in per_patient.items() if n == 2]
-    assert sum(a.tumor != b.tumor for a, b in pairs) >= 3               # tumour + background liver
-    assert all(a.lab == b.lab for a, b in pairs)                         # one lab per patient
+    assert sum(a.tumor != b.tumor for a, b in pairs) >= 3  # tumour + background liver
+    assert all(a.lab == b.lab for a, b in pairs)  # one lab per patient
     assert len({c.seed for c in cases}) == 45
     for c in cases:
-        assert 4600 <= min(c.width, c.height) and max(c.width, c.height) <= 6200, c
+        assert min(c.width, c.height) >= 4600 and max(c.width, c.height) <= 6200, c
         assert c.width != c.height and c.width % 64 and c.height % 64, c
     assert sum(c.width * c.height for c in cases) <= 1.2e9
     viable = [c.tumor_share * (1 - c.necrosis) for c in cases if c.tumor]
@@ -238,6 +263,7 @@ def test_demo_slides_cover_what_their_specs_say():
 # The small dataset on disk: what OpenSlide sees, masks, labels
 # ---------------------------------------------------------------------------------------------
 
+
 def test_small_dataset_masks_match_their_slides(small_dataset, small_cases):
     for spec in small_cases:
         with Slide(small_dataset / f"{spec.case_id}.svs") as s:
@@ -262,7 +288,7 @@ def test_openslide_reads_demo_slide_as_aperio(small_dataset, small_cases):
             assert osr.dimensions == (spec.width, spec.height)
             assert osr.level_count >= 2
             for i, d in enumerate(osr.level_downsamples):
-                assert d == pytest.approx(4 ** i, rel=1e-3), (spec.case_id, osr.level_downsamples)
+                assert d == pytest.approx(4**i, rel=1e-3), (spec.case_id, osr.level_downsamples)
         with Slide(path) as s:
             assert s.vendor == "aperio"
             assert s.mpp == pytest.approx((0.5, 0.5))
@@ -292,8 +318,10 @@ def test_viable_inside_whole_and_tumour_present(small_dataset, case_id):
     assert viable.sum() > 0.02 * viable.size, "a tumour case should have some viable tumour"
     assert not np.any(viable & ~whole), "viable tumour outside the whole-tumour area"
     assert whole.sum() >= viable.sum()
-    with Mask(small_dataset / f"{case_id}_whole.tif", whole.shape[::-1]) as w, \
-            Mask(small_dataset / f"{case_id}_viable.tif", whole.shape[::-1]) as v:
+    with (
+        Mask(small_dataset / f"{case_id}_whole.tif", whole.shape[::-1]) as w,
+        Mask(small_dataset / f"{case_id}_viable.tif", whole.shape[::-1]) as v,
+    ):
         res = check_viable_inside_whole(w, v, step=2)
     assert res["ok"] and not res["swapped"] and res["viable_outside"] == 0
     assert res["viable_px"] > 0
@@ -334,14 +362,17 @@ def test_labels_csv_names_patients(tmp_path):
 # Manifest, cache reuse and atomicity
 # ---------------------------------------------------------------------------------------------
 
+
 def test_manifest_and_no_leftovers(small_dataset, small_cases):
     mf = json.loads((small_dataset / "manifest.json").read_text())
     assert mf["generator_version"] == syn.GENERATOR_VERSION
     assert [c["case_id"] for c in mf["cases"]] == [c.case_id for c in small_cases]
     assert _leftovers(small_dataset.parent) == []
     names = sorted(p.name for p in small_dataset.iterdir())
-    expected = sorted(["README.txt", "labels.csv", "manifest.json"]
-                      + [f"{c.case_id}{s}" for c in small_cases for s in (".svs", "_whole.tif", "_viable.tif")])
+    expected = sorted(
+        ["README.txt", "labels.csv", "manifest.json"]
+        + [f"{c.case_id}{s}" for c in small_cases for s in (".svs", "_whole.tif", "_viable.tif")]
+    )
     assert names == expected
 
 
@@ -401,6 +432,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
 
 def test_write_case_failure_leaves_no_partial_files(tmp_path, monkeypatch):
     """A failure while writing a slide removes its temporaries and writes no final file."""
+
     def broken_render(*a, **k):
         raise RuntimeError("render failed")
 
@@ -424,6 +456,7 @@ def test_file_sha256(tmp_path):
 # The zoo
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """``{shape: folder}`` of every zoo shape (written once for the module)."""
@@ -444,8 +477,9 @@ def _masks(folder, sid, suffix=".tif"):
 def test_zoo_mixed(zoo):
     folder = zoo["mixed"]
     svs = ["mix_01", "mix_02", "mix_03", "mix_05", "mix_06", "mix_08", "mix_09", "mix_10"]
-    expected = (["labels.csv", "manifest.json", "mix_04.png", "mix_04_viable.png", "mix_04_whole.png", "mix_07.jpg"]
-                + [f"{s}{x}" for s in svs for x in (".svs", "_viable.tif", "_whole.tif")])
+    expected = ["labels.csv", "manifest.json", "mix_04.png", "mix_04_viable.png", "mix_04_whole.png", "mix_07.jpg"] + [
+        f"{s}{x}" for s in svs for x in (".svs", "_viable.tif", "_whole.tif")
+    ]
     assert _names(folder) == sorted(expected)
     rows = _csv(folder / "labels.csv")
     assert rows[0] == ["slide_id", "label", "patient_id"]
@@ -469,8 +503,8 @@ def test_zoo_mixed(zoo):
         assert bool(whole.any()) == (listed.get(sid, (0,))[0] == 1), sid
     assert sizes["mix_10"] == (100, 90) and sizes["mix_05"] == (700, 660)
     assert all(min(v) >= 600 for k, v in sizes.items() if k != "mix_10") and max(max(v) for v in sizes.values()) <= 3000
-    assert sum(min(v) >= 2048 for v in sizes.values()) >= 3          # room for a 64x smoke patch
-    with Slide(folder / "mix_08.svs") as s:                          # the blank slide: glass only
+    assert sum(min(v) >= 2048 for v in sizes.values()) >= 3  # room for a 64x smoke patch
+    with Slide(folder / "mix_08.svs") as s:  # the blank slide: glass only
         assert to_gray(s.read_region(0, 0, 300, 250, downsample=4)).min() > 200
 
 
@@ -515,7 +549,7 @@ def test_zoo_case_labels_and_no_tumour(zoo):
         assert whole.shape == viable.shape and whole.max() == 0 and viable.max() == 0
         with Slide(zoo["no_tumour"] / f"{r[0]}.svs") as s:
             assert s.dimensions == whole.shape[::-1]
-            assert (to_gray(s.read_region(0, 0, 256, 256, downsample=8)) < 215).mean() > 0.2   # tissue, though
+            assert (to_gray(s.read_region(0, 0, 256, 256, downsample=8)) < 215).mean() > 0.2  # tissue, though
 
 
 def test_zoo_is_deterministic_cached_and_checked(zoo, tmp_path, monkeypatch):

@@ -2,7 +2,6 @@
 
 import numpy as np
 import openslide
-import pytest
 
 from helpers.slides import Slide
 
@@ -42,6 +41,6 @@ def test_downsampled_reads_agree_with_openslide_path(cmu_slide, monkeypatch):
     fast = s.read_region(100, 200, 300, 250, downsample=4)
     monkeypatch.setattr(s, "_tiff", None)  # force OpenSlide
     slow = s.read_region(100, 200, 300, 250, downsample=4)
-    monkeypatch.undo()                      # the tile reader back, so that close() closes it
+    monkeypatch.undo()  # the tile reader back, so that close() closes it
     s.close()
     assert np.array_equal(fast, slow)

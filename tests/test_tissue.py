@@ -3,19 +3,29 @@ the comparison over a slide's grid."""
 
 import numpy as np
 import pytest
+from conftest import write_png, write_tiff_mask
 from skimage.filters import threshold_otsu
 
-from conftest import write_png, write_tiff_mask
 from helpers.slides import Mask, Slide
-from helpers.tissue import (background_colour, compare_methods, find_glass, otsu_thresholds, otsu_tissue_masks,
-                            reference_tissue_mask, slide_tissue_threshold, threshold_from_gray,
-                            tissue_fractions, tissue_fractions_at, to_gray)
+from helpers.tissue import (
+    background_colour,
+    compare_methods,
+    find_glass,
+    otsu_thresholds,
+    otsu_tissue_masks,
+    reference_tissue_mask,
+    slide_tissue_threshold,
+    threshold_from_gray,
+    tissue_fractions,
+    tissue_fractions_at,
+    to_gray,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::helpers.slides.SlideWarning")  # PNG slides: no mpp
 
 GLASS = (243, 242, 246)
-PALE = (236, 204, 222)      # pale eosin stroma: gray 215, between nuclei and glass (gray 242)
-NUCLEUS = (110, 70, 150)    # gray 91
+PALE = (236, 204, 222)  # pale eosin stroma: gray 215, between nuclei and glass (gray 242)
+NUCLEUS = (110, 70, 150)  # gray 91
 
 
 def noisy(shape, rgb, sd=2.5, seed=0):
@@ -45,6 +55,7 @@ def glass_and_pale_slide(tmp_path, glass_cols=302, W=1344, H=896):
 # The paper's per-patch method (moved here from helpers.patches, same behaviour)
 # ---------------------------------------------------------------------------------------------
 
+
 def paper_rule_with_skimage(g, glass_level=210):
     """The paper's per-patch rule written out with skimage, one patch at a time (reference)."""
     if g.min() == g.max():
@@ -52,14 +63,14 @@ def paper_rule_with_skimage(g, glass_level=210):
     dark = g <= threshold_otsu(g)
     m0, m1 = g[dark].mean(), g[~dark].mean()
     if m0 >= glass_level:
-        return 0.0                                       # both classes glass
+        return 0.0  # both classes glass
     return dark.mean() if m1 >= glass_level else (g <= glass_level).mean()
 
 
 def test_tissue_fractions_follow_the_paper_rule():
     rng = np.random.default_rng(0)
     gs = []
-    for i in range(60):                                  # glass, tissue on glass, all tissue, uniform
+    for _ in range(60):  # glass, tissue on glass, all tissue, uniform
         a, b = rng.uniform(40, 200), rng.choice([rng.uniform(190, 225), rng.uniform(225, 250)])
         g = np.where(rng.random((56, 56)) < rng.uniform(0, 1), rng.normal(a, 10, (56, 56)), rng.normal(b, 3, (56, 56)))
         gs.append(np.clip(g, 0, 255).astype(np.uint8))
@@ -67,14 +78,14 @@ def test_tissue_fractions_follow_the_paper_rule():
     for level in (180, 210, 240):
         frac = tissue_fractions(np.stack(gs), level)[0]
         ref = np.array([paper_rule_with_skimage(g, level) for g in gs])
-        assert np.abs(frac - ref).max() <= 0.01          # Otsu may differ by one gray level
+        assert np.abs(frac - ref).max() <= 0.01  # Otsu may differ by one gray level
     assert to_gray(np.array([[[255, 255, 255], [0, 0, 0], [255, 0, 0]]], np.uint8)).tolist() == [[255, 0, 76]]
 
 
 def test_otsu_agrees_with_skimage():
     rng = np.random.default_rng(3)
     gs = []
-    for i in range(20):
+    for _ in range(20):
         dark, bright, share = rng.uniform(40, 180), rng.uniform(190, 250), rng.uniform(0.1, 0.9)
         g = np.where(rng.random((56, 56)) < share, rng.normal(dark, 12, (56, 56)), rng.normal(bright, 4, (56, 56)))
         gs.append(np.clip(g, 0, 255).astype(np.uint8))
@@ -87,13 +98,13 @@ def test_otsu_agrees_with_skimage():
 def test_white_glass_rule_and_masks():
     glass = to_gray(noisy((56, 56), GLASS))
     half = glass.copy()
-    half[:, :28] = 90                                    # half nuclei, half glass
-    full = to_gray(pale_tissue(56, 56))                  # all tissue: pale stroma + nuclei
+    half[:, :28] = 90  # half nuclei, half glass
+    full = to_gray(pale_tissue(56, 56))  # all tissue: pale stroma + nuclei
     uniform_dark = np.full((56, 56), 100, np.uint8)
     uniform_glass = np.full((56, 56), 243, np.uint8)
     stack = np.stack([glass, half, full, uniform_dark, uniform_glass])
     frac, _ = tissue_fractions(stack, 210)
-    assert frac[0] == 0 and frac[4] == 0                 # bare glass, noisy or not: no tissue
+    assert frac[0] == 0 and frac[4] == 0  # bare glass, noisy or not: no tissue
     assert frac[1] == pytest.approx(0.5)
     assert frac[3] == 1
     # The pixel masks behind the fractions give the same numbers.
@@ -106,16 +117,17 @@ def test_white_glass_rule_and_masks():
 # The per-slide threshold
 # ---------------------------------------------------------------------------------------------
 
+
 def test_pale_stroma_patch_kept_by_slide_threshold_dropped_per_patch(tmp_path):
     path, img, _ = glass_and_pale_slide(tmp_path)
     t = slide_tissue_threshold(path)
-    assert 225 <= t <= 235                               # just below the glass at ~242
+    assert 225 <= t <= 235  # just below the glass at ~242
     # A patch as in the user's report: 35 % glass, the rest pale stroma with nuclei.
-    patch = img[:224, 224:448]                           # grid column 1: 78 px of glass
+    patch = img[:224, 224:448]  # grid column 1: 78 px of glass
     gray = to_gray(patch)[None, ::4, ::4]
     paper = tissue_fractions(gray, 210)[0][0]
     ours = tissue_fractions_at(gray, t)[0]
-    assert paper < 0.5 <= ours                           # dropped by the paper's rule, kept here
+    assert paper < 0.5 <= ours  # dropped by the paper's rule, kept here
     assert ours == pytest.approx(1 - 78 / 224, abs=0.03)
 
 
@@ -132,8 +144,8 @@ def test_slide_threshold_read_in_bands_equals_whole_thumbnail(tmp_path, monkeypa
 def test_bare_glass_with_noise_rejected():
     for sd in (1.0, 3.0):
         glass = to_gray(noisy((2048, 2048), GLASS, sd=sd, seed=5))
-        t = threshold_from_gray(glass[::8, ::8])         # an all-glass slide's thumbnail
-        assert t <= 233                                  # at least the margin below the glass
+        t = threshold_from_gray(glass[::8, ::8])  # an all-glass slide's thumbnail
+        assert t <= 233  # at least the margin below the glass
         patches = glass.reshape(8, 256, 8, 256).transpose(0, 2, 1, 3).reshape(64, 256, 256)
         assert tissue_fractions_at(patches[:, ::4, ::4], t).max() < 0.01
     # The otsu variant is held below the glass too (Otsu alone would split the noise).
@@ -143,7 +155,7 @@ def test_bare_glass_with_noise_rejected():
 def test_edge_cases(tmp_path):
     empty = np.zeros((0, 56, 56), np.uint8)
     assert tissue_fractions_at(empty, 230).shape == (0,)
-    assert threshold_from_gray(np.zeros(0, np.uint8)) == 240               # nothing seen: the upper bound
+    assert threshold_from_gray(np.zeros(0, np.uint8)) == 240  # nothing seen: the upper bound
     assert find_glass(np.zeros(256)) is None
     uniform = np.full((3, 56, 56), 200, np.uint8)
     assert list(tissue_fractions_at(uniform, 230)) == [1, 1, 1]
@@ -182,32 +194,41 @@ def test_edge_cases(tmp_path):
 # The reference and the comparison
 # ---------------------------------------------------------------------------------------------
 
+
 def test_reference_mask_matches_exact_synthetic_tissue():
     from helpers.synthetic import CaseSpec, _Scene, render_region
 
-    for lab in (0, 3):                                   # usual stain; faded stain on yellowish glass
+    for lab in (0, 3):  # usual stain; faded stain on yellowish glass
         scene = _Scene(CaseSpec("t", 2048, 2048, True, 7, lab=lab, pale_stroma=0.35))
         rgb, tissue, _, _ = render_region(scene, 0, 0, 2048, 2048)
-        assert 0.3 < tissue.mean() < 0.9                 # both tissue and glass in view
+        assert 0.3 < tissue.mean() < 0.9  # both tissue and glass in view
         bg = background_colour(rgb)
-        faded = np.clip(bg + (rgb - bg) * 0.5, 0, 255).astype(np.uint8)   # all tissue halfway to glass
+        faded = np.clip(bg + (rgb - bg) * 0.5, 0, 255).astype(np.uint8)  # all tissue halfway to glass
         assert np.median(to_gray(faded)[tissue]) > 195
         for img, want in ((rgb, 0.93), (faded, 0.9)):
             ref = reference_tissue_mask(img, background_colour(img))
             iou = (ref & tissue).sum() / (ref | tissue).sum()
             assert iou > want, (lab, want, iou)
-            gray = to_gray(img) <= 210                   # a fixed gray cut does worse
+            gray = to_gray(img) <= 210  # a fixed gray cut does worse
             assert iou > (gray & tissue).sum() / (gray | tissue).sum()
 
 
 def test_compare_methods_counts_on_known_slide(tmp_path):
-    path, _, truth_path = glass_and_pale_slide(tmp_path)   # 6 x 4 grid of 224 px; columns 0-1 glass
+    path, _, truth_path = glass_and_pale_slide(tmp_path)  # 6 x 4 grid of 224 px; columns 0-1 glass
     with Slide(path) as s:
         t = slide_tissue_threshold(s)
         truth = Mask(truth_path, s.dimensions)
-        rows = compare_methods(s, {"paper": lambda g: otsu_tissue_masks(g, 210),
-                                   "slide": lambda g: g <= t,
-                                   "all": lambda g: np.ones(g.shape, bool)}, 1, 224, truth=truth)
+        rows = compare_methods(
+            s,
+            {
+                "paper": lambda g: otsu_tissue_masks(g, 210),
+                "slide": lambda g: g <= t,
+                "all": lambda g: np.ones(g.shape, bool),
+            },
+            1,
+            224,
+            truth=truth,
+        )
         truth.close()
     r = {(x["method"], x["against"]): x for x in rows}
     # Column 0 is glass; columns 1 (146 of 224 px tissue) to 5 hold tissue: 4 x 5 = 20 patches.
@@ -216,18 +237,17 @@ def test_compare_methods_counts_on_known_slide(tmp_path):
         assert r["slide", against]["kept"] == 20 and r["slide", against]["kept_iou"] == 1.0
         assert r["slide", against]["pixel_iou"] > 0.97
         assert r["all", against]["glass_kept"] == 4 and r["all", against]["tissue_lost"] == 0
-        assert r["paper", against]["tissue_lost"] == 20      # pale stroma called glass: all lost
+        assert r["paper", against]["tissue_lost"] == 20  # pale stroma called glass: all lost
     assert r["reference", "truth"]["pixel_iou"] > 0.97
 
 
 def test_cmu_slide_threshold_keeps_real_tissue(cmu_slide):
     t = slide_tissue_threshold(cmu_slide)
-    assert 225 <= t <= 238                               # glass of this Aperio slide is ~243
+    assert 225 <= t <= 238  # glass of this Aperio slide is ~243
     assert 200 <= slide_tissue_threshold(cmu_slide, "otsu") <= t
-    rows = compare_methods(cmu_slide, {"paper": lambda g: otsu_tissue_masks(g, 210),
-                                       "slide": lambda g: g <= t}, 1, 224)
+    rows = compare_methods(cmu_slide, {"paper": lambda g: otsu_tissue_masks(g, 210), "slide": lambda g: g <= t}, 1, 224)
     r = {x["method"]: x for x in rows}
-    assert r["slide"]["ref_kept"] >= 40                  # the tissue strip: ~45 of 117 patches
+    assert r["slide"]["ref_kept"] >= 40  # the tissue strip: ~45 of 117 patches
     assert r["slide"]["tissue_lost"] <= 1 and r["slide"]["glass_kept"] <= 1
     assert r["slide"]["pixel_iou"] > 0.9
     assert r["slide"]["pixel_iou"] > r["paper"]["pixel_iou"]

@@ -11,14 +11,14 @@ from helpers import metrics
 from helpers.errors import InputError
 from helpers.train import TrainConfig, batches_from_arrays, fit
 
-
 # -- metrics --------------------------------------------------------------------------------
+
 
 def test_dice_jaccard_pooled_and_the_identity():
     a = np.zeros((10, 10), bool)
     b = np.zeros((10, 10), bool)
-    a[:5] = True           # 50 px
-    b[2:7] = True          # 50 px, 30 shared
+    a[:5] = True  # 50 px
+    b[2:7] = True  # 50 px, 30 shared
     d, j = metrics.dice_jaccard(a, b)
     assert d == pytest.approx(60 / 100) and j == pytest.approx(30 / 70)
     assert j == pytest.approx(metrics.jaccard_from_dice(d))
@@ -31,8 +31,8 @@ def test_dice_jaccard_pooled_and_the_identity():
 def test_per_patch_means_count_empty_patches():
     p = np.zeros((3, 4, 4), bool)
     t = np.zeros((3, 4, 4), bool)
-    p[0, :2] = t[0, :2] = True      # perfect
-    t[1, :2] = True                 # missed entirely
+    p[0, :2] = t[0, :2] = True  # perfect
+    t[1, :2] = True  # missed entirely
     d, j, n_empty = metrics.dice_jaccard_per_patch(p, t)
     assert n_empty == 1 and d == pytest.approx((1 + 0 + 1) / 3) and j == pytest.approx(2 / 3)
     d0, _, _ = metrics.dice_jaccard_per_patch(p, t, empty=0.0)
@@ -63,11 +63,12 @@ def test_classification_report():
 
 # -- the training loop ----------------------------------------------------------------------
 
+
 def _data(n=64, seed=0):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, n)
     x = rng.integers(0, 60, (n, 8, 8, 3)).astype(np.uint8)
-    x[y == 1, :, :, 0] += 150       # class 1 is red: learnable
+    x[y == 1, :, :, 0] += 150  # class 1 is red: learnable
     return x, y
 
 
@@ -83,8 +84,10 @@ def _setup(tmp_path, epochs=3, **cfg):
     def evaluate(m, device):
         xb = torch.from_numpy(x[48:]).permute(0, 3, 1, 2).float() / 255
         out = m(xb)
-        return {"val_loss": float(torch.nn.functional.cross_entropy(out, torch.from_numpy(y[48:]))),
-                "val_acc": float((out.argmax(1).numpy() == y[48:]).mean())}
+        return {
+            "val_loss": float(torch.nn.functional.cross_entropy(out, torch.from_numpy(y[48:]))),
+            "val_acc": float((out.argmax(1).numpy() == y[48:]).mean()),
+        }
 
     return model, train_batches, evaluate, config
 
@@ -135,7 +138,7 @@ def test_rerun_with_fewer_epochs_says_the_checkpoint_is_from_the_longer_run(tmp_
     model, tb, ev, cfg = _setup(tmp_path, epochs=2)
     logs = []
     h = fit(model, tb, ev, _loss, cfg, tmp_path / "f", progress=False, log=logs.append)
-    assert len(h) == 3                   # nothing trained: the history is the longer run's
+    assert len(h) == 3  # nothing trained: the history is the longer run's
     assert any("already holds 3 epochs, more than epochs=2" in m for m in logs)
 
 
@@ -152,8 +155,9 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
 
 
 def test_early_stop_and_lr_plateau(tmp_path):
-    model, tb, ev, cfg = _setup(tmp_path, epochs=30, early_stop_patience=2, lr_patience=0, lr_factor=0.1,
-                                monitor="val_acc", mode="max")
+    model, tb, ev, cfg = _setup(
+        tmp_path, epochs=30, early_stop_patience=2, lr_patience=0, lr_factor=0.1, monitor="val_acc", mode="max"
+    )
     h = fit(model, tb, ev, _loss, cfg, tmp_path / "e", progress=False, log=lambda *_: None)
     assert len(h) < 30
     assert h.lr.min() < 0.01  # the plateau rule lowered the rate
@@ -171,9 +175,9 @@ def test_bad_config_and_missing_monitor(tmp_path):
 
 def test_batch_pooled_dice_is_not_dominated_by_empty_patches():
     t = torch.zeros(4, 1, 8, 8)
-    t[0, :, :4] = 1                      # one patch holds tumour, three are empty
+    t[0, :, :4] = 1  # one patch holds tumour, three are empty
     p = t.clone()
-    p[1:, :, 0, 0] = 0.5                 # a speck of false positive in each empty patch
+    p[1:, :, 0, 0] = 0.5  # a speck of false positive in each empty patch
     per_image = float(metrics.soft_dice_loss(p, t, eps=1e-6))
     pooled = float(metrics.soft_dice_loss(p, t, eps=1e-6, per_image=False))
     assert per_image > 0.7 and pooled < 0.05
@@ -185,7 +189,7 @@ def test_recalibrate_batchnorm_gives_the_data_statistics():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
     bn = model[1]
-    bn.running_mean.fill_(5.0)           # stale statistics, as early in training
+    bn.running_mean.fill_(5.0)  # stale statistics, as early in training
     bn.momentum = 0.3
     xs = [torch.rand(4, 3, 6, 6) * 3 + 1 for _ in range(5)]
     n = recalibrate_batchnorm(model.eval(), [(x, torch.zeros(4)) for x in xs], default_prepare, torch.device("cpu"))
@@ -194,7 +198,7 @@ def test_recalibrate_batchnorm_gives_the_data_statistics():
         feats = torch.cat([model[0](x) for x in xs])
     # A plain average over the batches of each batch's mean: here, the overall mean.
     torch.testing.assert_close(bn.running_mean, feats.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
-    assert bn.momentum == 0.3 and not model.training     # both restored
+    assert bn.momentum == 0.3 and not model.training  # both restored
     assert recalibrate_batchnorm(torch.nn.Conv2d(3, 1, 1), [], default_prepare, torch.device("cpu")) == 0
 
 
@@ -220,8 +224,8 @@ def test_full_disk_while_saving_a_checkpoint_is_one_clear_error(tmp_path, monkey
     msg = str(exc.value)
     assert msg.startswith(f"{tmp_path / 'd' / 'last.pt'}: the disk is full") and "saving epoch 2" in msg
     assert "holds epoch 1 and is intact" in msg and "rerun" in msg
-    assert load_epoch(tmp_path / "d" / "last.pt") == 1          # the previous checkpoint, intact
-    assert not list((tmp_path / "d").glob(".*tmp*"))             # no half-written file left
+    assert load_epoch(tmp_path / "d" / "last.pt") == 1  # the previous checkpoint, intact
+    assert not list((tmp_path / "d").glob(".*tmp*"))  # no half-written file left
     monkeypatch.undo()
     model, tb, ev, cfg = _setup(tmp_path, epochs=3)
     logs = []

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers.errors import InputError
-from helpers.unetpp import (as_head_list, build_segmenter, deep_supervision_dice_loss, probabilities)
+from helpers.unetpp import as_head_list, build_segmenter, deep_supervision_dice_loss, probabilities
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def test_four_heads_at_full_resolution(net):
         out = net(torch.zeros(2, 3, 224, 224))
     assert len(out) == 4 and all(o.shape == (2, 1, 224, 224) for o in out)
     p = probabilities(out)
-    assert p.shape == (2, 1, 224, 224) and 0 <= float(p.min()) and float(p.max()) <= 1
+    assert p.shape == (2, 1, 224, 224) and float(p.min()) >= 0 and float(p.max()) <= 1
 
 
 def test_node_shapes_follow_the_nested_grid(net):
@@ -72,7 +72,7 @@ def test_learns_a_toy_mask():
     x = torch.rand(4, 3, 64, 64) * 0.3
     t = torch.zeros(4, 64, 64)
     t[:, 16:48, 16:48] = 1
-    x[:, 0] += t * 0.7                       # the "tumour" is red
+    x[:, 0] += t * 0.7  # the "tumour" is red
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     net.train()
     for _ in range(40):

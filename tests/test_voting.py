@@ -33,7 +33,7 @@ def pred():
 def test_majority_and_tie_rule(pred):
     v = vote_units(assign_units(pred), 0.5, "non-tumour").set_index(["unit", "model", "scale"])
     assert v.loc[("A", "m1", 4), "vote"] == 1 and v.loc[("A", "m1", 4), "tumour_share"] == 0.75
-    assert v.loc[("A", "m1", 16), "vote"] == 0          # 1 of 2: a tie, broken to non-tumour
+    assert v.loc[("A", "m1", 16), "vote"] == 0  # 1 of 2: a tie, broken to non-tumour
     assert v.loc[("B", "m1", 4), "vote"] == 0
     t = vote_units(assign_units(pred), 0.5, "tumour").set_index(["unit", "model", "scale"])
     assert t.loc[("A", "m1", 16), "vote"] == 1
@@ -47,7 +47,7 @@ def test_combining_classifiers_overall_and_per_model(pred):
     f = combine_votes(v, "non-tumour")
     # A: votes m1@4 = 1, m1@16 = 0, m2@4 = 1 -> 2 of 3 tumour.
     assert f.loc["A", "final"] == 1 and f.loc["A", "tumour_votes"] == 2 and f.loc["A", "n_votes"] == 3
-    assert f.loc["A", "final_m1"] == 0          # m1's own scales split 1-1: tie -> non-tumour
+    assert f.loc["A", "final_m1"] == 0  # m1's own scales split 1-1: tie -> non-tumour
     assert f.loc["A", "final_m2"] == 1
     assert f.loc["B", "final"] == 0
     assert combine_votes(v, "tumour").loc["A", "final_m1"] == 1
@@ -59,8 +59,8 @@ def test_regions_units_and_truth(pred):
     assert r.loc[(r.case_id == "A") & (r.scale == 4) & (r.x == 896), "unit"].iloc[0] == "A:r0c0"
     assert r.loc[(r.case_id == "A") & (r.scale == 4) & (r.x == 1792), "unit"].iloc[0] == "A:r0c1"
     frac = np.zeros((4, 6))
-    frac[:2, :2] = 1.0          # the top-left region (2 x 2 cells) is all tumour
-    frac[2:, 2:4] = 0.3         # another is 30 % tumour
+    frac[:2, :2] = 1.0  # the top-left region (2 x 2 cells) is all tumour
+    frac[2:, 2:4] = 0.3  # another is 30 % tumour
     t = region_truth(frac, 896, 1792, "A", min_fraction=0.5).set_index("unit")
     assert len(t) == 6 and t.loc["A:r0c0", "label"] == 1 and t.loc["A:r1c1", "label"] == 0
     assert t.loc["A:r1c1", "tumour_fraction"] == pytest.approx(0.3)
@@ -99,10 +99,17 @@ def test_predictions_are_used_only_for_this_runs_data_and_weights(pred, tmp_path
     ck = cls / "m1_x4" / "best.pt"
     ck.parent.mkdir()
     ck.write_bytes(b"weights 1")
-    key = {"extraction": "E1", "split": "S1", "slides": ["A", "B"], "skipped": {"m2_x16": "at 16x no tumour patch"},
-           "classifiers": {"m1_x4": {"weights": file_sha256(ck), "checkpoint": "r/classification/m1_x4/best.pt"},
-                           "m1_x16": {"weights": "x", "checkpoint": "r/classification/m1_x16/best.pt"},
-                           "m2_x4": {"weights": "x", "checkpoint": "r/classification/m2_x4/best.pt"}}}
+    key = {
+        "extraction": "E1",
+        "split": "S1",
+        "slides": ["A", "B"],
+        "skipped": {"m2_x16": "at 16x no tumour patch"},
+        "classifiers": {
+            "m1_x4": {"weights": file_sha256(ck), "checkpoint": "r/classification/m1_x4/best.pt"},
+            "m1_x16": {"weights": "x", "checkpoint": "r/classification/m1_x16/best.pt"},
+            "m2_x4": {"weights": "x", "checkpoint": "r/classification/m2_x4/best.pt"},
+        },
+    }
     write_stamp(cls / "predictions.csv", key)
     got, info = load_predictions(run, ["m1", "m2"], [4, 16])
     assert len(got) == len(pred) and info["slides"] == 2 and info["skipped"] == {"m2_x16": "at 16x no tumour patch"}
@@ -132,8 +139,9 @@ def test_summary_and_sweep_file_checks(tmp_path):
     from helpers.run import load_sweep, write_summary
 
     assert write_summary(tmp_path, {}) is None
-    (tmp_path / "report.json").write_text(json.dumps({"rows": [{"quantity": "Dice", "paper": 0.69, "ours": 0.9,
-                                                                 "convention": "pooled"}], "missing": []}))
+    (tmp_path / "report.json").write_text(
+        json.dumps({"rows": [{"quantity": "Dice", "paper": 0.69, "ours": 0.9, "convention": "pooled"}], "missing": []})
+    )
     out = write_summary(tmp_path, {"profile": "demo", "parameters": {"seed": 1}, "seconds": 3.0})
     s = json.loads(out.read_text())
     assert s["numbers"][0]["ours"] == 0.9 and s["parameters"] == {"seed": 1} and s["profile"] == "demo"
@@ -141,10 +149,15 @@ def test_summary_and_sweep_file_checks(tmp_path):
         load_sweep(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("text, match", [("name: x\nentries: []\n", "non-empty list"),
-                                         ("entries: [{a: 1}]\n", "needs 'name'"),
-                                         ("name: x\nentries: [{a: 1}]\nonlyy: [5]\n", "unknown keys"),
-                                         ("name: [\n", "not valid YAML")])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("name: x\nentries: []\n", "non-empty list"),
+        ("entries: [{a: 1}]\n", "needs 'name'"),
+        ("name: x\nentries: [{a: 1}]\nonlyy: [5]\n", "unknown keys"),
+        ("name: [\n", "not valid YAML"),
+    ],
+)
 def test_bad_sweep_files_are_named(tmp_path, text, match):
     from helpers.run import load_sweep
 

@@ -31,9 +31,27 @@ def zoo(tmp_path_factory):
         if not data.exists():
             write_zoo_dataset(shape, data)
         t0 = time.monotonic()
-        p = subprocess.run([sys.executable, "-m", "helpers.run", "--profile", "smoke", "--no-progress", "-p",
-                            "data_dir", str(data), "--run-name", run_name or shape, *extra],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "helpers.run",
+                "--profile",
+                "smoke",
+                "--no-progress",
+                "-p",
+                "data_dir",
+                str(data),
+                "--run-name",
+                run_name or shape,
+                *extra,
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         TIMES[run_name or shape] = time.monotonic() - t0
         return p, root / "runs" / (run_name or shape)
 
@@ -44,7 +62,9 @@ def zoo(tmp_path_factory):
 def text(run_folder, notebook):
     """All stdout and stderr the executed notebook printed (the failed copy if it failed)."""
     nbdir = run_folder / "notebooks"
-    path = next(iter(sorted(nbdir.glob(f"{notebook}_*.failed.ipynb"))), None) or next(iter(sorted(nbdir.glob(f"{notebook}_*.ipynb"))))
+    path = next(iter(sorted(nbdir.glob(f"{notebook}_*.failed.ipynb"))), None) or next(
+        iter(sorted(nbdir.glob(f"{notebook}_*.ipynb")))
+    )
     out = []
     for c in json.loads(path.read_text())["cells"]:
         for o in c.get("outputs", []):
@@ -56,29 +76,34 @@ def last_line(p):
     return (p.stderr.strip().splitlines() or [""])[-1]
 
 
-def test_a_messy_folder_runs_to_the_end(zoo):
+@pytest.fixture(scope="module")
+def mixed(zoo):
+    return zoo("mixed")
+
+
+def test_a_messy_folder_runs_to_the_end(mixed):
     """svs + PNG + JPEG slides, slides without masks, a blank slide, slides smaller than a patch,
     several slides per patient, a labels.csv with a patient column that misses some slides."""
-    p, run = zoo("mixed")
+    p, run = mixed
     assert p.returncode == 0, p.stderr[-3000:]
     t1 = text(run, "01")
     assert "labels.csv rows without a slide" in t1 and "no mask" in t1
     t2 = text(run, "02")
     assert "patients in more than one split: 0" in t2
-    assert "smaller than one 32 px patch at 64x" in t2            # the true cause, not "a smaller stride"
+    assert "smaller than one 32 px patch at 64x" in t2  # the true cause, not "a smaller stride"
     assert "use a smaller stride" not in t2 + text(run, "04")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["numbers"], "notebook 05 wrote no report"
 
 
-def test_unannotated_slides_stop_training_with_one_message_then_take_trained_models(zoo):
+def test_unannotated_slides_stop_training_with_one_message_then_take_trained_models(zoo, mixed):
     p, run = zoo("unannotated")
     assert p.returncode == 1
     msg = last_line(p)
     assert "03_segmentation_training" in msg and "cell 3" in msg and "models_from" in msg, p.stderr[-2000:]
     t1 = text(run, "01")
     assert "labelled                           0" in t1 and "without mpp" in t1
-    assert "labels agree" not in t1                       # nothing to compare, nothing claimed
+    assert "labels agree" not in t1  # nothing to compare, nothing claimed
     # Apply the models trained on the messy folder to these slides: masks, patch classes, votes.
     p, run = zoo("unannotated", "--only", "03", "04", "05", "-p", "models_from", "mixed", run_name="unannotated")
     assert p.returncode == 0, p.stderr[-3000:]

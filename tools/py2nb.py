@@ -23,7 +23,7 @@ def convert(text):
             return
         body = "\n".join(lines).strip("\n")
         if kind == "markdown":
-            body = "\n".join(l[2:] if l.startswith("# ") else l.lstrip("#") for l in body.split("\n"))
+            body = "\n".join(ln[2:] if ln.startswith("# ") else ln.lstrip("#") for ln in body.split("\n"))
             cell = nbformat.v4.new_markdown_cell(body)
         else:
             cell = nbformat.v4.new_code_cell(body)
@@ -51,4 +51,5 @@ def convert(text):
 
 if __name__ == "__main__":
     src, dst = sys.argv[1:3]
-    nbformat.write(convert(open(src).read()), dst)
+    with open(src) as f:
+        nbformat.write(convert(f.read()), dst)

@@ -30,13 +30,19 @@ def main(argv=None):
     from helpers.paths import figures_dir
     from helpers.run import notebooks
 
-    os.environ.pop("MPLBACKEND", None)            # the kernel's default: inline figures
-    os.environ["TQDM_DISABLE"] = "1"              # no progress bars in committed outputs
+    os.environ.pop("MPLBACKEND", None)  # the kernel's default: inline figures
+    os.environ["TQDM_DISABLE"] = "1"  # no progress bars in committed outputs
     for nb in notebooks(args.only):
         t = time.perf_counter()
         print(f"executing {nb.name} ...", flush=True)
-        pm.execute_notebook(str(nb), str(nb), kernel_name="python3", cwd=str(nb.parent), progress_bar=False,
-                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
+        pm.execute_notebook(
+            str(nb),
+            str(nb),
+            kernel_name="python3",
+            cwd=str(nb.parent),
+            progress_bar=False,
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+        )
         print(f"    {time.perf_counter() - t:.0f} s", flush=True)
     out = REPO / "figures"
     out.mkdir(exist_ok=True)

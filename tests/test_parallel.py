@@ -7,12 +7,11 @@ import time
 import numpy as np
 import pytest
 import torch
+from test_train_metrics import _loss, _setup
 
 from helpers.errors import InputError
-from helpers.prefetch import ReadAhead
+from helpers.parallel import ReadAhead
 from helpers.train import fit
-
-from test_train_metrics import _loss, _setup
 
 
 def _read_ahead_threads():
@@ -29,8 +28,8 @@ def test_items_in_order_with_length_and_transform():
     ra = ReadAhead(list(range(50)), depth=3, transform=square)
     assert len(ra) == 50
     assert list(ra) == [v * v for v in range(50)]
-    assert list(ra) == [v * v for v in range(50)]        # iterable again, from the start
-    assert set(seen) == {"read-ahead"}                      # the work ran in the thread
+    assert list(ra) == [v * v for v in range(50)]  # iterable again, from the start
+    assert set(seen) == {"read-ahead"}  # the work ran in the thread
     assert not _read_ahead_threads()
 
 
@@ -60,10 +59,10 @@ def test_a_caller_that_stops_early_stops_the_thread_and_reading_is_bounded():
 
     ra = iter(ReadAhead(endless(), depth=2))
     assert next(ra) == 0
-    time.sleep(0.3)                                  # let the thread run ahead as far as it may
+    time.sleep(0.3)  # let the thread run ahead as far as it may
     # one handed out, two waiting, one made and waiting for room: never the whole stream
     assert len(produced) <= 4
-    ra.close()                                       # what a break or an exception does
+    ra.close()  # what a break or an exception does
     assert not _read_ahead_threads()
 
     with pytest.raises(RuntimeError, match="model failed"):
@@ -83,8 +82,9 @@ def test_training_is_the_same_with_and_without_read_ahead(tmp_path):
     runs = []
     for k, read_ahead in enumerate((0, 2)):
         model, tb, ev, cfg = _setup(tmp_path, epochs=3)
-        h = fit(model, tb, ev, _loss, cfg, tmp_path / str(k), progress=False, log=lambda *_: None,
-                read_ahead=read_ahead)
+        h = fit(
+            model, tb, ev, _loss, cfg, tmp_path / str(k), progress=False, log=lambda *_: None, read_ahead=read_ahead
+        )
         runs.append((h, [p.detach().clone() for p in model.parameters()]))
     (h0, w0), (h1, w1) = runs
     np.testing.assert_array_equal(h0.train_loss, h1.train_loss)
@@ -99,22 +99,22 @@ def test_training_is_the_same_with_and_without_read_ahead(tmp_path):
 
 
 def test_ordered_map_keeps_the_order_bounds_the_work_and_stops_on_errors():
-    from helpers.prefetch import ordered_map
+    from helpers.parallel import ordered_map
 
     started = []
 
     def slow_square(v):
         started.append(v)
-        time.sleep(0.02 * (v % 3))      # finishing out of order
+        time.sleep(0.02 * (v % 3))  # finishing out of order
         return v * v
 
     assert list(ordered_map(slow_square, range(20), workers=3)) == [v * v for v in range(20)]
 
     started.clear()
-    it = ordered_map(slow_square, range(10 ** 6), workers=2, ahead=1)
+    it = ordered_map(slow_square, range(10**6), workers=2, ahead=1)
     assert next(it) == 0
     time.sleep(0.2)
-    assert len(started) <= 4            # never the whole input: two workers, one ahead, one handed out
+    assert len(started) <= 4  # never the whole input: two workers, one ahead, one handed out
     it.close()
     assert not _read_ahead_threads()
 

@@ -1,4 +1,4 @@
-"""Read ahead: produce the items of an iterable in a background thread while the caller works.
+"""Parallel work: read ahead in a thread, and an ordered map over threads or worker processes.
 
 Training (notebooks 03 and 04) and whole-slide inference (notebook 03) alternate two kinds of
 work: the host gathers the next batch (memory-mapped patches, a slide strip) and the model
@@ -114,7 +114,7 @@ def _die_with_parent():
         import ctypes
         import signal
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
@@ -138,7 +138,7 @@ def process_pool(workers, initializer=None):
         if initializer is not None:
             initializer()
 
-    if method != "fork":           # a spawned worker cannot run a closure
+    if method != "fork":  # a spawned worker cannot run a closure
         init = initializer
     return ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=init)
 
@@ -146,16 +146,22 @@ def process_pool(workers, initializer=None):
 def _death_cause(pool):
     """How a dead worker of ``pool`` ended, in words (from its exit code, where it is known)."""
     import signal
+    import time
 
-    codes = [p.exitcode for p in list((getattr(pool, "_processes", None) or {}).values())
-             if getattr(p, "exitcode", None) not in (None, 0)]
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    deadline = time.monotonic() + 3.0  # the pool's own thread may be reaping them right now
+    while any(getattr(p, "exitcode", 0) is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    codes = [p.exitcode for p in procs if getattr(p, "exitcode", None) not in (None, 0)]
     # The pool terminates (SIGTERM) the other workers once one has died: that one comes first.
     for code in sorted(codes, key=lambda c: c == -signal.SIGTERM):
         if code < 0:
             sig = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-            hint = {"SIGKILL": "most often the out-of-memory killer: use fewer workers or free memory",
-                    "SIGBUS": "most often a full disk under a memory-mapped file: free space",
-                    "SIGSEGV": "a crash in native code"}.get(sig, "")
+            hint = {
+                "SIGKILL": "most often the out-of-memory killer: use fewer workers or free memory",
+                "SIGBUS": "most often a full disk under a memory-mapped file: free space",
+                "SIGSEGV": "a crash in native code",
+            }.get(sig, "")
             return f"killed by {sig}" + (f" ({hint})" if hint else "")
         return f"exited with code {code}"
     return "ended abruptly (killed, most often by the out-of-memory killer: use fewer workers or free memory)"
