@@ -29,7 +29,7 @@ from .provenance import file_fingerprint, key_hash
 from .slides import MASK_KINDS
 
 #: Bump when extraction changes in a way that changes a cache's content.
-EXTRACTOR_VERSION = 4
+EXTRACTOR_VERSION = 5
 
 TABLE_COLUMNS = [
     "case_id",

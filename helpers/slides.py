@@ -41,6 +41,8 @@ SLIDE_SUFFIXES = (
 WSI_ONLY_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm")
 #: The largest plain image opened (loaded whole): 16,384 x 16,384 px.
 MAX_PLAIN_PIXELS = 2**28
+#: Relative difference under which a pyramid level's downsample counts as the one asked for.
+LEVEL_TOLERANCE = 0.005
 #: The largest region read at once (1 Gpx, 3 GB of RGB): a bigger one is a parameter mistake.
 MAX_READ_PIXELS = 2**30
 #: Name endings of PAIP 2019 mask files, which are never taken for slides.
@@ -262,13 +264,17 @@ class Slide:
     def best_level(self, downsample):
         """The pyramid level to read for ``downsample``: the coarsest that is not coarser.
 
+        A level within :data:`LEVEL_TOLERANCE` of the wanted factor counts as that factor: a
+        scanner's level 1 of a slide whose side does not divide by 4 is 4.002 times smaller, not
+        4, and reading level 0 instead would decode 16 times more pixels for the same patch.
+
         Args:
             downsample: the wanted downscale factor relative to level 0 (>= 1).
         """
         downsample = float(downsample)
         best = 0
         for i, d in enumerate(self.level_downsamples):
-            if d <= downsample * (1 + 1e-6):
+            if d <= downsample * (1 + LEVEL_TOLERANCE):
                 best = i
         return best
 
@@ -295,8 +301,10 @@ class Slide:
         width, height = int(width), int(height)
         level = self.best_level(downsample)
         f = downsample / self.level_downsamples[level]
-        lw, lh = math.ceil(width * f - 1e-6), math.ceil(height * f - 1e-6)
         k = round(f)
+        if k >= 1 and abs(f - k) <= LEVEL_TOLERANCE * f:
+            f = k  # a level a fraction of a percent off: its pixels are the patch's (< 1 px over 224)
+        lw, lh = math.ceil(width * f - 1e-6), math.ceil(height * f - 1e-6)
         integral = abs(f - k) < 1e-6 and lw == width * k and lh == height * k
         if lw * lh > MAX_READ_PIXELS:
             raise InputError(

@@ -120,7 +120,7 @@ def test_closed_slide_read_raises(cmu_slide):
 def test_pyramid_best_level(small_dataset):
     with Slide(small_dataset / "tiny_t1.svs") as s:
         assert s.level_downsamples == [1.0, 4.0, 16.0]
-        assert [s.best_level(d) for d in (1, 2, 3.99, 4, 7.5, 16, 64)] == [0, 0, 0, 1, 1, 2, 2]
+        assert [s.best_level(d) for d in (1, 2, 3.9, 3.99, 4, 7.5, 16, 64)] == [0, 0, 0, 1, 1, 1, 2, 2]
         # A read at 7.5 (level 1, factor 1.875) agrees with a reduced level-0 read.
         a = s.read_region(512, 512, 64, 64, downsample=7.5)
         ref = np.asarray(Image.fromarray(s.read_region(512, 512, 480, 480)).resize((64, 64), Image.BOX))
@@ -356,3 +356,19 @@ def test_missing_mpp_is_warned_once_per_slide(tmp_path):
 def test_an_impossibly_large_read_is_refused_as_a_parameter_problem(cmu):
     with pytest.raises(InputError, match="too large to read at once.*smaller patch_size"):
         cmu.read_region(0, 0, 100_000, 100_000)
+
+
+def test_levels_a_fraction_of_a_percent_off_are_read_as_the_scale(small_dataset, tmp_path):
+    """A slide whose side does not divide by 4 has a level 1 at 4.002x, not 4x: a 4x read must
+    come from level 1 (not decode level 0, 16 times the pixels), and match it pixel for pixel."""
+    from helpers.synthetic import CaseSpec, write_case
+
+    paths = write_case(CaseSpec("odd", 2050, 1030, True, 5), tmp_path)
+    with Slide(paths["slide"]) as s:
+        ds1 = s.level_downsamples[1]
+        assert 4 < ds1 < 4.01
+        assert s.best_level(4) == 1
+        x, y = 400, 240  # level-1 pixel (99.85, 59.9): the read starts at level-1 pixel (99, 59)
+        a = s.read_region(x, y, 64, 48, downsample=4)
+        # level 1's own pixels, decoded tile by tile: no resampling
+        np.testing.assert_array_equal(a, s.read_region(0, 0, 512, 257, downsample=ds1)[59:107, 99:163])
