@@ -1,19 +1,27 @@
 """Shared plumbing for the PAIP 2019 reproduction notebooks.
 
-Layering (imports only point down):
+Layering: at module level, a module imports only modules listed before it (the one-call steps
+of notebooks 03-05, such as ``train_classifiers``, import later ones inside the function).
 
-- ``paths``, ``errors``: where things live, and the one error type for bad input.
-- ``synthetic``, ``slides``: the built-in demo data and slide/mask I/O (no torch).
-- ``patches``, ``splits``, ``augment``: streaming patch extraction, caches, slide-level
-  splits, the paper's augmentations.
-- ``metrics``, ``train``: the paper's Dice loss and Dice/Jaccard conventions, classification
-  metrics; the shared training loop (checkpoints, resume, plateau schedule, early stop).
-- ``unetpp``, ``inference``: the paper's UNet++ with deep supervision; whole-slide
-  prediction stitched at a downscale.
-- ``models``: the paper's networks; ImageNet weights from the hub or a local file, failing
-  fast and clearly offline.
-- ``figures``, ``setup``, ``progress``: plotting utilities, notebook set-up (seeds,
-  versions), progress bars.
+- ``paths``, ``errors``, ``progress``: where things live, the one error type for bad input
+  (and ``DiskFullError``), progress bars.
+- ``atomic``, ``params``, ``provenance``: atomic writes, every notebook parameter checked in one
+  place, provenance keys of derived results (content, never absolute paths).
+- ``slides``, ``dataset``, ``synthetic``, ``tissue``: slide and mask I/O without holding a level,
+  the dataset contract (slides, masks, labels, patients), the built-in demo data and dataset
+  zoo, tissue detection (no torch in this group).
+- ``parallel``, ``handles``, ``caches``, ``maskcounts``, ``patches``, ``splits``, ``augment``:
+  ordered maps over threads or processes that never hang on a dead worker, per-process open
+  files, patch caches and their keys, mask count maps, streaming patch extraction, splits by
+  patient, the paper's augmentations.
+- ``notebook``, ``distributed``, ``metrics``, ``train``, ``jobs``: notebook set-up (seeds,
+  versions, the run), DDP on ``torch.distributed``, the paper's losses and metrics, the shared
+  training loop (exact resume), training jobs as JSON specs.
+- ``models``, ``unetpp``, ``segmentation``, ``inference``, ``classify``, ``voting``: the paper's
+  networks (ImageNet weights failing fast offline), UNet++ with deep supervision, the data and
+  steps of notebooks 03 and 04, whole-slide prediction stitched at a downscale, majority
+  voting (eq. 3-5).
+- ``figures``: plotting utilities and the guard that keeps a figure cell from ending a run.
 - ``run``: the papermill runner that executes the numbered notebooks in order.
 """
 

@@ -252,3 +252,41 @@ def describe_cases(cases, data_dir=None):
         lf = read_labels(Path(data_dir) / "labels.csv")
         out["labels.csv rows without a slide"] = len(set(lf.labels) - {c.case_id for c in cases})
     return out
+
+
+def check_masks(cases, step=8):
+    """Check the two masks of every slide that has both (viable inside whole) and compare the
+    masks' tumour with ``labels.csv``; notebook 01's section 4.
+
+    Args:
+        cases: :class:`Case` objects.
+        step: read every ``step``-th mask pixel.
+
+    Returns:
+        ``(table, problems)``: one row per slide with both masks (``viable outside whole %``,
+        ``consistent``, ``label (mask)``, ``label (csv)``), and one line per inconsistent slide
+        saying what is wrong and what to do.
+    """
+    import pandas as pd
+
+    from .slides import Mask, Slide, check_viable_inside_whole
+
+    rows, problems = [], []
+    for c in cases:
+        if c.whole is None or c.viable is None:
+            continue
+        with Slide(c.slide) as s, Mask(c.whole, s.dimensions) as w, Mask(c.viable, s.dimensions) as v:
+            r = check_viable_inside_whole(w, v, step=step, warn=False)
+        rows.append(
+            {
+                "slide": c.case_id,
+                "viable outside whole %": round(100 * r["viable_outside"], 2),
+                "consistent": r["ok"],
+                "label (mask)": int(r["whole_px"] > 0),
+                "label (csv)": c.label,
+            }
+        )
+        if not r["ok"]:
+            problems.append(f"{c.case_id}: {r['message']}")
+    columns = ["slide", "viable outside whole %", "consistent", "label (mask)", "label (csv)"]
+    return pd.DataFrame(rows, columns=columns), problems

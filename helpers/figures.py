@@ -212,3 +212,37 @@ def figure4_panels(run, canvases, out_downsample, limit=4):
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def thumbnail_grid(cases, size=256, limit=15, ncol=5):
+    """Notebook 01's thumbnails: an evenly spaced sample of at most ``limit`` slides, each with
+    its whole (green) and viable (blue) tumour masks read at the thumbnail's scale.
+
+    Returns:
+        ``(figure, number of slides shown)``.
+    """
+    import matplotlib.pyplot as plt
+
+    from .slides import Mask, Slide
+
+    shown = cases[:: max(1, -(-len(cases) // limit))][:limit]
+    ncol = min(ncol, len(shown))
+    nrow = -(-len(shown) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.3 * ncol, 2.4 * nrow), squeeze=False)
+    for ax, c in zip(axes.ravel(), shown):
+        with Slide(c.slide) as s:
+            th, ds = s.thumbnail(size)
+            masks = []
+            for m in (c.whole, c.viable):
+                if m is None:
+                    masks.append(np.zeros(th.shape[:2], np.uint8))
+                    continue
+                with Mask(m, s.dimensions) as mk:
+                    masks.append(mk.read(0, 0, th.shape[1], th.shape[0], downsample=ds))
+        ax.imshow(overlay_masks(th, masks, [(40, 170, 60), (40, 70, 220)]))
+        ax.set_title(f"{c.case_id} (label {'?' if c.label is None else c.label})", fontsize=8)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.suptitle(f"{len(shown)} of {len(cases)} slides, whole (green) and viable (blue) tumour", y=1.0)
+    fig.tight_layout()
+    return fig, len(shown)

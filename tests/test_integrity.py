@@ -12,8 +12,8 @@ import pytest
 
 import helpers.patches as hp
 from helpers.dataset import list_cases
-from helpers.patches import extract_slide
 from helpers.parallel import WorkerDied
+from helpers.patches import extract_slide
 
 REPO = Path(__file__).resolve().parent.parent
 
