@@ -24,7 +24,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 	TQDM_DISABLE=1 $(PY) -m pytest tests -q
-	TQDM_DISABLE=1 $(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider notebooks -q
+	# nbval executes the notebooks into a fresh runs folder: a demo run already in runs/ would be
+	# reused ("reusing its prediction ...") and its outputs would differ from the committed ones
+	runs=$$(mktemp -d) && trap 'rm -rf "$$runs"' EXIT && PAIP_REPRO_RUNS="$$runs" TQDM_DISABLE=1 \
+		$(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider notebooks -q
 
 lint: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -223,8 +223,8 @@ def method_ours(folder, scale, workers, tmp_root, **_):
     from helpers.dataset import list_cases
     from helpers.handles import forget_inherited
     from helpers.maskcounts import mask_count_map
-    from helpers.patches import extract_slide
     from helpers.parallel import process_pool
+    from helpers.patches import extract_slide
 
     case = list_cases(folder)[0]
     Path(tmp_root).mkdir(parents=True, exist_ok=True)

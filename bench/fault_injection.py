@@ -99,8 +99,12 @@ def fingerprint(run):
                 h.update(k.encode())
                 h.update(state[k].numpy().tobytes())
             out[f"weights {name}"] = h.hexdigest()[:16]
-    for p in sorted(seg.glob("*_prob.npy")) + sorted(seg.glob("metrics.csv")):
+    for p in sorted(seg.glob("*_prob.npy")):
         out[p.name] = sha(p)
+    if (seg / "metrics.csv").exists():
+        import pandas as pd
+
+        out["metrics.csv"] = pd.read_csv(seg / "metrics.csv").drop(columns=["seconds"]).to_csv(index=False)
     return out
 
 
@@ -179,6 +183,10 @@ def trial(target, number, env, data, run_name, window, hang_seconds, reference):
     victims = []
     kernel = kernel_of(proc.pid)
     workers = children(kernel) if kernel else []
+    deadline = time.monotonic() + window[1]
+    while target == "worker" and not workers and kernel and time.monotonic() < deadline:
+        time.sleep(0.05)  # a worker exists only while a slide is being cut
+        workers = children(kernel)
     if target == "runner":
         victims = [proc.pid]
     elif target == "kernel" and kernel:
@@ -226,6 +234,8 @@ def trial(target, number, env, data, run_name, window, hang_seconds, reference):
         "hang": hang,
         "exit_s": exit_s,
         "message": err[-1] if err else "",
+        # the one line names the cause (a killed runner has nobody left to say anything)
+        "told": None if target == "runner" or not killed else ("SIGKILL" in (err[-1] if err else "")),
         "left_procs": len(left_procs),
         "rerun_ok": rerun.returncode == 0,
         "diff": diff,
@@ -270,6 +280,7 @@ def disk_full(env, data, root, reference):
             "hang": False,
             "exit_s": 0.0,
             "message": message,
+            "told": "is full" in message and first.returncode != 0,
             "left_procs": 0,
             "first_failed": first.returncode != 0,
             "one_line": "is full" in message,
@@ -289,11 +300,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     random.seed(args.seed)
-    from helpers.synthetic import write_zoo_dataset
+    from helpers.synthetic import CaseSpec, ensure_demo_dataset
 
     root = Path(tempfile.mkdtemp(prefix="paip-faults-"))
     env = {**os.environ, "PAIP_REPRO_RUNS": str(root / "runs"), "TQDM_DISABLE": "1", "MPLBACKEND": "Agg"}
-    data = write_zoo_dataset("case_labels", root / "data")
+    cases = [CaseSpec(f"f{i}", 2900 + 90 * i, 3100 - 70 * i, i % 2 == 0, 40 + i, patient_id=f"P{i}") for i in range(6)]
+    data = ensure_demo_dataset(root / "data", cases=cases, workers=2, progress=False)
     t0 = time.monotonic()
     ref = subprocess.run(
         [sys.executable, "-m", "helpers.run", *ARGS, "-p", "data_dir", str(data), "--run-name", "reference"],
@@ -306,13 +318,16 @@ def main(argv=None):
         sys.exit(f"the uninterrupted reference run failed:\n{ref.stderr[-2000:]}")
     t_ref = time.monotonic() - t0
     reference = fingerprint(root / "runs" / "reference")
+    took = json.loads((root / "runs" / "reference" / "params.json").read_text())["finished_notebooks"]
+    seconds = {name[:2]: v["seconds"] for name, v in took.items()}
     print(f"reference run: {t_ref:.0f} s, {len(reference)} results fingerprinted", flush=True)
     scenarios = [("runner", "02"), ("kernel", "02"), ("worker", "02"), ("runner", "03"), ("kernel", "03")]
     rows = []
     for target, nb in scenarios:
         res = []
         for k in range(args.trials):
-            r = trial(target, nb, env, data, f"{target}-{nb}-{k}", (2.0, 10.0), args.hang_seconds, reference)
+            window = (0.1 * seconds[nb], 0.9 * seconds[nb])  # a moment within the notebook's run
+            r = trial(target, nb, env, data, f"{target}-{nb}-{k}", window, args.hang_seconds, reference)
             res.append(r)
             print(
                 f"  {target} in {nb} #{k + 1}: {json.dumps({k_: v for k_, v in r.items() if k_ != 'diff'})[:300]}"
@@ -322,18 +337,23 @@ def main(argv=None):
         rows.append((f"SIGKILL {target}, notebook {nb}", res))
     rows.append(("disk full in notebook 02, then grown", [disk_full(env, data, root, reference)]))
     lines = [
-        "| scenario | trials | kills landed | hangs | slowest end (s) | processes left | reruns finished | "
-        "results differing | stale results | temporary files left |",
-        "|" + " --- |" * 10,
+        "| scenario | trials | kills landed | hangs | slowest end (s) | one line naming the cause | processes left | "
+        "reruns finished | results differing | stale results | temporary files left |",
+        "|" + " --- |" * 11,
     ]
+
+    def told(ok):
+        asked = [r["told"] for r in ok if r.get("told") is not None]
+        return f"{sum(asked)} of {len(asked)}" if asked else "n/a"
+
     for name, res in rows:
         ok = [r for r in res if "error" not in r]
         if not ok:
-            lines.append(f"| {name} | 0 | {res[0].get('error', '')} |" + " |" * 7)
+            lines.append(f"| {name} | 0 | {res[0].get('error', '')} |" + " |" * 8)
             continue
         lines.append(
             f"| {name} | {len(ok)} | {sum(r['killed'] for r in ok)} | {sum(r['hang'] for r in ok)} | "
-            f"{max(r['exit_s'] for r in ok):.1f} | {sum(r['left_procs'] for r in ok)} | "
+            f"{max(r['exit_s'] for r in ok):.1f} | {told(ok)} | {sum(r['left_procs'] for r in ok)} | "
             f"{sum(r['rerun_ok'] for r in ok)} | {sum(bool(r['diff']) for r in ok)} | "
             f"{sum(r['stale'] for r in ok)} | {sum(r['left_files'] for r in ok)} |"
         )

@@ -41,9 +41,11 @@ MODELS = ("efficientnet_b0", "resnet50", "unetpp_paper")
 
 def load_patches(run, n):
     """The first ``n`` kept 1x patches (and masks) of the demo run's training slides."""
-    folders = sorted(glob.glob(str(REPO / "runs" / run / "patches" / "*" / "x1_*")))
+    from helpers.paths import run_dir
+
+    folders = sorted(glob.glob(str(run_dir(run) / "patches" / "*" / "x1_*")))
     if not folders:
-        sys.exit(f"no patch caches under runs/{run}/patches: run notebook 02 first (python -m helpers.run --only 02)")
+        sys.exit(f"no patch caches under {run_dir(run)}/patches: run notebook 02 first (helpers.run --only 02)")
     xs, ms = [], []
     for f in folders:
         ps = load_patch_set(f)
@@ -117,9 +119,10 @@ def seg_source(run, batch, n):
 
     from helpers.caches import load_extraction_record
     from helpers.dataset import list_cases
+    from helpers.paths import run_dir
     from helpers.segmentation import load_segmentation_patches, segmentation_batches
 
-    folder = REPO / "runs" / run
+    folder = run_dir(run)
     rec = load_extraction_record(folder)
     data_dir, params = rec["data_dir"], rec["params"]
     split = pd.read_csv(folder / "split.csv")
@@ -135,8 +138,9 @@ def cls_source(run, batch, n, scale=4):
     from helpers.caches import load_extraction_record
     from helpers.classify import class_batches, load_class_patches
     from helpers.dataset import list_cases
+    from helpers.paths import run_dir
 
-    folder = REPO / "runs" / run
+    folder = run_dir(run)
     rec = load_extraction_record(folder)
     data_dir, params = rec["data_dir"], rec["params"]
     split = pd.read_csv(folder / "split.csv")
