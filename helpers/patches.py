@@ -39,7 +39,7 @@ from .caches import (
     stores_masks,
     too_small_reason,
 )
-from .errors import DiskFullError, InputError, check_positive, disk_full
+from .errors import DiskFullError, InputError, check_positive, disk_full, is_disk_full
 from .handles import forget_inherited, open_cached
 from .maskcounts import COUNT_BLOCK, fractions_from_counts, mask_count_map
 from .parallel import WorkerDied, ordered_map, process_pool
@@ -140,6 +140,8 @@ def _extract_rows_job(args):
     except InputError:
         raise
     except Exception as exc:  # any error must survive pickling back to the parent
+        if is_disk_full(exc):  # a full disk is the one DiskFullError, from a worker too
+            raise disk_full(args[7] or args[0], f"the {args[1]}x patches of {Path(args[0]).stem}") from None
         raise InputError(f"{type(exc).__name__}: {exc}") from None
 
 
@@ -288,8 +290,6 @@ def _write_cache(case, scale, cache_root, params, pool, workers, rows, cols, ste
                     if progress is not None:
                         progress.update(1)
     except OSError as exc:
-        from .errors import is_disk_full
-
         if is_disk_full(exc):
             raise disk_full(tmp, f"the {scale}x patches of {case.case_id}") from None
         raise

@@ -180,3 +180,23 @@ def test_caches_survive_a_moved_dataset(small_dataset, tmp_path):
         (moved / f"tiny_t1{suffix}").write_bytes((small_dataset / f"tiny_t2{suffix}").read_bytes())
     third, _ = extract_dataset(list_cases(moved), [4], tmp_path / "cache", workers=1, progress=False)
     assert not third.set_index("case_id").from_cache["tiny_t1"]
+
+
+def test_a_full_disk_in_an_extraction_worker_is_the_one_disk_full_error(monkeypatch, tmp_path):
+    """A worker that hits ENOSPC used to come back as "InputError: OSError: [Errno 28] ...": the
+    parent could not tell it from bad input. It is the DiskFullError, and survives pickling."""
+    import errno
+    import pickle
+
+    import helpers.patches as hp
+    from helpers.errors import DiskFullError
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hp, "extract_rows", full)
+    args = (str(tmp_path / "s1.svs"), 4, 0, 2, {}, None, None, str(tmp_path), None)
+    with pytest.raises(DiskFullError) as info:
+        hp._extract_rows_job(args)
+    back = pickle.loads(pickle.dumps(info.value))  # how it reaches the parent from a process
+    assert isinstance(back, DiskFullError) and "is full" in str(back) and "4x patches of s1" in str(back)
