@@ -340,7 +340,8 @@ def _running_cell(path):
     # (papermill saves the partial notebook now and then, so it may not show that it started).
     for i, c in enumerate(nb.cells):
         if c.cell_type == "code" and "shell.execute_reply" not in c.get("metadata", {}).get("execution", {}):
-            return i, (c.source.strip().splitlines() or [""])[0][:60]
+            code = [ln for ln in c.source.strip().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+            return i, (code or c.source.strip().splitlines() or [""])[0][:60]  # its first line of code
     return None, ""
 
 
@@ -394,6 +395,9 @@ def execute(nb, out_dir, parameters, folder, progress=True):
     def stop(signum, frame):
         raise _Interrupted(signal.Signals(signum).name)
 
+    # A runner killed outright (SIGKILL, a scheduler) cleaned nothing: its kernel's temporaries
+    # (a figure, a cache being written) are removed before this run starts.
+    _remove_temporaries(folder)
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     message = None
     try:
@@ -431,9 +435,14 @@ def execute(nb, out_dir, parameters, folder, progress=True):
             _kill(km.pid)
             if tmp.exists():
                 os.replace(tmp, failed)
-            for d, _, _ in os.walk(folder):  # symlinked inputs (sweeps) are not entered
-                remove_stale_temporaries(d)
+            _remove_temporaries(folder)
     return message
+
+
+def _remove_temporaries(folder):
+    """Remove the temporaries a killed run left anywhere in its run folder."""
+    for d, _, _ in os.walk(folder):  # symlinked inputs (sweeps) are not entered
+        remove_stale_temporaries(d)
 
 
 def _kill(pid):

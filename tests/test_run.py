@@ -170,3 +170,16 @@ def test_a_sweep_entry_never_writes_into_its_base_run(tmp_path):
     (base / "segmentation").rmdir()
     with pytest.raises(InputError, match="base_run 'base' lacks \\['segmentation'\\]"):
         runner.link_inputs(base, tmp_path / "entry2", nbs)
+
+
+def test_a_rerun_after_a_killed_runner_removes_what_its_kernel_left(tmp_path, monkeypatch):
+    """A runner killed by SIGKILL cleans nothing up; the kernel it took with it may have been half
+    way through a figure. The rerun removes those temporaries before it starts (the fault-injection
+    script found one left in figures/ after a rerun that had otherwise finished)."""
+    runs = _fake_series(tmp_path, monkeypatch, "print('fine')")
+    stale = runs / "r" / "figures" / ".02_kept_and_labels.png.ab12cd.tmp.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a png")
+    assert runner.main(["--no-progress", "--run-name", "r"]) == 0
+    assert not stale.exists()
+    assert not [p for p in (runs / "r").rglob("*") if ".tmp" in p.name or p.name.endswith(".running.ipynb")]
