@@ -235,7 +235,11 @@ def trial(target, number, env, data, run_name, window, hang_seconds, reference):
         "exit_s": exit_s,
         "message": err[-1] if err else "",
         # the one line names the cause (a killed runner has nobody left to say anything)
-        "told": None if target == "runner" or not killed else ("SIGKILL" in (err[-1] if err else "")),
+        # (a kill that lands as the kernel shuts down after the last cell leaves a finished run: rc 0)
+        "told": None
+        if target == "runner" or not killed or proc.returncode == 0
+        else ("SIGKILL" in (err[-1] if err else "")),
+        "rc": proc.returncode,
         "left_procs": len(left_procs),
         "rerun_ok": rerun.returncode == 0,
         "diff": diff,
