@@ -20,8 +20,8 @@ mount, skipped otherwise). Each kill scenario runs ``--trials`` times.
 
 Usage::
 
-    .venv/bin/python bench/fault_injection.py --trials 20     # ~25 minutes on 2 cores
-    .venv/bin/python bench/fault_injection.py --trials 2      # a quick look
+    .venv/bin/python bench/fault_injection.py --trials 20     # about an hour on 2 cores
+    .venv/bin/python bench/fault_injection.py --trials 3      # a quick look, ~10 minutes
 
 Prints one table and writes it to ``bench/results/fault_injection_<time>.md``.
 """
