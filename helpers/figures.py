@@ -103,17 +103,15 @@ def patch_grid(ax_row, patches, titles=None):
                 ax.set_title(titles[i], fontsize=7)
 
 
-def heatmap_panels(run, pred, model, case_ids, regions=None, region_size=0, size=384):
-    """Notebook 05's heatmaps: per slide, one panel per scale with each patch's tumour
-    probability over the slide, and the ground truth (when the slide has a mask).
+def heatmap_panels(run, pred, case_ids, size=192):
+    """Notebook 05's heatmaps: per slide (a row), each classifier's tumour probability per
+    patch (a column per model and scale; patches do not overlap, so each cell is one patch's
+    probability), and the ground truth; one shared colour bar.
 
     Args:
         run: the :class:`helpers.notebook.Run`.
-        pred: the prediction table.
-        model: whose predictions to draw.
+        pred: the prediction table (``model``, ``scale``, ``x``, ``y``, ``footprint``, ``prob``).
         case_ids: the slides (one row each).
-        regions: region votes indexed by unit (``final`` column) to outline, or ``None``.
-        region_size: their side in level-0 px.
         size: the longer side of each panel's thumbnail.
 
     Returns:
@@ -124,53 +122,44 @@ def heatmap_panels(run, pred, model, case_ids, regions=None, region_size=0, size
     from .segmentation import mask_fraction_map
     from .slides import Slide
 
-    scales = sorted(pred.loc[pred.model == model, "scale"].unique())
-    fig, axes = plt.subplots(
-        len(case_ids), len(scales) + 1, figsize=(2.6 * (len(scales) + 1), 2.6 * len(case_ids)), squeeze=False
-    )
+    keys = sorted({(m, int(s)) for m, s in zip(pred.model, pred.scale)})
+    ncol = len(keys) + 1
+    fig, axes = plt.subplots(len(case_ids), ncol, figsize=(1.75 * ncol + 0.6, 1.9 * len(case_ids)), squeeze=False)
+    image = None
     for i, cid in enumerate(case_ids):
         case = run.cases[cid]
         with Slide(case.slide, verify=False) as s:
             thumb, d = s.thumbnail(size)
             W, H = s.dimensions
-        for j, sc in enumerate(scales):
+        gray = thumb.mean(2)
+        for j, (model, sc) in enumerate(keys):
             ax = axes[i, j]
-            ax.imshow(thumb)
+            heat = np.full(gray.shape, np.nan, np.float32)
             sub = pred[(pred.case_id == cid) & (pred.model == model) & (pred.scale == sc)]
             for r in sub.itertuples():
-                ax.add_patch(
-                    plt.Rectangle(
-                        (r.x / d, r.y / d),
-                        r.footprint / d,
-                        r.footprint / d,
-                        color=plt.cm.coolwarm(r.prob),
-                        alpha=0.45,
-                        lw=0,
-                    )
-                )
-            if regions is not None and region_size:
-                for u, row in regions[regions.index.str.startswith(cid + ":")].iterrows():
-                    rr, cc = u.rsplit(":r", 1)[1].split("c")
-                    ax.add_patch(
-                        plt.Rectangle(
-                            (int(cc) * region_size / d, int(rr) * region_size / d),
-                            region_size / d,
-                            region_size / d,
-                            fill=False,
-                            lw=1.0,
-                            ec="tab:red" if row["final"] else "0.4",
-                        )
-                    )
-            ax.set_title(f"{cid}: {model} {sc}x ({len(sub)})", fontsize=7)
+                y0, x0 = int(r.y / d), int(r.x / d)
+                y1, x1 = int((r.y + r.footprint) / d), int((r.x + r.footprint) / d)
+                heat[y0:y1, x0:x1] = r.prob
+            ax.imshow(gray, cmap="gray", vmin=0, vmax=255)
+            image = ax.imshow(heat, cmap="coolwarm", vmin=0, vmax=1, alpha=0.85, interpolation="nearest")
+            if i == 0:
+                ax.set_title(f"{'EffNet-B0' if model.startswith('eff') else 'ResNet-50'} {sc}x", fontsize=8)
         ax = axes[i, -1]
         mp = case.mask_path(run.params.label_mask)
+        ax.imshow(gray, cmap="gray", vmin=0, vmax=255)
         if mp is not None:
-            cell = max(1, int(d))
-            ax.imshow(mask_fraction_map(mp, (W, H), cell) > 0.5, cmap="gray_r", vmin=0, vmax=1)
-        ax.set_title("ground truth" if mp is not None else "no mask", fontsize=7)
+            truth = mask_fraction_map(mp, (W, H), max(1, int(d)))[: gray.shape[0], : gray.shape[1]]
+            ax.imshow(np.where(truth > 0.5, 1.0, np.nan), cmap="coolwarm", vmin=0, vmax=1, alpha=0.85)
+        if i == 0:
+            ax.set_title("ground truth" if mp is not None else "no mask", fontsize=8)
+        axes[i, 0].set_ylabel(cid, fontsize=8)
         for ax in axes[i]:
-            ax.axis("off")
-    fig.tight_layout()
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    if image is not None:
+        cax = fig.add_axes((0.94, 0.15, 0.012, 0.7))
+        fig.colorbar(image, cax=cax, label="tumour probability (truth: red)")
     return fig
 
 
@@ -214,9 +203,14 @@ def figure4_panels(run, canvases, out_downsample, limit=4):
     return fig
 
 
+#: Overlay colours of the two PAIP masks (RGB): far from H&E pink and from pen-mark inks.
+MASK_COLOURS = {"whole": (235, 200, 0), "viable": (220, 20, 60)}
+
+
 def thumbnail_grid(cases, size=256, limit=15, ncol=5):
     """Notebook 01's thumbnails: an evenly spaced sample of at most ``limit`` slides, each with
-    its whole (green) and viable (blue) tumour masks read at the thumbnail's scale.
+    its whole (yellow) and viable (red) tumour masks read at the thumbnail's scale, with a
+    legend (colours chosen apart from the blue, green and black of pen marks on slides).
 
     Returns:
         ``(figure, number of slides shown)``.
@@ -239,10 +233,15 @@ def thumbnail_grid(cases, size=256, limit=15, ncol=5):
                     continue
                 with Mask(m, s.dimensions) as mk:
                     masks.append(mk.read(0, 0, th.shape[1], th.shape[0], downsample=ds))
-        ax.imshow(overlay_masks(th, masks, [(40, 170, 60), (40, 70, 220)]))
+        ax.imshow(overlay_masks(th, masks, [MASK_COLOURS["whole"], MASK_COLOURS["viable"]], thickness=2))
         ax.set_title(f"{c.case_id} (label {'?' if c.label is None else c.label})", fontsize=8)
     for ax in axes.ravel():
         ax.axis("off")
-    fig.suptitle(f"{len(shown)} of {len(cases)} slides, whole (green) and viable (blue) tumour", y=1.0)
+    fig.suptitle(f"{len(shown)} of {len(cases)} slides with their tumour masks", y=1.0)
+    handles = [
+        plt.Rectangle((0, 0), 1, 1, fc=np.array(MASK_COLOURS[k]) / 255, ec="none", label=f"{k} tumour (_{k} mask)")
+        for k in ("whole", "viable")
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.03))
     fig.tight_layout()
     return fig, len(shown)

@@ -118,3 +118,63 @@ def classification_report(y_true, y_pred):
         "specificity": tn / (tn + fp) if tn + fp else float("nan"),
         "confusion": cm,
     }
+
+
+def majority_baseline(y_true):
+    """The accuracy of calling every unit the more common class of ``y_true`` (NaN when empty).
+
+    A classifier is read against this number, not against 50 %: on a test set that is 56 %
+    non-tumour, a model that always answers "non-tumour" scores 56 %.
+    """
+    t = np.asarray(y_true).astype(int)
+    if not t.size:
+        return float("nan")
+    share = float(t.mean())
+    return max(share, 1 - share)
+
+
+def bootstrap_interval(correct, groups, n_boot=2000, level=0.95, seed=0):
+    """A percentile bootstrap interval of an accuracy, resampling whole groups (slides).
+
+    Patches of one slide are not independent (same stain, same tumour), so the interval
+    resamples the test *slides* with replacement and pools their patches each time.
+
+    Args:
+        correct: 0/1 per unit (patch or region): whether it was classified correctly.
+        groups: the group (slide id) of each unit.
+        n_boot: bootstrap draws.
+        level: the interval's coverage.
+        seed: the draws' seed (intervals are reproducible).
+
+    Returns:
+        ``(low, high)``, or ``(nan, nan)`` without units.
+    """
+    c = np.asarray(correct, float)
+    g = np.asarray(groups)
+    if c.shape != g.shape:
+        raise InputError(f"correct {c.shape} and groups {g.shape} differ in shape")
+    if not c.size:
+        return float("nan"), float("nan")
+    _, inv = np.unique(g, return_inverse=True)
+    hits = np.bincount(inv, weights=c)
+    sizes = np.bincount(inv).astype(float)
+    rng = np.random.default_rng(seed)
+    draw = rng.integers(0, len(sizes), (n_boot, len(sizes)))
+    acc = hits[draw].sum(1) / sizes[draw].sum(1)
+    a = (1 - level) / 2
+    return float(np.quantile(acc, a)), float(np.quantile(acc, 1 - a))
+
+
+def read_against_baseline(accuracy, baseline, low, margin=0.0):
+    """One word for an accuracy read against its majority-class baseline and interval.
+
+    Returns:
+        ``"above baseline"`` when even the interval's low end is above the baseline,
+        ``"AT OR BELOW BASELINE"`` when the accuracy itself is not above it, else
+        ``"not clearly above"`` (above, but the interval reaches the baseline).
+    """
+    if any(np.isnan(v) for v in (accuracy, baseline)):
+        return "not measured"
+    if accuracy <= baseline + margin:
+        return "AT OR BELOW BASELINE"
+    return "above baseline" if low > baseline else "not clearly above"

@@ -127,6 +127,12 @@ def build_classifier(arch, num_classes=2, pretrained=False, weights_path=None, f
     if use_hub and not hub_reachable():
         raise _offline_error(arch)
     model = timm.create_model(arch, pretrained=use_hub, num_classes=num_classes)
+    # A new head starts at zero: timm initialises EfficientNet's linear layers uniformly in
+    # +-1/sqrt(out_features), i.e. +-0.71 for two classes, so a fresh network starts with logits
+    # of about +-10 and a cross-entropy of 4-7 (measured) that takes epochs to come down.
+    head = model.get_classifier()
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
     if weights_path is not None:
         load_weights(model, weights_path, arch)
     freeze_early_stages(model, arch, frozen_stages)

@@ -135,6 +135,7 @@ SPECS = {
     "seg_weight_decay": _f(0, 1),
     "seg_lr_patience": _i(0, 100000),
     "seg_early_stop_patience": _i(0, 100000),
+    "class_early_stop_patience": _i(0, 100000),
     "tumour_share": FRACTION,
     "color_jitter": FRACTION,
     "dice_per_image": BOOL,
@@ -147,6 +148,7 @@ SPECS = {
     "device": Spec("str", choices=DEVICES),
     "target_dice": FRACTION,
     "gpus": _i(0, 1024),
+    "cpu_jobs": _i(1, 64),
     # 04
     "models": Spec("strs", choices=("efficientnet_b0", "resnet50")),
     "class_scales": Spec("ints", 1, 1024, example="[4, 16, 64]"),
@@ -154,7 +156,8 @@ SPECS = {
     "effnet_weights_path": TEXT,
     "resnet_weights_path": TEXT,
     "effnet_frozen_stages": _i(0, 7),
-    "class_input_size": _i(16, MAX_PATCH),
+    "effnet_input_size": _i(16, MAX_PATCH),
+    "resnet_input_size": _i(16, MAX_PATCH),
     "class_batch_size": _i(1, 4096),
     "class_steps_per_epoch": _i(0, 10**7),
     "effnet_epochs": _i(1, 100000),
@@ -173,7 +176,6 @@ SPECS = {
     "tie": Spec("str", choices=("non-tumour", "tumour")),
     "region_size": _i(0, 10**7),
     "region_min_tumour": FRACTION,
-    "seg_area_threshold": FRACTION,
 }
 
 

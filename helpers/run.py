@@ -605,8 +605,68 @@ def run_sweep(path, progress=True):
     with atomic_path(out / "sweep.csv") as tmp:
         table.to_csv(tmp, index=False)
     fig_path = sweep_figure(table, out / "sweep.png")
-    print(f"Sweep table: {out / 'sweep.csv'}\nSweep figure: {fig_path}", flush=True)
+    spread = sweep_spread(table)
+    with atomic_path(out / "spread.md") as tmp:
+        tmp.write_text(spread_markdown(spread, len(names)))
+    print(f"Sweep table: {out / 'sweep.csv'}\nSweep figure: {fig_path}\nSpread: {out / 'spread.md'}", flush=True)
     return table
+
+
+def _as_number(v):
+    """A report value as a number: ``"8 of 9"`` is 8/9; anything else non-numeric is NaN."""
+    if isinstance(v, str) and " of " in v:
+        a, b = v.split(" of ")
+        return float(a) / float(b) if float(b) else float("nan")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def sweep_spread(table):
+    """Mean, standard deviation, minimum and maximum of every report number over a sweep's runs.
+
+    Args:
+        table: ``sweep.csv``'s rows (``run``, ``quantity``, ``paper``, ``ours``).
+
+    Returns:
+        A DataFrame ``quantity, paper, runs, mean, sd, min, max`` in the report's order (counts
+        such as ``8 of 9`` as shares).
+    """
+    import pandas as pd
+
+    t = table.assign(value=table["ours"].map(_as_number))
+    rows = []
+    for q, g in t.groupby("quantity", sort=False):
+        v = g["value"].dropna()
+        rows.append(
+            {
+                "quantity": q,
+                "paper": g["paper"].iloc[0],
+                "runs": len(v),
+                "mean": v.mean() if len(v) else float("nan"),
+                "sd": v.std(ddof=1) if len(v) > 1 else float("nan"),
+                "min": v.min() if len(v) else float("nan"),
+                "max": v.max() if len(v) else float("nan"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def spread_markdown(spread, n_runs):
+    """The spread table as Markdown (for the README)."""
+    lines = [
+        f"| quantity | paper | mean ± sd over {n_runs} runs | min - max |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in spread.itertuples():
+        paper = "-" if r.paper is None or (isinstance(r.paper, float) and r.paper != r.paper) else r.paper
+        if r.runs:
+            sd = f" ± {r.sd:.3f}" if r.sd == r.sd else ""
+            lines.append(f"| {r.quantity} | {paper} | {r.mean:.3f}{sd} | {r.min:.3f} - {r.max:.3f} |")
+        else:
+            lines.append(f"| {r.quantity} | {paper} | n/a | - |")
+    return "\n".join(lines) + "\n"
 
 
 def sweep_figure(table, path):
@@ -617,16 +677,7 @@ def sweep_figure(table, path):
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    def num(v):
-        if isinstance(v, str) and " of " in v:
-            a, b = v.split(" of ")
-            return float(a) / float(b) if float(b) else float("nan")
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            return float("nan")
-
-    t = table.assign(value=table["ours"].map(num))
+    t = table.assign(value=table["ours"].map(_as_number))
     params = [c for c in t.columns if c.startswith("param:")]
     t["label"] = (
         t[params].apply(lambda r: ", ".join(f"{c[6:]} {v}" for c, v in r.items() if pd.notna(v)), axis=1)

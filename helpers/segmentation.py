@@ -16,7 +16,7 @@
 Used by notebook 03 and ``bench/``.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -459,9 +459,11 @@ class SegmentationPlan:
         mode: ``train`` (train on this run's split, segment its test slides) or ``apply``
             (segment every slide with the model of ``source``).
         train, val: the training and validation slides (with masks), in ``train`` mode.
-        targets: the slides to segment.
+        targets: the slides to segment and score.
         source: the folder of the checkpoint to segment with.
         models_from: the run whose model is applied (``apply`` mode).
+        calibration: slides segmented as well but not scored (the validation slides, on which
+            notebook 05 chooses the predicted-tumour share that calls a slide tumour).
     """
 
     mode: str
@@ -470,6 +472,7 @@ class SegmentationPlan:
     targets: list
     source: object
     models_from: str = ""
+    calibration: list = field(default_factory=list)
 
     def describe(self):
         """One line for the notebook."""
@@ -479,7 +482,8 @@ class SegmentationPlan:
             )
         return (
             f"training on {len(self.train)} slides with masks, validating on {len(self.val)}, "
-            f"segmenting the {len(self.targets)} test slides"
+            f"segmenting the {len(self.targets)} test slides (and the {len(self.calibration)} validation "
+            "slides, for notebook 05)"
         )
 
 
@@ -530,7 +534,12 @@ def segmentation_plan(run, models_from=""):
             f"segmentation has nothing to learn. {fix[0].upper() + fix[1:]}"
         )
     return SegmentationPlan(
-        "train", split["train"], split["val"], list(run.by_split["test"]), run.folder / "segmentation"
+        "train",
+        split["train"],
+        split["val"],
+        list(run.by_split["test"]),
+        run.folder / "segmentation",
+        calibration=list(run.by_split["val"]),
     )
 
 
@@ -634,19 +643,27 @@ def segment_with(run, plan, out_dir, device=None, out_downsample=8, stride=0, th
     model, meta, ck_path, weights = trained_segmenter(plan.source)
     params = replace(run.params, patch_size=int(meta["patch_size"]), mask_scale=int(meta["scale"]))
     model.to(device or torch.device("cpu"))
-    table, canvases = segment_cases(
-        model,
-        plan.targets,
-        out_dir,
-        int(meta["input_size"]),
-        params,
-        weights,
-        out_downsample=out_downsample,
-        stride=stride or None,
-        threshold=threshold,
-        batch_size=batch_size,
-        device=device,
-    )
+    tables = []
+    for split, cases in (("test" if plan.mode == "train" else "all", plan.targets), ("val", plan.calibration)):
+        if not cases:
+            continue
+        table, segmented = segment_cases(
+            model,
+            cases,
+            out_dir,
+            int(meta["input_size"]),
+            params,
+            weights,
+            out_downsample=out_downsample,
+            stride=stride or None,
+            threshold=threshold,
+            batch_size=batch_size,
+            device=device,
+        )
+        tables.append(table.assign(split=split))
+        if split != "val":
+            canvases = segmented
+    table = pd.concat(tables, ignore_index=True)
     path = Path(out_dir) / "metrics.csv"
     with atomic_path(path) as tmp:
         table.to_csv(tmp, index=False)
@@ -657,10 +674,10 @@ def segment_with(run, plan, out_dir, device=None, out_downsample=8, stride=0, th
             "split": run.split_key,
             "weights": weights,
             "models_from": plan.models_from,
-            "slides": [c.case_id for c in plan.targets],
+            "slides": [c.case_id for c in plan.targets + plan.calibration],
             "out_downsample": out_downsample,
             "stride": stride,
             "threshold": threshold,
         },
     )
-    return table, canvases
+    return table[table.split != "val"].reset_index(drop=True), canvases

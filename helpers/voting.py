@@ -120,6 +120,68 @@ def combine_votes(votes, tie="non-tumour"):
     return out
 
 
+def choose_threshold(scores, truth):
+    """The cut on ``scores`` (tumour when above it) that best separates ``truth`` on the
+    validation units: highest balanced accuracy, then the widest gap between the scores on its
+    two sides; the cut lies in the middle of that gap.
+
+    Args:
+        scores: one number per unit (e.g. a classifier's share of tumour patches).
+        truth: 0/1 per unit.
+
+    Returns:
+        The threshold (a float), or ``nan`` when there is no unit with a label.
+    """
+    s = np.asarray(scores, float)
+    t = np.asarray(truth, float)
+    keep = ~(np.isnan(s) | np.isnan(t))
+    s, t = s[keep], t[keep].astype(int)
+    if not s.size:
+        return float("nan")
+    u = np.unique(s)
+    cuts = np.concatenate([[u[0] - 0.01], (u[:-1] + u[1:]) / 2, [u[-1]]])
+    best = None
+    for c in cuts:
+        call = s > c
+        recalls = [float((call[t == k] == k).mean()) for k in (0, 1) if (t == k).any()]
+        bal = sum(recalls) / len(recalls)
+        above, below = s[s > c], s[s <= c]
+        gap = (above.min() if above.size else 1.0) - (below.max() if below.size else 0.0)
+        if best is None or (bal, gap) > best[:2]:
+            best = (bal, gap, c)
+    return float(best[2])
+
+
+def unit_score(truth, called, groups=None, seed=0):
+    """How many units were called right, against calling them all the majority class.
+
+    Args:
+        truth, called: 0/1 per unit (slide or region).
+        groups: the slide of each unit, for the bootstrap (default: each unit its own).
+
+    Returns:
+        A dict: ``correct``, ``n``, ``accuracy``, ``ci`` (95 % bootstrap over slides),
+        ``baseline`` (the majority-class accuracy) and ``reading``.
+    """
+    from .metrics import bootstrap_interval, majority_baseline, read_against_baseline
+
+    t = np.asarray(truth, int)
+    c = np.asarray(called, int)
+    ok = t == c
+    g = np.arange(len(t)) if groups is None else np.asarray(groups)
+    lo, hi = bootstrap_interval(ok, g, seed=seed)
+    acc = float(ok.mean()) if len(t) else float("nan")
+    base = majority_baseline(t)
+    return {
+        "correct": int(ok.sum()),
+        "n": int(len(t)),
+        "accuracy": acc,
+        "ci": (lo, hi),
+        "baseline": base,
+        "reading": read_against_baseline(acc, base, lo),
+    }
+
+
 def provenance(pred, votes, final):
     """One row per patch, model and scale: its probability and label, its classifier's vote on
     its unit, and the unit's final label."""
@@ -182,6 +244,8 @@ def load_predictions(run, models, scales):
                 f"{path}: the predictions of {name} come from other weights than {ck} (retrained since); {fix}"
             )
     pred = pd.read_csv(path, dtype={"case_id": str})
+    if "split" not in pred.columns:
+        raise InputError(f"{path} has no split column (made by an older version of notebook 04); {fix}")
     want = [f"{m}_x{s}" for m in models for s in scales]
     skipped = {
         k: key.get("skipped", {}).get(k, "no prediction in notebook 04's table (not trained there)")
@@ -218,31 +282,30 @@ def region_labels(run, case_ids, region_size, min_tumour=0.5):
     return pd.concat(out).set_index("unit")
 
 
-def segmentation_opinion(run, case_ids, threshold=0.5, area_threshold=0.01):
+def segmentation_areas(run, case_ids, threshold=0.5):
     """Per slide segmented by notebook 03 (with this run's split and caches): the predicted
-    tumour's share of the slide's tissue, and whether that calls the slide tumour."""
+    tumour's share of the slide's tissue (``segmentation area``) and the slide's true label.
+    Slides notebook 03 did not segment are left out."""
     from .provenance import read_stamp
 
     seg = run.folder / "segmentation"
     key = read_stamp(seg / "metrics.csv")
     rows = []
     if key is None or key.get("split") != run.split_key or key.get("extraction") != run.extraction_key:
-        return pd.DataFrame(rows)
+        return pd.DataFrame(columns=["truth", "segmentation area"])
     for cid in case_ids:
         prob_f, cov_f = seg / f"{cid}_prob.npy", seg / f"{cid}_cov.npy"
         if not prob_f.exists():
             continue
         prob, cov = np.load(prob_f), np.load(cov_f)
-        area = float((prob > threshold).sum() / max(1, (cov > 0).sum()))
         rows.append(
             {
                 "slide": cid,
                 "truth": run.split.set_index("case_id").label.get(cid),
-                "segmentation area": area,
-                "segmentation says": int(area >= area_threshold),
+                "segmentation area": float((prob > threshold).sum() / max(1, (cov > 0).sum())),
             }
         )
-    return pd.DataFrame(rows).set_index("slide") if rows else pd.DataFrame(rows)
+    return pd.DataFrame(rows).set_index("slide") if rows else pd.DataFrame(columns=["truth", "segmentation area"])
 
 
 def save_voting(run, prov, votes, slides):
@@ -267,19 +330,22 @@ PAPER_TABLE1 = {
 }
 
 
-def reproduction_report(run, final, reg_final, region_size, region_min_tumour, tie, pred_info):
-    """Every number the paper reports beside this run's; written to ``report.json`` and
-    ``figures/05_reproduction_report.md`` of the run.
+def _fmt(v, digits=3):
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else round(float(v), digits)
+
+
+def reproduction_report(run, unit_rows, pred_info):
+    """Every number the paper reports beside this run's, each with its 95 % interval and its
+    baseline; written to ``report.json`` and ``figures/05_reproduction_report.md`` of the run.
 
     Args:
         run: the :class:`helpers.notebook.Run`.
-        final: the slide votes (``final`` and ``truth`` columns).
-        reg_final: the region votes with their ``label``, or ``None``.
-        region_size, region_min_tumour, tie: the voting parameters (recorded).
+        unit_rows: the slide and region results, each a dict with ``quantity``, ``paper``,
+            ``convention`` and ``score`` (:func:`unit_score`'s dict, or ``None`` with ``why``).
         pred_info: :func:`load_predictions`'s info (its provenance is recorded).
 
     Returns:
-        A DataFrame ``quantity, paper, ours, convention``.
+        A DataFrame ``quantity, paper, ours, ci, baseline, reading, convention``.
     """
     from .atomic import atomic_path, write_json
     from .paths import figures_dir
@@ -287,13 +353,25 @@ def reproduction_report(run, final, reg_final, region_size, region_min_tumour, t
 
     rows = []
 
-    def add(what, paper, ours, convention):
+    def add(what, paper, ours, convention, ci="-", baseline="-", reading="-"):
         ok = ours is not None and not (isinstance(ours, float) and np.isnan(ours))
-        rows.append({"quantity": what, "paper": paper, "ours": ours if ok else None, "convention": convention})
+        rows.append(
+            {
+                "quantity": what,
+                "paper": paper,
+                "ours": ours if ok else None,
+                "ci": ci,
+                "baseline": baseline,
+                "reading": reading if ok else "-",
+                "convention": convention,
+            }
+        )
 
     seg = run.folder / "segmentation" / "metrics.csv"
     seg_key = read_stamp(seg)
     m = pd.read_csv(seg) if seg_key is not None and seg_key.get("split") == run.split_key else pd.DataFrame()
+    if "split" in m:
+        m = m[m["split"] != "val"]
     tum = m[m["true_cells"] > 0] if "true_cells" in m else m.iloc[:0]
     for name, col, paper, conv in (
         ("Dice (segmentation)", "dice_pooled", 0.69, "pooled per slide, mean over test slides with tumour"),
@@ -302,44 +380,61 @@ def reproduction_report(run, final, reg_final, region_size, region_min_tumour, t
         ("Jaccard, per patch", "jaccard_patch", None, "mean over patches, empty = 1"),
         ("PAIP 2019 score", "paip", None, "pooled Jaccard, 0 below 0.65"),
     ):
-        add(name, paper, round(float(tum[col].mean()), 3) if len(tum) else None, conv)
+        vals = tum[col].to_numpy(float) if len(tum) else np.zeros(0)
+        ci = "-"
+        if len(vals) > 1:
+            draws = np.random.default_rng(0).choice(vals, (2000, len(vals))).mean(1)
+            ci = f"{np.quantile(draws, 0.025):.3f}-{np.quantile(draws, 0.975):.3f}"
+        add(name, paper, round(float(vals.mean()), 3) if len(vals) else None, conv, ci, "0 (nothing predicted)")
     t1 = run.folder / "classification" / "table1.csv"
     t1 = pd.read_csv(t1) if t1.exists() else pd.DataFrame(columns=["model", "scale", "acc %"])
     for (model, scale), paper in PAPER_TABLE1.items():
         r = t1[(t1.model == model) & (t1.scale == f"{scale}x")]
-        acc = float(r["acc %"].iloc[0]) / 100 if len(r) and pd.notna(r["acc %"].iloc[0]) else None
+        if len(r) and pd.notna(r["acc %"].iloc[0]):
+            r = r.iloc[0]
+            lo, hi = (float(v) / 100 for v in str(r["95% CI"]).split("-"))
+            add(
+                f"patch accuracy {model} {scale}x",
+                round(paper / 100, 4),
+                round(float(r["acc %"]) / 100, 3),
+                f"{int(r['tumour'])} tumour + {int(r['non_tumour'])} non-tumour test patches, threshold 0.5",
+                f"{lo:.3f}-{hi:.3f}",
+                round(float(r["baseline %"]) / 100, 3),
+                r["reading"],
+            )
+        else:
+            why = str(r["why"].iloc[0]) if len(r) and "why" in r and pd.notna(r["why"].iloc[0]) else "not trained"
+            add(f"patch accuracy {model} {scale}x", round(paper / 100, 4), None, f"not measured: {why}")
+    for u in unit_rows:
+        sc = u.get("score")
+        if sc is None or not sc["n"]:
+            add(u["quantity"], u["paper"], None, f"not measured: {u.get('why', 'no unit with a true label')}")
+            continue
         add(
-            f"patch accuracy {model} {scale}x",
-            round(paper / 100, 4),
-            None if acc is None else round(acc, 3),
-            "test patches, threshold 0.5",
-        )
-    lab = final.dropna(subset=["truth"])
-    add(
-        "slides classified correctly",
-        "9 of 9",
-        f"{int((lab['final'] == lab['truth']).sum())} of {len(lab)}" if len(lab) else None,
-        f"majority of the classifiers' majority votes, tie = {tie}",
-    )
-    if reg_final is not None and len(reg_final):
-        add(
-            f"regions classified correctly ({region_size} px)",
-            None,
-            f"{int((reg_final['final'] == reg_final['label']).sum())} of {len(reg_final)}",
-            f"region truth: tumour share >= {region_min_tumour}",
+            u["quantity"],
+            u["paper"],
+            f"{sc['correct']} of {sc['n']}",
+            u["convention"],
+            f"{sc['ci'][0]:.2f}-{sc['ci'][1]:.2f}",
+            f"{round(sc['baseline'] * sc['n'])} of {sc['n']}",
+            sc["reading"],
         )
     report = pd.DataFrame(rows)
     md = [
         f"# Reproduction report: run `{run.name}`",
         "",
-        "Generated by notebook 05 from this run's outputs; the paper's numbers are from its text (Table 1, section 4).",
+        "Generated by notebook 05 from this run's outputs; the paper's numbers are from its text (Table 1, "
+        "section 4). *95% CI*: bootstrap over the test slides. *baseline*: calling every patch, slide or "
+        "region the majority class of that same test set (for Dice: predicting no tumour). *reading*: the "
+        "accuracy against its baseline (above it, with the whole interval above it, or not).",
         "",
-        "| quantity | paper | ours | convention |",
-        "| --- | --- | --- | --- |",
+        "| quantity | paper | ours | 95% CI | baseline | reading | convention |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     md += [
         f"| {r['quantity']} | {'-' if r['paper'] is None else r['paper']} | "
-        f"{'n/a' if r['ours'] is None else r['ours']} | {r['convention']} |"
+        f"{'n/a' if r['ours'] is None else r['ours']} | {r['ci']} | {r['baseline']} | "
+        f"{r['reading'] if r['ours'] is not None else '-'} | {r['convention']} |"
         for r in rows
     ]
     if pred_info["skipped"]:

@@ -141,3 +141,57 @@ def test_a_real_classifier_runs_on_the_patches(cls_run):
     p = predict_patches(model, d, 32, batch_size=16)
     assert p.shape == (len(d),) and np.isfinite(p).all() and ((p >= 0) & (p <= 1)).all()
     assert isinstance(prediction_table(d, p, "efficientnet_b0"), pd.DataFrame)
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_b0", "resnet50"])
+def test_a_fresh_classifier_starts_at_chance(arch):
+    # timm's EfficientNet head starts at +-1/sqrt(2): logits of about +-10 and a cross-entropy of
+    # 4-7 before any step. A zeroed head starts at ln 2 and both softmax outputs at 0.5.
+    torch.manual_seed(0)
+    m = build_classifier(arch).eval()
+    with torch.no_grad():
+        out = m(torch.rand(8, 3, 32, 32))
+    loss = torch.nn.functional.cross_entropy(out, torch.randint(0, 2, (8,)))
+    assert loss.item() == pytest.approx(np.log(2), abs=1e-6)
+
+
+def test_checkpoints_are_chosen_on_balanced_accuracy_and_validation_is_sampled(cls_run):
+    from types import SimpleNamespace
+
+    from helpers.classify import ClassificationPlan, _job, sample_per_slide
+
+    root, cases, params = cls_run
+    plan = ClassificationPlan("train", ["resnet50"], [4], [112], {4: params}, {}, grid_params={4: params})
+    run = SimpleNamespace(
+        cache_root=root,
+        data_dir=root,
+        by_split={"train": cases[:1], "val": cases[1:]},
+        data_key=lambda *a: "key",
+    )
+    settings = dict(
+        input_size={"resnet50": 32},
+        batch_size=8,
+        steps=1,
+        balance=True,
+        color_jitter=0.0,
+        bn_batches=0,
+        pretrained=False,
+    )
+    settings.update(weights={"resnet50": ""}, frozen={"resnet50": 0})
+    job = _job(run, plan, root / "out", "resnet50", 4, {"optimizer": "adam", "lr": 1e-3}, settings, 0, "cpu")
+    assert job.config["monitor"] == "val_bal_acc" and job.config["mode"] == "max"
+    d = load_class_patches(cases, root, params, 4)
+    few = sample_per_slide(d, 2, seed=0)
+    per_slide = pd.Series(few.rows.case_id).value_counts()
+    assert (per_slide <= 2).all() and set(per_slide.index) == set(d.rows.case_id)
+    assert (sample_per_slide(d, 2, seed=0).rows.index == few.rows.index).all()  # seeded
+
+
+def test_table1_row_reads_accuracy_against_the_test_sets_majority():
+    from helpers.classify import table1_row
+
+    lab = pd.DataFrame({"case_id": ["a"] * 6 + ["b"] * 4, "label": [0] * 6 + [1] * 4, "pred": [0] * 10})
+    r = table1_row(lab)
+    # Calling everything non-tumour: 60 %, exactly the baseline, flagged.
+    assert r["acc %"] == pytest.approx(60) and r["baseline %"] == pytest.approx(60)
+    assert r["reading"] == "AT OR BELOW BASELINE" and r["slides"] == 2 and r["sensitivity %"] == 0

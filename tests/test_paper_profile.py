@@ -90,7 +90,9 @@ def test_the_paper_profile_runs_every_notebook(paper_run):
     rec = json.loads((paper_run / "params.json").read_text())
     assert rec["profile"] == "paper" and len(rec["finished_notebooks"]) == 5
     p = rec["parameters"]
-    assert p["patch_size"] == p["stride"] == p["seg_input_size"] == p["class_input_size"] == 224
+    assert (
+        p["patch_size"] == p["stride"] == p["seg_input_size"] == p["effnet_input_size"] == p["resnet_input_size"] == 224
+    )
     assert p["seg_scale"] == 1 and p["effnet_frozen_stages"] == 4 and p["class_strides"] == [224, 224]
 
 

@@ -35,7 +35,7 @@ def test_profiles_only_name_declared_parameters():
                 runner.resolve_parameters(p, {"data_dir": "/somewhere"}, nbs)
         else:
             merged, per = runner.resolve_parameters(p, {}, nbs)
-        assert merged["patch_size"] == {"demo": 64, "paper": 224}[prof]
+        assert merged["patch_size"] == {"demo": 24, "paper": 224}[prof]
 
 
 def test_unknown_parameter_and_wrong_type_are_refused():

@@ -12,7 +12,8 @@ from helpers.voting import assign_units, combine_votes, load_predictions, proven
 
 
 def _pred(rows):
-    return pd.DataFrame(rows, columns=["case_id", "model", "scale", "x", "y", "footprint", "prob", "pred", "label"])
+    cols = ["case_id", "model", "scale", "x", "y", "footprint", "prob", "pred", "label"]
+    return pd.DataFrame(rows, columns=cols).assign(split="test")
 
 
 @pytest.fixture
@@ -112,6 +113,13 @@ def test_predictions_are_used_only_for_this_runs_data_and_weights(pred, tmp_path
     }
     write_stamp(cls / "predictions.csv", key)
     got, info = load_predictions(run, ["m1", "m2"], [4, 16])
+    # a table of an older notebook 04 (no split column): refused with the fix
+    pred.drop(columns="split").to_csv(cls / "predictions.csv", index=False)
+    write_stamp(cls / "predictions.csv", key)
+    with pytest.raises(InputError, match="no split column"):
+        load_predictions(run, ["m1"], [4])
+    pred.to_csv(cls / "predictions.csv", index=False)
+    write_stamp(cls / "predictions.csv", key)
     assert len(got) == len(pred) and info["slides"] == 2 and info["skipped"] == {"m2_x16": "at 16x no tumour patch"}
     # notebook 02 rerun since (other caches or another split): refused, not voted on
     write_stamp(cls / "predictions.csv", {**key, "split": "S0"})
@@ -182,3 +190,69 @@ def test_sweep_with_an_unknown_parameter_fails_before_running(tmp_path, monkeypa
     f.write_text("name: sw\nprofile: demo\nbase_run: nothere\nonly: ['05']\nentries:\n  - {vote_share: 0.5}\n")
     with pytest.raises(InputError, match="base_run 'nothere': no such run"):
         run.run_sweep(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines, intervals and thresholds chosen on validation slides (notebooks 04 and 05)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_majority_baseline_and_reading():
+    from helpers.metrics import majority_baseline, read_against_baseline
+
+    assert majority_baseline([1, 1, 1, 0]) == 0.75 and majority_baseline([0, 0, 1]) == pytest.approx(2 / 3)
+    assert np.isnan(majority_baseline([]))
+    assert read_against_baseline(0.56, 0.564, 0.5) == "AT OR BELOW BASELINE"  # EfficientNet-B0 64x of a74e99a
+    assert read_against_baseline(0.9, 0.6, 0.8) == "above baseline"
+    assert read_against_baseline(0.7, 0.6, 0.55) == "not clearly above"
+
+
+def test_bootstrap_interval_resamples_slides_not_patches():
+    from helpers.metrics import bootstrap_interval
+
+    # Two slides: one all right (100 patches), one all wrong (100 patches). Resampling patches
+    # would give a narrow interval around 0.5; resampling the two slides gives 0, 0.5 or 1.
+    correct = np.r_[np.ones(100), np.zeros(100)]
+    groups = np.r_[np.zeros(100), np.ones(100)]
+    lo, hi = bootstrap_interval(correct, groups, seed=1)
+    assert lo == 0.0 and hi == 1.0
+    lo2, hi2 = bootstrap_interval(correct, np.arange(200), seed=1)
+    assert 0.4 < lo2 < 0.5 < hi2 < 0.6
+    assert bootstrap_interval(correct, groups, seed=1) == (lo, hi)  # seeded
+    with pytest.raises(InputError, match="differ in shape"):
+        bootstrap_interval(correct, groups[:5])
+
+
+def test_threshold_chosen_on_validation_separates_and_sits_in_the_gap():
+    from helpers.voting import choose_threshold, unit_score
+
+    # Tumour slides with small tumour (shares 0.2-0.4) and tumour-free ones (0-0.05): the paper's
+    # 0.5 calls every one non-tumour; the chosen cut lies in the middle of the gap.
+    shares = [0.0, 0.05, 0.02, 0.2, 0.4, 0.3]
+    truth = [0, 0, 0, 1, 1, 1]
+    cut = choose_threshold(shares, truth)
+    assert cut == pytest.approx((0.05 + 0.2) / 2)
+    assert np.isnan(choose_threshold([], []))
+    # Overlapping classes: the best balanced accuracy wins.
+    assert choose_threshold([0.1, 0.3, 0.2, 0.6], [0, 0, 1, 1]) == pytest.approx(0.45)
+    s = unit_score([1, 1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0])
+    assert (s["correct"], s["n"]) == (6, 7) and s["baseline"] == pytest.approx(4 / 7)
+    assert s["ci"][0] <= 6 / 7 <= s["ci"][1]
+
+
+def test_sweep_spread_counts_shares_and_numbers():
+    from helpers.run import spread_markdown, sweep_spread
+
+    table = pd.DataFrame(
+        {
+            "run": ["a", "a", "b", "b", "c", "c"],
+            "quantity": ["dice", "slides", "dice", "slides", "dice", "slides"],
+            "paper": [0.69, "9 of 9"] * 3,
+            "ours": [0.8, "8 of 9", 0.9, "9 of 9", None, "7 of 9"],
+        }
+    )
+    s = sweep_spread(table).set_index("quantity")
+    assert s.loc["dice", "runs"] == 2 and s.loc["dice", "mean"] == pytest.approx(0.85)
+    assert s.loc["slides", "mean"] == pytest.approx(8 / 9) and s.loc["slides", "sd"] == pytest.approx(1 / 9)
+    md = spread_markdown(sweep_spread(table), 3)
+    assert "| dice | 0.69 | 0.850 ± 0.071 | 0.800 - 0.900 |" in md
