@@ -519,7 +519,9 @@ def link_inputs(base, folder, nbs):
 
 
 def load_sweep(path):
-    """Read a sweep file: ``name``, ``profile``, optional ``base_run`` and ``only``, ``entries``."""
+    """Read a sweep file: ``name``, ``profile``, optional ``base_run``, ``base_entry`` and
+    ``only``, ``entries``. ``base_entry`` (a parameter mapping) names what the base run itself
+    is, so that its report counts as one more entry of the sweep without being run again."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"sweep file {path}: not found")
@@ -536,9 +538,11 @@ def load_sweep(path):
         or not all(isinstance(e, dict) for e in spec["entries"])
     ):
         raise InputError(f"sweep file {path}: 'entries' must be a non-empty list of parameter mappings")
-    unknown = set(spec) - {"name", "profile", "base_run", "only", "entries", "description"}
+    unknown = set(spec) - {"name", "profile", "base_run", "base_entry", "only", "entries", "description"}
     if unknown:
         raise InputError(f"sweep file {path}: unknown keys {sorted(unknown)}")
+    if "base_entry" in spec and (not spec.get("base_run") or not isinstance(spec["base_entry"], dict)):
+        raise InputError(f"sweep file {path}: 'base_entry' needs a 'base_run' and must be a parameter mapping")
     return spec
 
 
@@ -566,6 +570,25 @@ def run_sweep(path, progress=True):
         resolve_parameters(profile, {**entry, "run_name": run_name}, nbs)  # fails on a bad name now
         names.append(run_name)
     rows = []
+
+    def collect(run_name, entry, numbers):
+        for r in numbers:
+            rows.append(
+                {
+                    "run": run_name,
+                    **{f"param:{k}": (json.dumps(v) if isinstance(v, list) else v) for k, v in entry.items()},
+                    "quantity": r["quantity"],
+                    "paper": r["paper"],
+                    "ours": r["ours"],
+                    "convention": r["convention"],
+                }
+            )
+
+    if "base_entry" in spec:
+        rep = bdir / "report.json"
+        if not rep.exists():
+            raise InputError(f"base_run {base!r} has no report.json: run its notebook 05 first")
+        collect(base, spec["base_entry"], json.loads(rep.read_text())["rows"])
     for run_name, entry in zip(names, spec["entries"]):
         folder = run_dir(run_name)
         if base:
@@ -587,17 +610,7 @@ def run_sweep(path, progress=True):
             raise InputError(
                 f"sweep entry {run_name} wrote no summary.json: a sweep needs notebook 05 among its notebooks"
             )
-        for r in summ["numbers"]:
-            rows.append(
-                {
-                    "run": run_name,
-                    **{f"param:{k}": (json.dumps(v) if isinstance(v, list) else v) for k, v in entry.items()},
-                    "quantity": r["quantity"],
-                    "paper": r["paper"],
-                    "ours": r["ours"],
-                    "convention": r["convention"],
-                }
-            )
+        collect(run_name, entry, summ["numbers"])
     table = pd.DataFrame(rows)
     out = run_dir(spec["name"])
     from .atomic import atomic_path
@@ -607,7 +620,7 @@ def run_sweep(path, progress=True):
     fig_path = sweep_figure(table, out / "sweep.png")
     spread = sweep_spread(table)
     with atomic_path(out / "spread.md") as tmp:
-        tmp.write_text(spread_markdown(spread, len(names)))
+        tmp.write_text(spread_markdown(spread, table["run"].nunique()))
     print(f"Sweep table: {out / 'sweep.csv'}\nSweep figure: {fig_path}\nSpread: {out / 'spread.md'}", flush=True)
     return table
 

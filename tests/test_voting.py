@@ -164,6 +164,7 @@ def test_summary_and_sweep_file_checks(tmp_path):
         ("entries: [{a: 1}]\n", "needs 'name'"),
         ("name: x\nentries: [{a: 1}]\nonlyy: [5]\n", "unknown keys"),
         ("name: [\n", "not valid YAML"),
+        ("name: x\nentries: [{a: 1}]\nbase_entry: {seed: 1}\n", "'base_entry' needs a 'base_run'"),
     ],
 )
 def test_bad_sweep_files_are_named(tmp_path, text, match):
