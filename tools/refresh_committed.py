@@ -46,7 +46,14 @@ def main(argv=None):
         print(f"    {time.perf_counter() - t:.0f} s", flush=True)
     out = REPO / "figures"
     out.mkdir(exist_ok=True)
-    for png in sorted(figures_dir("demo").glob("*.png")) + sorted(figures_dir("demo").glob("*.md")):
+    made = sorted(figures_dir("demo").glob("*.png")) + sorted(figures_dir("demo").glob("*.md"))
+    # A figure of a refreshed notebook that its run no longer draws is removed, not left stale.
+    refreshed = {nb.name[:2] for nb in notebooks(args.only)}
+    for old in out.glob("*.png"):
+        if old.name[:2] in refreshed and not (figures_dir("demo") / old.name).exists():
+            old.unlink()
+            print(f"removed {old.name}: the demo run no longer draws it")
+    for png in made:
         shutil.copy2(png, out / png.name)
     print(f"figures copied from {figures_dir('demo')} to {out}")
     return 0
