@@ -163,6 +163,25 @@ def heatmap_panels(run, pred, case_ids, size=192):
     return fig
 
 
+def augmentation_curves(curves, title):
+    """Notebook 04's section 6: validation balanced accuracy per epoch with and without
+    augmentation (``curves``: ``{"on": history, "off": history}``).
+
+    Returns:
+        The figure.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for name, h in curves.items():
+        ax.plot(h.epoch, h.val_bal_acc, "o-", ms=3, label=f"augmentation {name}")
+    ax.axhline(0.5, color="0.5", lw=0.8, ls=":", label="chance (one class)")
+    ax.set(xlabel="epoch", ylabel="validation balanced accuracy", ylim=(0, 1.02), title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def figure4_panels(run, canvases, out_downsample, limit=4):
     """Notebook 03's Figure 4: slide, ground truth and prediction (green agreed, red predicted
     only, blue missed) for up to ``limit`` slides, those with tumour first, then a tumour-free one.
