@@ -121,4 +121,9 @@ def test_the_two_recipes_frozen_stages_and_plateau_schedule(paper_run):
 
 def test_voting_and_the_report(paper_run):
     summary = json.loads((paper_run / "summary.json").read_text())
-    assert any(r["quantity"] == "slides classified correctly" and r["ours"] for r in summary["numbers"])
+    slides = {r["quantity"]: r for r in summary["numbers"] if r["quantity"].startswith("slides correct")}
+    assert slides["slides correct, the paper's rule"]["ours"] and slides["slides correct, the paper's rule"]["paper"]
+    # every measured row stands beside its baseline and interval
+    for r in summary["numbers"]:
+        if r["ours"] is not None and r["quantity"].startswith(("patch accuracy", "slides correct")):
+            assert r["baseline"] != "-" and r["ci"] != "-" and r["reading"] != "-", r
