@@ -724,13 +724,15 @@ def predict_classifiers(run, plan, out_dir, input_size=224, device=None, val_per
                 rows.append({**row, "evaluated": False, "why": why})
                 continue
             model, size = _load_classifier(plan, key, input_size)
+            tables = {}
             for s in splits:
                 data = plan.sets[(sc, ("grid", s))]
                 if s == "val" and val_per_slide:
                     data = sample_per_slide(data, val_per_slide)
                 if len(data):
                     prob = predict_patches(model.to(device or "cpu"), data, size, device=device)
-                    preds.append(prediction_table(data, prob, arch, split=s))
+                    tables[s] = prediction_table(data, prob, arch, split=s)
+            preds.extend(tables.values())
             ck = folder / "best.pt"
             used[key] = {
                 "weights": file_sha256(ck),
@@ -739,8 +741,8 @@ def predict_classifiers(run, plan, out_dir, input_size=224, device=None, val_per
                 else str(ck),
                 "data": run.data_key(sc, tuple(s for s in splits if s != "all"), plan.grid_params[sc]),
             }
-            t = preds[-1] if preds else pd.DataFrame(columns=PREDICTION_COLUMNS)
-            lab = t[(t.label >= 0) & (t.split == scored) & (t.model == arch) & (t.scale == sc)]
+            t = tables[scored]  # not empty: a classifier without a scored patch was skipped above
+            lab = t[t.label >= 0]
             rows.append({**row, **(table1_row(lab) if len(lab) else {"evaluated": False, "why": "no labelled patch"})})
     pred = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame(columns=PREDICTION_COLUMNS)
     table1 = pd.DataFrame(rows).reindex(columns=TABLE1_COLUMNS)
