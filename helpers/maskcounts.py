@@ -19,6 +19,8 @@ from .slides import MASK_KINDS, Mask, Slide
 
 #: Side of the blocks of a mask count map (level-0 pixels).
 COUNT_BLOCK = 16
+#: Mask pixels per worker task (a band of whole block rows): bounds a worker's memory.
+BAND_PIXELS = 2**25
 
 
 def count_map_path(case, kind, cache_root):
@@ -47,8 +49,11 @@ def mask_count_map(case, kind, cache_root, pool=None, workers=1):
 
     Every scale needs the tumour fraction of its windows (a 64x patch covers 14,336 px a side):
     summing this map instead of re-reading the full-resolution mask at each scale makes the
-    mask cost of a scale fall with the scale. The map is small (40 MB for a 50,000 px slide)
-    and built in memory, then saved atomically beside the caches, keyed by the mask's content.
+    mask cost of a scale fall with the scale. The map is small (1/128 of the mask's pixels:
+    40 MB for a 50,000 px slide) and streamed to disk band by band as the workers finish them,
+    with plain writes (a full disk is an error at the write that hit it, never a SIGBUS), so
+    memory holds only the bands in flight. It is saved atomically beside the caches, keyed by
+    the mask's content.
 
     Returns:
         The ``.npy`` path, or ``None`` when the case has no such mask or it is not level-0 size.
@@ -64,14 +69,14 @@ def mask_count_map(case, kind, cache_root, pool=None, workers=1):
     if dest.exists():
         return dest
     nby, nbx = -(-h // COUNT_BLOCK), -(-w // COUNT_BLOCK)
-    step = max(1, (2**25 // max(1, w)) // COUNT_BLOCK)
-    counts = np.zeros((nby, nbx), np.uint16)
+    step = max(1, (BAND_PIXELS // max(1, w)) // COUNT_BLOCK)
     tasks = [(str(mp), str(case.slide), r, min(nby, r + step)) for r in range(0, nby, step)]
     jobs = map(_count_band_job, tasks) if pool is None else ordered_map(_count_band_job, tasks, workers, executor=pool)
-    for r0, part in jobs:
-        counts[r0 : r0 + part.shape[0]] = part
-    with atomic_path(dest, suffix=".npy") as tmp:
-        np.save(tmp, counts)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint16)), "fortran_order": False, "shape": (nby, nbx)}
+    with atomic_path(dest, suffix=".npy") as tmp, open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for _, part in jobs:  # in order: the bands follow one another in the file
+            f.write(np.ascontiguousarray(part, np.uint16).data)
     return dest
 
 

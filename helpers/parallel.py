@@ -23,8 +23,6 @@ import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
 from .errors import InputError, check_positive
 
 _END = object()
@@ -36,7 +34,13 @@ class _Failure:
 
 
 def pin_batch(item):
-    """Copy every CPU tensor of a tuple/list batch into page-locked memory (for async copies)."""
+    """Copy every CPU tensor of a tuple/list batch into page-locked memory (for async copies).
+
+    torch is imported here, not at module level: extraction's worker processes use this module
+    and must not carry a deep-learning framework.
+    """
+    import torch
+
     if isinstance(item, torch.Tensor):
         return item.pin_memory()
     if isinstance(item, (tuple, list)):

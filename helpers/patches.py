@@ -59,7 +59,9 @@ def rows_per_task(width, params):
     return int(max(1, min(ROWS_PER_TASK_MAX, TASK_PIXELS // max(1, width * params.stride))))
 
 
-def extract_rows(slide_path, scale, r0, r1, params, masks=None, count_maps=None, part_dir=None, tissue_level=None):
+def extract_rows(
+    slide_path, scale, r0, r1, params, masks=None, count_maps=None, cache_dir=None, tissue_level=None, task=0
+):
     """Cut grid rows ``r0`` to ``r1 - 1``: read them as one strip, then for each row patchify,
     test tissue, measure tumour.
 
@@ -71,15 +73,17 @@ def extract_rows(slide_path, scale, r0, r1, params, masks=None, count_maps=None,
         masks: ``{"whole": path or None, "viable": path or None}``.
         count_maps: ``{kind: path}`` of :func:`mask_count_map` files, used where the windows
             align with their blocks (else the masks are read).
-        part_dir: write the kept patches (and masks) of all the rows to a part file there and
-            return only the small per-row arrays (a worker then sends back little, and the main
-            process splices the part files into the cache without copying them through its memory).
+        cache_dir: the cache being written: the kept patches (and masks) go straight into its
+            ``patches.u8`` (and ``masks.u8``) at the offset that task ``task - 1`` hands on
+            (see :func:`_take_offsets`), and only the small per-row arrays are returned (a
+            worker sends back little, and no byte of a patch is written twice).
         tissue_level: the slide's gray threshold for ``tissue_method = "slide"``.
+        task: this task's number in the slide's grid order (with ``cache_dir``).
 
     Returns:
         A list with, per row, a dict: ``row``, ``tissue_frac``, ``otsu``, ``kept``,
-        ``whole_frac`` and ``viable_frac`` (NaN without masks), the kept ``patches`` and, at the
-        mask scale, their ``masks``; with ``part_dir`` the first row's dict names the ``part``.
+        ``whole_frac`` and ``viable_frac`` (NaN without masks), and, without ``cache_dir``, the
+        kept ``patches`` and, at the mask scale, their ``masks``.
     """
     p = params if isinstance(params, ExtractionParams) else ExtractionParams(**params)
     masks = masks or {}
@@ -90,6 +94,7 @@ def extract_rows(slide_path, scale, r0, r1, params, masks=None, count_maps=None,
     big = slide.read_region(0, r0 * S * scale, width, (r1 - r0 - 1) * S + P, downsample=scale)
     xs = np.arange(cols) * S * scale
     footprint = P * scale
+    aligned = (S * scale) % COUNT_BLOCK == 0 and footprint % COUNT_BLOCK == 0
     results = []
     for row in range(r0, r1):
         y = row * S * scale
@@ -114,24 +119,101 @@ def extract_rows(slide_path, scale, r0, r1, params, masks=None, count_maps=None,
             if mp is None:
                 out[f"{kind}_frac"] = np.full(cols, np.nan)
                 continue
-            cmap = (count_maps or {}).get(kind)
-            if cmap is not None and (S * scale) % COUNT_BLOCK == 0 and footprint % COUNT_BLOCK == 0:
+            cmap = (count_maps or {}).get(kind) if aligned else None
+            if cmap is not None:
                 out[f"{kind}_frac"] = fractions_from_counts(open_cached(cmap, "counts"), y, xs, footprint)
             else:
                 out[f"{kind}_frac"] = open_cached((mp, slide_path), "mask").window_fractions(y, xs, footprint)
             if kind == p.label_mask and scale == p.mask_scale:
-                mstrip = open_cached((mp, slide_path), "mask").read(0, y, width, P, downsample=scale)
-                out["masks"] = np.ascontiguousarray(patchify(mstrip, (P, P), step=S)[0][kept])
+                out["masks"] = _mask_patches(mp, slide_path, y, width, scale, p, kept, out[f"{kind}_frac"])
         results.append(out)
-    if part_dir is not None:
-        base = Path(part_dir) / f"part-{r0:07d}"
-        for name, suffix in (("patches", ".u8"), ("masks", ".m.u8")):
-            if any(name in out for out in results):
-                with open(f"{base}{suffix}", "wb") as f:
-                    for out in results:
-                        f.write(out.pop(name).data)
-        results[0]["part"] = str(base)
+    if cache_dir is not None:
+        _write_kept(cache_dir, task, results)
     return results
+
+
+def _mask_patches(mask_path, slide_path, y, width, scale, p, kept, fractions):
+    """The kept patches' mask pixels along one row (no read where the row holds no tumour)."""
+    P, S = p.patch_size, p.stride
+    if not np.any(fractions[kept] > 0):
+        return np.zeros((int(kept.sum()), P, P), np.uint8)
+    mstrip = open_cached((mask_path, slide_path), "mask").read(0, y, width, P, downsample=scale)
+    return np.ascontiguousarray(patchify(mstrip, (P, P), step=S)[0][kept])
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing straight into the cache, in grid order, from several worker processes
+# ---------------------------------------------------------------------------------------------
+#
+# Each task knows how many patches it keeps only once it has decoded its rows, so it cannot
+# know where its patches go in the cache file until the task before it has counted its own.
+# The tasks hand the offsets on: task i waits for a small file ``.handoff/<i>`` holding its
+# offsets (task 0's is written by the parent), writes ``.handoff/<i + 1>`` at once, then
+# writes its patches at its offsets. The pool hands tasks out in order, so task i - 1 has
+# started whenever task i runs, and tasks of similar size wait little. A failed extraction
+# leaves ``.handoff/abort`` (or removes the folder), which ends any task still waiting.
+
+HANDOFF = ".handoff"
+
+
+class ExtractionAborted(RuntimeError):
+    """A row task found its extraction given up (another task failed first)."""
+
+
+def _offsets_path(cache_dir, task):
+    return Path(cache_dir) / HANDOFF / f"{task:07d}"
+
+
+def _hand_on(cache_dir, task, offsets):
+    """Publish task ``task``'s byte offsets ``(patches, masks)`` (atomically: rename)."""
+    dest = _offsets_path(cache_dir, task)
+    tmp = dest.with_name(dest.name + f".{os.getpid()}.tmp")
+    tmp.write_text(f"{offsets[0]} {offsets[1]}\n")
+    os.replace(tmp, dest)
+
+
+def _take_offsets(cache_dir, task):
+    """Wait for (and return) task ``task``'s offsets; raise when the extraction was given up."""
+    path, delay = _offsets_path(cache_dir, task), 0.0005
+    while True:
+        try:
+            return tuple(int(v) for v in path.read_text().split())
+        except FileNotFoundError:
+            pass
+        if not path.parent.is_dir() or (path.parent / "abort").exists():
+            raise ExtractionAborted(f"{cache_dir}: extraction given up before task {task}")
+        time.sleep(delay)
+        delay = min(2 * delay, 0.01)
+
+
+def _write_at(path, offset, arrays):
+    """Write ``arrays`` one after another at ``offset`` of an existing file (``pwrite``:
+    plain writes, so a full disk is an error here, never a SIGBUS later)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for a in arrays:
+            if not a.size:
+                continue
+            view = memoryview(np.ascontiguousarray(a)).cast("B")
+            while len(view):
+                n = os.pwrite(fd, view, offset)
+                offset += n
+                view = view[n:]
+    finally:
+        os.close(fd)
+
+
+def _write_kept(cache_dir, task, results):
+    """Write a task's kept patches (and masks) into the cache at its offsets, in grid order."""
+    n = sum(int(out["kept"].sum()) for out in results)
+    at_patches, at_masks = _take_offsets(cache_dir, task)
+    pbytes = int(np.prod(results[0]["patches"].shape[1:]))  # (k, P, P, 3) uint8, k may be 0
+    mbytes = int(np.prod(results[0]["masks"].shape[1:])) if "masks" in results[0] else 0
+    _hand_on(cache_dir, task + 1, (at_patches + n * pbytes, at_masks + n * mbytes))
+    folder = Path(cache_dir)
+    _write_at(folder / "patches.u8", at_patches, [out.pop("patches") for out in results])
+    if "masks" in results[0]:
+        _write_at(folder / "masks.u8", at_masks, [out.pop("masks") for out in results])
 
 
 def _extract_rows_job(args):
@@ -143,27 +225,6 @@ def _extract_rows_job(args):
         if is_disk_full(exc):  # a full disk is the one DiskFullError, from a worker too
             raise disk_full(args[7] or args[0], f"the {args[1]}x patches of {Path(args[0]).stem}") from None
         raise InputError(f"{type(exc).__name__}: {exc}") from None
-
-
-def _splice(dst, src_path):
-    """Append a file to an open file (in the kernel where the platform allows), then delete it."""
-    with open(src_path, "rb") as src:
-        n = os.fstat(src.fileno()).st_size
-        dst.flush()
-        done = 0
-        try:
-            while done < n:
-                k = os.copy_file_range(src.fileno(), dst.fileno(), n - done)
-                if k == 0:
-                    break
-                done += k
-        except (AttributeError, OSError) as exc:
-            if getattr(exc, "errno", None) is not None and exc.errno not in (18, 22, 38, 95):  # EXDEV EINVAL ENOSYS
-                raise
-        if done < n:
-            src.seek(done)
-            shutil.copyfileobj(src, dst, 16 << 20)
-    os.remove(src_path)
 
 
 def _map(fn, tasks, pool, workers):
@@ -252,7 +313,7 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
 
 
 def _write_cache(case, scale, cache_root, params, pool, workers, rows, cols, step, level, tmp, progress):
-    """Run the row tasks and append their patches to ``tmp``; return ``(table, n_kept)``."""
+    """Run the row tasks, which write their patches into ``tmp``; return ``(table, n_kept)``."""
     masks = {k: None if case.mask_path(k) is None else str(case.mask_path(k)) for k in MASK_KINDS}
     cmaps = {}
     if rows:
@@ -261,44 +322,58 @@ def _write_cache(case, scale, cache_root, params, pool, workers, rows, cols, ste
             if cm is not None:
                 cmaps[kind] = str(cm)
     tasks = [
-        (str(case.slide), scale, r, min(rows, r + step), asdict(params), masks, cmaps, str(tmp), level)
-        for r in range(0, rows, step)
+        (str(case.slide), scale, r, min(rows, r + step), asdict(params), masks, cmaps, str(tmp), level, i)
+        for i, r in enumerate(range(0, rows, step))
     ]
     store = stores_masks(case, scale, params)
     cols_out = {k: [] for k in ("row", "col", "tissue_frac", "otsu", "kept", "whole_frac", "viable_frac", "index")}
     n_kept = 0
+    done = False
     try:
-        with open(tmp / "patches.u8", "wb") as fp, open(tmp / "masks.u8" if store else os.devnull, "wb") as fm:
-            for batch in _map(_extract_rows_job, tasks, pool, workers):
-                part = batch[0]["part"]
-                _splice(fp, part + ".u8")
-                if Path(part + ".m.u8").exists():
-                    if store:
-                        _splice(fm, part + ".m.u8")
-                    else:
-                        os.remove(part + ".m.u8")
-                for res in batch:
-                    kept = res["kept"]
-                    index = np.full(cols, -1, np.int64)
-                    index[kept] = np.arange(n_kept, n_kept + int(kept.sum()))
-                    n_kept += int(kept.sum())
-                    cols_out["row"].append(np.full(cols, res["row"]))
-                    cols_out["col"].append(np.arange(cols))
-                    for name in ("tissue_frac", "otsu", "kept", "whole_frac", "viable_frac"):
-                        cols_out[name].append(res[name])
-                    cols_out["index"].append(index)
-                    if progress is not None:
-                        progress.update(1)
+        for name in ("patches.u8", "masks.u8") if store else ("patches.u8",):
+            (tmp / name).touch()
+        (tmp / HANDOFF).mkdir()
+        _hand_on(tmp, 0, (0, 0))
+        for batch in _map(_extract_rows_job, tasks, pool, workers):
+            for res in batch:
+                kept = res["kept"]
+                index = np.full(cols, -1, np.int64)
+                index[kept] = np.arange(n_kept, n_kept + int(kept.sum()))
+                n_kept += int(kept.sum())
+                cols_out["row"].append(np.full(cols, res["row"]))
+                cols_out["col"].append(np.arange(cols))
+                for name in ("tissue_frac", "otsu", "kept", "whole_frac", "viable_frac"):
+                    cols_out[name].append(res[name])
+                cols_out["index"].append(index)
+                if progress is not None:
+                    progress.update(1)
+        done = True
     except OSError as exc:
         if is_disk_full(exc):
             raise disk_full(tmp, f"the {scale}x patches of {case.case_id}") from None
         raise
-    if not store:
-        (tmp / "masks.u8").unlink(missing_ok=True)
+    finally:
+        if not done and (tmp / HANDOFF).is_dir():
+            (tmp / HANDOFF / "abort").touch()  # ends the tasks still waiting for their offsets
+    shutil.rmtree(tmp / HANDOFF)
+    _check_sizes(tmp, n_kept, params, store, case, scale)
     table = pd.DataFrame({k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols_out.items()})
     for name in ("tissue_frac", "whole_frac", "viable_frac"):
         table[name] = table[name].round(4)
     return finish_table(table, case.case_id, scale, params), n_kept
+
+
+def _check_sizes(tmp, n_kept, params, store, case, scale):
+    """The cache files hold exactly the kept patches (a task that wrote short is a bug, not data)."""
+    P = params.patch_size
+    want = {"patches.u8": n_kept * P * P * 3, **({"masks.u8": n_kept * P * P} if store else {})}
+    for name, size in want.items():
+        have = (tmp / name).stat().st_size
+        if have != size:
+            raise RuntimeError(
+                f"the {scale}x cache of {case.case_id}: {name} holds {have} bytes, expected {size}; "
+                "it was not kept: rerun"
+            )
 
 
 def extract_dataset(cases, scales, cache_root, params=None, workers=None, progress=True, warn=True):

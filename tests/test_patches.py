@@ -328,6 +328,64 @@ def test_workers_1_and_2_give_identical_caches(small_dataset, tmp_path):
     assert ps1.folder.name == ps2.folder.name  # same key, different roots
 
 
+def test_tasks_hand_offsets_on_and_write_the_grid_order_from_two_workers(small_dataset, tmp_path, monkeypatch):
+    """One row per task, two worker processes: each task writes its patches straight into the
+    cache at the offset the task before it handed on; the file is the serial one, byte for byte."""
+    import helpers.patches as hp
+
+    case = [c for c in list_cases(small_dataset) if c.case_id == "tiny_t2"][0]
+    p = ExtractionParams(tissue_threshold=0.3)
+    ps1, _ = extract_slide(case, 1, tmp_path / "w1", p, workers=1)
+    monkeypatch.setattr(hp, "ROWS_PER_TASK_MAX", 1)
+    forget_open_slides()
+    ps2, _ = extract_slide(case, 1, tmp_path / "w2", p, workers=2)
+    assert ps2.meta["grid_rows"] >= 4  # enough tasks for the pool to run them side by side
+    assert np.array_equal(np.asarray(ps1.patches), np.asarray(ps2.patches))
+    assert np.array_equal(np.asarray(ps1.masks), np.asarray(ps2.masks))
+    pd.testing.assert_frame_equal(ps1.table, ps2.table)
+    assert not list((tmp_path / "w2").rglob(".handoff"))
+
+
+_REAL_ROWS_JOB = None
+
+
+def _fail_on_row_2(args):
+    from helpers.errors import InputError
+
+    if args[2] == 2:
+        raise InputError("row 2 failed (test)")
+    return _REAL_ROWS_JOB(args)
+
+
+def test_a_failed_task_ends_the_tasks_waiting_for_its_offsets(small_dataset, tmp_path, monkeypatch):
+    """Tasks after a failed one wait for an offset that never comes: the abort ends them, so the
+    extraction raises at once (no hang), leaves nothing half-written, and a rerun works."""
+    global _REAL_ROWS_JOB
+    import helpers.patches as hp
+
+    case = [c for c in list_cases(small_dataset) if c.case_id == "tiny_t2"][0]
+    _REAL_ROWS_JOB = hp._extract_rows_job
+    monkeypatch.setattr(hp, "_extract_rows_job", _fail_on_row_2)
+    monkeypatch.setattr(hp, "ROWS_PER_TASK_MAX", 1)
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="row 2 failed"):
+        extract_slide(case, 1, tmp_path / "cache", workers=2)
+    assert time.monotonic() - t0 < 30
+    assert not list((tmp_path / "cache").rglob("meta.json"))
+    assert not [q for q in (tmp_path / "cache").rglob("*") if ".tmp" in q.name or q.name == ".handoff"]
+    monkeypatch.setattr(hp, "_extract_rows_job", _REAL_ROWS_JOB)
+    ps, cached = extract_slide(case, 1, tmp_path / "cache", workers=2)
+    assert not cached and ps.meta["n_kept"] > 0
+
+
+def test_importing_extraction_does_not_load_torch():
+    """Extraction's workers are forked from the importing process: they need no deep-learning
+    framework (torch alone is ~500 MB of memory per process tree)."""
+    code = "import sys, helpers.patches, helpers.parallel; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_extract_dataset_summary(small_dataset, tmp_path):
     cases = list_cases(small_dataset)
     p = ExtractionParams(tissue_threshold=0.3)

@@ -372,3 +372,47 @@ def test_levels_a_fraction_of_a_percent_off_are_read_as_the_scale(small_dataset,
         a = s.read_region(x, y, 64, 48, downsample=4)
         # level 1's own pixels, decoded tile by tile: no resampling
         np.testing.assert_array_equal(a, s.read_region(0, 0, 512, 257, downsample=ds1)[59:107, 99:163])
+
+
+def _reference_block_counts(m0, block):
+    """Mask pixels per block, straight from the array (the definition)."""
+    nby, nbx = -(-m0.shape[0] // block), -(-m0.shape[1] // block)
+    pad = np.zeros((nby * block, nbx * block), np.int64)
+    pad[: m0.shape[0], : m0.shape[1]] = m0
+    return pad.reshape(nby, block, nbx, block).sum(axis=(1, 3))
+
+
+@pytest.mark.parametrize("hi", [1, 255])
+def test_tiled_block_counts_decode_each_distinct_tile_once_and_match_the_definition(tmp_path, hi, monkeypatch):
+    # 1000 x 700: edge tiles are cut on both sides; the mask has uniform tiles (background, and
+    # a tumour square covering whole tiles) and boundary tiles (the blob)
+    w, h = 1000, 700
+    m0 = np.zeros((h, w), np.uint8)
+    m0[128:512, 128:512] = 1
+    yy, xx = np.mgrid[0:h, 0:w]
+    m0[((xx - 760) / 150.0) ** 2 + ((yy - 500) / 120.0) ** 2 < 1] = 1
+    m0[h - 3 :, w - 5 :] = 1  # tumour in the corner tile's part inside the mask
+    path = write_tiff_mask(tmp_path / "t_whole.tif", m0 * hi, tile=128)
+    with Mask(path, (w, h)) as m:
+        store = m._store
+        decoded = []
+        real_decode = store.decode_tile
+        monkeypatch.setattr(store, "decode_tile", lambda idx, data: decoded.append(idx) or real_decode(idx, data))
+        want = _reference_block_counts(m0, 16)
+        got = m.block_counts(0, want.shape[0])
+        assert got.dtype == np.uint16 and np.array_equal(got, want)
+        n_tiles = store.ntx * store.nty
+        assert len(decoded) < n_tiles // 2, (len(decoded), n_tiles)  # uniform tiles decoded once
+        # A band that starts and ends inside tile rows.
+        assert np.array_equal(m.block_counts(5, 37), want[5:37])
+        assert np.array_equal(m.block_counts(0, 3, block=32), _reference_block_counts(m0, 32)[:3])
+
+
+def test_tiled_block_counts_refuse_bad_values_naming_the_file(tmp_path):
+    m0, _ = _blob_mask()
+    bad = m0.copy()
+    bad[400:420, 400:420] = 2
+    path = write_tiff_mask(tmp_path / "case_viable.tif", bad, tile=128)
+    with Mask(path, (W, H)) as m, pytest.raises(InputError) as ei:
+        m.block_counts(0, H // 16)
+    assert str(path) in str(ei.value) and "0/1" in str(ei.value)
