@@ -26,8 +26,9 @@ def forget_inherited():
 
 
 def open_cached(path, kind):
-    """Open a ``slide``, a ``mask`` (``path`` = ``(mask, slide)``) or ``counts`` (an ``.npy``
-    memory map) once per process; reopened when the file has changed on disk."""
+    """Open a ``slide``, a ``mask`` (``path`` = ``(mask, slide)``) or ``counts`` (a count
+    map's rows, see :class:`CountRows`) once per process; reopened when the
+    file has changed on disk."""
     if _OPEN_PID[0] != os.getpid():
         forget_inherited()
     f = Path(path[0] if isinstance(path, tuple) else path)
@@ -45,9 +46,38 @@ def open_cached(path, kind):
         elif kind == "mask":
             obj = Mask(path[0], open_cached(path[1], "slide").dimensions)
         else:
-            obj = np.load(path, mmap_mode="r")
+            obj = CountRows(path)
         _OPEN[key] = obj
     return obj
+
+
+class CountRows:
+    """Rows of a count map (a 2-D ``.npy``) read with plain reads, not a memory map: a map read
+    band after band by a worker must not stay mapped (its pages would count in the worker's
+    memory and grow with the slide)."""
+
+    def __init__(self, path):
+        self._f = open(path, "rb")  # noqa: SIM115 (kept open between reads, closed by close())
+        fmt = np.lib.format
+        version = fmt.read_magic(self._f)
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        self.shape, fortran, self.dtype = read_header(self._f)
+        if fortran or len(self.shape) != 2:
+            self._f.close()
+            raise InputError(f"{path}: not a count map (a 2-D C-ordered array); delete it, it is rebuilt")
+        self._start = self._f.tell()
+
+    def __getitem__(self, rows):
+        """``counts[r0:r1]`` as an array (rows clipped to the map)."""
+        r0, r1, _ = rows.indices(self.shape[0])
+        n = max(0, r1 - r0) * self.shape[1]
+        buf = os.pread(
+            self._f.fileno(), n * self.dtype.itemsize, self._start + r0 * self.shape[1] * self.dtype.itemsize
+        )
+        return np.frombuffer(buf, self.dtype).reshape(-1, self.shape[1])
+
+    def close(self):
+        self._f.close()
 
 
 def close_all():

@@ -379,6 +379,10 @@ def rgba_to_rgb(arr):
 # ---------------------------------------------------------------------------------------------
 
 
+#: The most decoded tiles one open TIFF page keeps for the next read (bytes).
+TILE_CACHE_BYTES = 64 << 20
+
+
 class _TiffWindows:
     """Window reads of one TIFF page, decoding only the tiles (or strips) they touch.
 
@@ -405,7 +409,10 @@ class _TiffWindows:
         self.nty = -(-self.shape[0] // self.th)
         self.samples = int(page.samplesperpixel)
         self._cache = {}
-        self._cap = 2 * self.ntx + 4
+        # About two rows of tiles, but at most TILE_CACHE_BYTES: memory must not grow with the
+        # slide's width (a 100,000 px level has 400 tiles a row).
+        tile_bytes = self.th * self.tw * self.samples * np.dtype(self.dtype).itemsize
+        self._cap = max(4, min(2 * self.ntx + 4, TILE_CACHE_BYTES // max(1, tile_bytes)))
         # Highly compressed tiles (a mask's background or tumour interior) repeat the same bytes:
         # decoded once, shared read-only.
         self._same = {}

@@ -564,3 +564,19 @@ def test_tumour_fraction_never_exceeds_one_for_thumbnail_masks(tmp_path):
         assert m.downsample == pytest.approx(2220 / 383)
         fr = m.window_fractions(224, np.arange(0, 1800, 224), 224)
     assert fr.max() <= 1.0, fr
+
+
+def test_count_rows_read_bands_of_a_count_map_without_mapping_it(tmp_path):
+    from helpers.handles import CountRows
+
+    a = np.random.default_rng(0).integers(0, 257, (50, 37)).astype(np.uint16)
+    np.save(tmp_path / "c.npy", a)
+    c = CountRows(tmp_path / "c.npy")
+    try:
+        assert np.array_equal(c[3:9], a[3:9]) and np.array_equal(c[45:80], a[45:])
+        assert c[60:70].shape == (0, 37)
+    finally:
+        c.close()
+    np.save(tmp_path / "bad.npy", np.zeros(5))
+    with pytest.raises(Exception, match="not a count map"):
+        CountRows(tmp_path / "bad.npy")
