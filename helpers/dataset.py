@@ -3,10 +3,12 @@
 The dataset contract (README, "Your own data"):
 
 - slides: ``<slide_id>.<ext>``, any format OpenSlide reads (``.svs``, ``.tif``, ``.ndpi`` ...)
-  or a plain PNG/JPEG/TIFF image;
+  or a plain PNG/JPEG/TIFF image, in the folder or in any subfolder of it (hidden ones aside);
+  a slide id names one slide in the whole tree;
 - optional masks: ``<slide_id>_whole.<tif|tiff|png>`` and ``<slide_id>_viable.<...>`` (PAIP
-  2019's whole-tumour and viable-tumour masks, level-0 size or an exact downsample);
-- an optional ``labels.csv`` with a slide column, a ``label`` column (0/1, normal/tumour; empty
+  2019's whole-tumour and viable-tumour masks, level-0 size or an exact downsample), beside
+  their slide;
+- an optional ``labels.csv`` at the top of the folder with a slide column, a ``label`` column (0/1, normal/tumour; empty
   = unknown) and an optional patient column. Accepted headers:
 
   ====================================  ==================  ====================
@@ -26,6 +28,7 @@ Used by notebooks 01-05 (through :func:`list_cases`).
 """
 
 import csv
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,15 +151,30 @@ def _find_mask(folder, slide_id, kind):
 
 
 def find_slides(folder):
-    """The slide files of a folder (masks, hidden files and other suffixes left out), by name."""
+    """The slide files under a folder, in it or in any subfolder (masks, hidden files and
+    folders, and other suffixes left out), sorted by their path below ``folder``.
+
+    Deliveries arrive in batches (``batch_1/``, ``batch_2/``, a hospital's export tree): a
+    slide may sit anywhere below ``data_dir``, with its masks beside it.
+    """
+    folder = Path(folder)
     out = []
-    for p in sorted(Path(folder).iterdir()):
-        if not p.is_file() or p.name.startswith(".") or p.suffix.lower() not in SLIDE_SUFFIXES:
-            continue
-        if any(p.stem.endswith("_" + k) for k in MASK_KINDS):
-            continue
-        out.append(p)
-    return out
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            p = Path(root) / name
+            if name.startswith(".") or p.suffix.lower() not in SLIDE_SUFFIXES:
+                continue
+            if any(p.stem.endswith("_" + k) for k in MASK_KINDS):
+                continue
+            out.append(p)
+    return sorted(out, key=lambda p: p.relative_to(folder).parts)
+
+
+def slide_folder(case, data_dir):
+    """The folder of a case's slide below ``data_dir`` (``"."`` for the top)."""
+    rel = Path(case.slide).parent.relative_to(Path(data_dir))
+    return rel.as_posix() if rel.parts else "."
 
 
 def list_cases(data_dir):
@@ -183,15 +201,16 @@ def list_cases(data_dir):
     slides = find_slides(folder)
     if not slides:
         raise InputError(
-            f"data_dir {folder}: holds no slides ({', '.join(SLIDE_SUFFIXES[:4])}, ...); "
-            "put the slides (and their _whole/_viable masks) there"
+            f"data_dir {folder}: holds no slides ({', '.join(SLIDE_SUFFIXES[:4])}, ...), neither in it "
+            "nor in its subfolders; put the slides (and their _whole/_viable masks) there"
         )
     ids = [p.stem for p in slides]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
+        where = [p.relative_to(folder).as_posix() for p in slides if p.stem == dup[0]]
         raise InputError(
-            f"data_dir {folder}: several files share the slide id {dup[0]!r} "
-            f"({', '.join(p.name for p in slides if p.stem == dup[0])}); keep one file per slide"
+            f"data_dir {folder}: several files share the slide id {dup[0]!r} ({', '.join(where)}); "
+            "a slide id names one slide: keep one of them, or rename the others"
         )
     lf = LabelFile(folder / "labels.csv", "slide_id")
     if lf.path.exists():
@@ -214,8 +233,8 @@ def list_cases(data_dir):
         Case(
             p.stem,
             p,
-            _find_mask(folder, p.stem, "whole"),
-            _find_mask(folder, p.stem, "viable"),
+            _find_mask(p.parent, p.stem, "whole"),
+            _find_mask(p.parent, p.stem, "viable"),
             lf.labels.get(p.stem),
             lf.patients.get(p.stem),
         )
@@ -229,7 +248,8 @@ def describe_cases(cases, data_dir=None):
     Returns:
         A dict: ``slides``, ``formats`` (``{suffix: n}``), ``both masks``, ``one mask``,
         ``no mask``, ``labelled`` (a label in labels.csv), ``patients``, ``slides per patient``
-        (the most), and, with ``data_dir``, ``labels.csv rows without a slide``.
+        (the most), and, with ``data_dir``, ``folders`` (``{folder below data_dir: n slides}``,
+        ``"."`` for the top) and ``labels.csv rows without a slide``.
     """
     formats = {}
     for c in cases:
@@ -248,6 +268,12 @@ def describe_cases(cases, data_dir=None):
         "patients": len(per_patient),
         "slides per patient (most)": max(per_patient.values(), default=0),
     }
+    if data_dir is not None:
+        folders = {}
+        for c in cases:
+            f = slide_folder(c, data_dir)
+            folders[f] = folders.get(f, 0) + 1
+        out["folders"] = folders
     if data_dir is not None and (Path(data_dir) / "labels.csv").exists():
         lf = read_labels(Path(data_dir) / "labels.csv")
         out["labels.csv rows without a slide"] = len(set(lf.labels) - {c.case_id for c in cases})

@@ -1562,12 +1562,34 @@ def _zoo_no_tumour(rng, folder):
     return [("svs", _zoo_spec(rng, sid, w, h, False, p), folder, True) for sid, w, h, p in rows]
 
 
+def _zoo_nested(rng, folder):
+    """The ``nested`` shape: a delivery in subfolders, each slide with its masks beside it, and
+    ``labels.csv`` at the top; returns the jobs."""
+    rows = [  # id, subfolder, w, h, tumour, patient
+        ("ne_01", "batch_1", 2200, 1800, True, "P1"),
+        ("ne_02", "batch_1", 1700, 2000, False, "P2"),
+        ("ne_03", "batch_1", 2100, 1900, False, "P3"),
+        ("ne_04", "batch_2", 2400, 2100, True, "P4"),
+        ("ne_05", "batch_2", 1900, 1600, False, "P5"),
+        ("ne_06", "batch_2/rescans", 2000, 2300, True, "P6"),
+    ]
+    _write_labels(
+        folder / "labels.csv", ["slide_id", "label", "patient_id"], [[sid, int(t), p] for sid, _, _, _, t, p in rows]
+    )
+    jobs = []
+    for sid, sub, w, h, t, p in rows:
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        jobs.append(("svs", _zoo_spec(rng, sid, w, h, t, p), folder / sub, True))
+    return jobs
+
+
 _ZOO = {
     "mixed": _zoo_mixed,
     "unannotated": _zoo_unannotated,
     "many": _zoo_many,
     "case_labels": _zoo_case_labels,
     "no_tumour": _zoo_no_tumour,
+    "nested": _zoo_nested,  # last: a shape's seed is its place in this list
 }
 
 #: The shapes :func:`write_zoo_dataset` knows.
@@ -1598,6 +1620,8 @@ def write_zoo_dataset(shape, folder, seed=0):
       ``case_id,label`` (one case = one slide).
     - ``no_tumour``: 5 annotated ``.svs`` slides whose masks are all empty, labels all 0
       (``slide_id,label,patient_id``, 4 patients).
+    - ``nested``: 6 ``.svs`` slides with masks in ``batch_1/``, ``batch_2/`` and
+      ``batch_2/rescans/`` (3 tumour, 3 tumour-free, 6 patients), ``labels.csv`` at the top.
 
     Args:
         shape: one of :data:`ZOO_SHAPES`.

@@ -91,6 +91,45 @@ def test_two_files_with_one_slide_id_are_refused(tmp_path):
         list_cases(tmp_path)
 
 
+def test_slides_in_subfolders_are_found_with_the_masks_beside_them(tmp_path):
+    img = np.full((300, 300, 3), 240, np.uint8)
+    (tmp_path / "batch_1").mkdir()
+    (tmp_path / "batch_2" / "rescans").mkdir(parents=True)
+    (tmp_path / ".trash").mkdir()
+    write_png(tmp_path / "top.png", img)
+    write_png(tmp_path / "batch_1" / "s1.png", img)
+    write_png(tmp_path / "batch_1" / "s1_whole.png", np.zeros((300, 300), np.uint8))
+    write_png(tmp_path / "batch_2" / "rescans" / "s2.png", img)
+    write_tiff_mask(tmp_path / "batch_2" / "rescans" / "s2_viable.tif", np.zeros((300, 300), np.uint8))
+    write_png(tmp_path / "batch_2" / "s2_whole.png", np.zeros((300, 300), np.uint8))  # not beside s2
+    write_png(tmp_path / ".trash" / "old.png", img)  # hidden folders are left out
+    (tmp_path / "labels.csv").write_text("slide_id,label\ns1,1\ns2,0\ntop,1\n")
+    cases = {c.case_id: c for c in list_cases(tmp_path)}
+    assert sorted(cases) == ["s1", "s2", "top"]
+    assert cases["s1"].whole == tmp_path / "batch_1" / "s1_whole.png" and cases["s1"].label == 1
+    assert cases["s2"].viable == tmp_path / "batch_2" / "rescans" / "s2_viable.tif"
+    assert cases["s2"].whole is None and cases["s2"].label == 0
+    folders = describe_cases(list(cases.values()), tmp_path)["folders"]
+    assert folders == {".": 1, "batch_1": 1, "batch_2/rescans": 1}
+
+
+def test_one_slide_id_in_two_subfolders_is_one_error_naming_both_paths(tmp_path):
+    img = np.full((60, 60, 3), 240, np.uint8)
+    for sub in ("batch_1", "batch_2"):
+        (tmp_path / sub).mkdir()
+        write_png(tmp_path / sub / "s7.png", img)
+    with pytest.raises(InputError) as ei:
+        list_cases(tmp_path)
+    msg = str(ei.value)
+    assert "'s7'" in msg and "batch_1/s7.png" in msg and "batch_2/s7.png" in msg and "\n" not in msg
+
+
+def test_a_folder_without_slides_says_subfolders_were_searched(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="nor in its subfolders"):
+        list_cases(tmp_path)
+
+
 def test_case_defaults():
     c = Case("x", "x.svs")
     assert c.whole is None and c.viable is None and c.label is None and c.patient == "x"

@@ -13,7 +13,7 @@ import tifffile
 from PIL import Image
 
 import helpers.synthetic as syn
-from helpers.dataset import list_cases, read_labels
+from helpers.dataset import describe_cases, list_cases, read_labels
 from helpers.errors import InputError
 from helpers.slides import Mask, Slide, SlideWarning, box_reduce, check_viable_inside_whole
 from helpers.synthetic import CaseSpec, ensure_demo_dataset, write_case, write_zoo_dataset
@@ -535,6 +535,18 @@ def test_zoo_many(zoo):
         whole, viable = _masks(folder, sid)
         assert bool(whole.any()) == bool(labels[sid]) and not np.any(viable > whole)
     assert {c.patient for c in list_cases(folder)} == set(patients)
+
+
+def test_zoo_nested(zoo):
+    folder = zoo["nested"]
+    assert _names(folder) == ["batch_1", "batch_2", "labels.csv", "manifest.json"]
+    assert "rescans" in _names(folder / "batch_2")
+    cases = list_cases(folder)
+    assert [c.case_id for c in cases] == [f"ne_0{i}" for i in range(1, 7)]
+    for c in cases:  # masks beside their slide, labels from the top
+        assert c.whole.parent == c.slide.parent == c.viable.parent and c.label in (0, 1)
+    assert sum(c.label for c in cases) == 3
+    assert describe_cases(cases, folder)["folders"] == {"batch_1": 3, "batch_2": 2, "batch_2/rescans": 1}
 
 
 def test_zoo_case_labels_and_no_tumour(zoo):

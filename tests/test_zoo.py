@@ -119,6 +119,17 @@ def test_two_hundred_small_slides(zoo):
     assert "patients in more than one split: 0" in text(run, "02")
 
 
+def test_a_delivery_in_subfolders_runs_to_the_end(zoo):
+    """Slides in batch_1/, batch_2/ and batch_2/rescans/ with their masks beside them and
+    labels.csv at the top: found, labelled, shown by folder, and run through the series."""
+    p, run = zoo("nested")
+    assert p.returncode == 0, p.stderr[-3000:]
+    t1 = text(run, "01")
+    assert "slides                             6" in t1 and "labelled                           6" in t1
+    assert "{'batch_1': 3, 'batch_2': 2, 'batch_2/rescans': 1}" in t1
+    assert "batch_2/rescans/ne_06.svs" in t1
+
+
 def test_old_labels_layout(zoo):
     p, run = zoo("case_labels", "--only", "01", "02")
     assert p.returncode == 0, p.stderr[-3000:]
