@@ -379,6 +379,19 @@ def rgba_to_rgb(arr):
 # ---------------------------------------------------------------------------------------------
 
 
+def _fast_inflate(page):
+    """libdeflate's decoder for a tiled deflate page without predictor or bit tricks, else None."""
+    try:
+        import imagecodecs
+
+        plain = page.predictor == 1 and page.fillorder == 1 and page.bitspersample == 8 * page.dtype.itemsize
+        if page.is_tiled and int(page.compression) in (8, 32946) and plain and imagecodecs.DEFLATE.available:
+            return imagecodecs.deflate_decode
+    except (ImportError, AttributeError):
+        pass
+    return None
+
+
 #: The most decoded tiles one open TIFF page keeps for the next read (bytes).
 TILE_CACHE_BYTES = 64 << 20
 
@@ -408,6 +421,8 @@ class _TiffWindows:
         self.ntx = -(-self.shape[1] // self.tw)
         self.nty = -(-self.shape[0] // self.th)
         self.samples = int(page.samplesperpixel)
+        self.dtype = np.dtype(self.dtype)
+        self._inflate = _fast_inflate(page)
         self._cache = {}
         # About two rows of tiles, but at most TILE_CACHE_BYTES: memory must not grow with the
         # slide's width (a 100,000 px level has 400 tiles a row).
@@ -430,9 +445,16 @@ class _TiffWindows:
         return fh.read(n)
 
     def decode_tile(self, idx, data):
-        """Tile ``idx`` decoded from its compressed ``data`` (zeros for an empty tile)."""
+        """Tile ``idx`` decoded from its compressed ``data`` (zeros for an empty tile).
+
+        Deflate tiles without a predictor (PAIP's masks) are inflated with libdeflate, about
+        twice as fast as the zlib path tifffile takes; the bytes are the same.
+        """
         if not data:
             return np.zeros((self.th, self.tw, self.samples), self.dtype)
+        if self._inflate is not None:
+            raw = self._inflate(data, out=self.th * self.tw * self.samples * self.dtype.itemsize)
+            return np.frombuffer(raw, self.dtype).reshape(self.th, self.tw, self.samples)
         seg, _, _ = self.page.decode(data, idx, jpegtables=self.page.jpegtables)
         return np.asarray(seg).reshape(-1, self.tw, self.samples)
 
