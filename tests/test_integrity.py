@@ -200,3 +200,17 @@ def test_a_full_disk_in_an_extraction_worker_is_the_one_disk_full_error(monkeypa
         hp._extract_rows_job(args)
     back = pickle.loads(pickle.dumps(info.value))  # how it reaches the parent from a process
     assert isinstance(back, DiskFullError) and "is full" in str(back) and "4x patches of s1" in str(back)
+
+
+def test_file_sha256_hashes_the_whole_file_and_names_a_missing_one(tmp_path):
+    """The one file hash of the project (checkpoint weights, the CMU test slide)."""
+    import hashlib
+
+    from helpers.errors import InputError
+    from helpers.provenance import file_sha256
+
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"abc" * 1000)
+    assert file_sha256(p, chunk=7) == hashlib.sha256(b"abc" * 1000).hexdigest()
+    with pytest.raises(InputError, match="missing.bin"):
+        file_sha256(tmp_path / "missing.bin")

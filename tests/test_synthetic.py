@@ -442,16 +442,6 @@ def test_write_case_failure_leaves_no_partial_files(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == []
 
 
-def test_file_sha256(tmp_path):
-    import hashlib
-
-    p = tmp_path / "f.bin"
-    p.write_bytes(b"abc" * 1000)
-    assert syn.file_sha256(p, chunk=7) == hashlib.sha256(b"abc" * 1000).hexdigest()
-    with pytest.raises(InputError, match="missing.bin"):
-        syn.file_sha256(tmp_path / "missing.bin")
-
-
 # ---------------------------------------------------------------------------------------------
 # The zoo
 # ---------------------------------------------------------------------------------------------
