@@ -32,7 +32,9 @@ N_TRAIN, BATCH = 61, 8  # 7 full batches of 8, then one of 5: uneven slices (3 +
 
 
 def small_setup():
-    from helpers.train import TrainConfig, batches_from_arrays
+    from conftest import batches_from_arrays
+
+    from helpers.train import TrainConfig
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, N_TRAIN + 20)
