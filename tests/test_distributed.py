@@ -25,6 +25,8 @@ import torch
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
+# Process groups and killed runs in subprocesses (about a minute); the spec checks share the caches fixture.
+pytestmark = pytest.mark.slow
 N_TRAIN, BATCH = 61, 8  # 7 full batches of 8, then one of 5: uneven slices (3 + 2)
 
 

@@ -32,6 +32,7 @@ def _oom_on_row_3(args):
     return _REAL_JOB(args)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_ends_extraction_with_one_line_not_a_hang(t1, tmp_path, monkeypatch):
     real = _REAL_JOB
     monkeypatch.setattr(hp, "_extract_rows_job", _oom_on_row_3)
@@ -64,6 +65,7 @@ def _alive(pid):
     return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
 def test_workers_die_with_their_parent(small_dataset, tmp_path):
     """A kernel killed mid-extraction (OOM, kill -9) must not leave its workers running on."""

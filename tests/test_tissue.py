@@ -200,6 +200,7 @@ def test_edge_cases(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reference_mask_matches_exact_synthetic_tissue():
     from helpers.synthetic import CaseSpec, _Scene, render_region
 
