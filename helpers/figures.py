@@ -93,7 +93,10 @@ def figure_guard(name, strict=None):
 
         plt.close("all")
         if strict_figures() if strict is None else strict:
-            print(f"figure '{name}' failed ({STRICT_FIGURES_ENV} or CI: not skipped)", file=sys.stderr)
+            print(
+                f"figure '{name}' failed: not skipped under tests and CI ({STRICT_FIGURES_ENV}=0 skips it)",
+                file=sys.stderr,
+            )
             raise
         print(f"figure '{name}' skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
 
