@@ -4,6 +4,7 @@ Used by notebooks 01-05.
 """
 
 import contextlib
+import os
 import sys
 
 import numpy as np
@@ -33,11 +34,51 @@ def figure_saver(notebook, run_name):
     return save_fig
 
 
+#: Environment variable that decides whether :func:`figure_guard` re-raises: ``1`` always
+#: (the Makefile's nbval line, ``.ci/run``, ``python -m helpers.run --strict-figures``), ``0``
+#: never; unset, it re-raises under CI (``CI``) and pytest (``PYTEST_CURRENT_TEST``, which the
+#: kernels that nbval and papermill start inherit).
+STRICT_FIGURES_ENV = "PAIP_REPRO_STRICT_FIGURES"
+_ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def strict_figures(environ=None):
+    """Whether a failing figure cell must fail (tests, CI) rather than print one line (users' data).
+
+    Args:
+        environ: the environment to read (default: ``os.environ``).
+
+    Returns:
+        ``True`` when ``PAIP_REPRO_STRICT_FIGURES`` is on, or when it is unset and ``CI`` is
+        set (to anything but ``0``/``false``) or pytest is running (``PYTEST_CURRENT_TEST``).
+
+    Raises:
+        ValueError: ``PAIP_REPRO_STRICT_FIGURES`` holds something other than 1/0/true/false.
+    """
+    env = os.environ if environ is None else environ
+    value = env.get(STRICT_FIGURES_ENV)
+    if value is not None:
+        v = value.strip().lower()
+        if v not in _ON + _OFF:
+            raise ValueError(f"{STRICT_FIGURES_ENV}={value!r}: use 1 (figure errors fail the cell) or 0 (one line)")
+        return v in _ON
+    ci = env.get("CI", "").strip().lower()
+    return ci not in _OFF or bool(env.get("PYTEST_CURRENT_TEST"))
+
+
 @contextlib.contextmanager
-def figure_guard(name):
-    """Let a figure cell fail without failing the run: an illustration is never worth a crash
-    (an odd slide, a dataset with no example to show). The error is printed in one line; a full
-    disk or an interruption still stops the run.
+def figure_guard(name, strict=None):
+    """Let a figure cell fail without failing the run on a user's own data: an illustration is
+    never worth a crash there (an odd slide, a dataset with no example to show). The error is
+    printed in one line; a full disk or an interruption still stops the run.
+
+    Under tests and CI (see :func:`strict_figures`) the error is re-raised after its line, so
+    a figure that a change broke fails nbval and the CI lane instead of leaving them green.
+
+    Args:
+        name: the figure's name, for the message.
+        strict: ``True`` re-raises, ``False`` prints the line only; ``None`` (the default)
+            asks :func:`strict_figures`.
 
     Example:
         >>> with figure_guard("thumbnails"):          # doctest: +SKIP
@@ -51,6 +92,12 @@ def figure_guard(name):
         import matplotlib.pyplot as plt
 
         plt.close("all")
+        if strict_figures() if strict is None else strict:
+            print(
+                f"figure '{name}' failed: not skipped under tests and CI ({STRICT_FIGURES_ENV}=0 skips it)",
+                file=sys.stderr,
+            )
+            raise
         print(f"figure '{name}' skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 

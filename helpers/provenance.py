@@ -66,26 +66,6 @@ def key_hash(obj, n=12):
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
-def differences(old, new, prefix=""):
-    """Dotted names of the entries that differ between two nested dicts (for messages)."""
-    if not (isinstance(old, dict) and isinstance(new, dict)):
-        return [prefix or "(value)"] if old != new else []
-    out = []
-    for k in sorted(set(old) | set(new), key=str):
-        name = f"{prefix}.{k}" if prefix else str(k)
-        if k not in old or k not in new:
-            out.append(name)
-        else:
-            out += differences(old[k], new[k], name)
-    return out
-
-
-def describe_differences(old, new, limit=4):
-    """``"a.b, c (and 3 more)"``: what changed between two keys, for one-line messages."""
-    d = differences(old, new)
-    return ", ".join(d[:limit]) + (f" (and {len(d) - limit} more)" if len(d) > limit else "")
-
-
 def stamp_path(artefact):
     """Where an artefact's key lives: ``<artefact>.key.json`` beside it."""
     a = Path(artefact)
@@ -107,32 +87,3 @@ def read_stamp(artefact):
         return json.loads(p.read_text())["key"]
     except (json.JSONDecodeError, KeyError, OSError):
         return None
-
-
-def stamp_matches(artefact, key):
-    """Whether ``artefact`` exists and was produced from exactly ``key``."""
-    return Path(artefact).exists() and read_stamp(artefact) == json.loads(json.dumps(key, default=str))
-
-
-def require_stamp(artefact, key, what, fix):
-    """Raise :class:`InputError` unless ``artefact`` was produced from ``key``.
-
-    Args:
-        artefact: the file.
-        key: the key it must have now.
-        what: its name in the message (e.g. "the prediction table of notebook 04").
-        fix: what to do (e.g. "rerun notebook 04").
-    """
-    if not Path(artefact).exists():
-        raise InputError(f"{artefact}: not found ({what}); {fix}")
-    old = read_stamp(artefact)
-    if old is None:
-        raise InputError(
-            f"{artefact} has no provenance record ({what} made by an older version, or interrupted); {fix}"
-        )
-    new = json.loads(json.dumps(key, default=str))
-    if old != new:
-        raise InputError(
-            f"{artefact} was made from other inputs than this run's ({what}; changed: "
-            f"{describe_differences(old, new)}); {fix}"
-        )

@@ -36,6 +36,7 @@ import yaml
 
 from .atomic import remove_stale_temporaries, write_json
 from .errors import InputError
+from .figures import STRICT_FIGURES_ENV
 from .params import SPECS, check_parameters
 from .paths import REPO_ROOT, run_dir, runs_root
 
@@ -215,7 +216,14 @@ def main(argv=None):
     ap.add_argument("--list", action="store_true", help="list notebooks and their parameters, then exit")
     ap.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
     ap.add_argument("--sweep", metavar="FILE", help="run a sweep file (see sweeps/) and collect the summaries")
+    ap.add_argument(
+        "--strict-figures",
+        action="store_true",
+        help="a figure cell that fails fails its notebook (default: one line, the run goes on; on under CI)",
+    )
     args = ap.parse_args(argv)
+    if args.strict_figures:
+        os.environ[STRICT_FIGURES_ENV] = "1"  # the notebooks' kernels inherit it
     try:
         if args.sweep:
             run_sweep(args.sweep, progress=not args.no_progress)

@@ -11,8 +11,6 @@ import pandas as pd
 
 from .errors import InputError
 
-SPLITS = ("train", "val", "test")
-
 
 def check_fractions(fractions):
     """Raise :class:`InputError` unless ``fractions`` are three non-negative shares summing to 1

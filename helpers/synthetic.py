@@ -41,7 +41,6 @@ Used by notebook 01 (generated on first use), the runner, the tests and ``bench/
 
 import csv
 import functools
-import hashlib
 import json
 import math
 import os
@@ -1648,15 +1647,3 @@ def write_zoo_dataset(shape, folder, seed=0):
         _write_all(jobs, (os.cpu_count() or 1) if len(jobs) > 20 else 1, f"zoo {shape}", False)
         (tmp / "manifest.json").write_text(json.dumps(want, indent=2) + "\n")
     return folder
-
-
-def file_sha256(path, chunk=1 << 20):
-    """SHA-256 of a file, read in chunks (used to verify downloaded test data)."""
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(chunk), b""):
-                h.update(block)
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    return h.hexdigest()

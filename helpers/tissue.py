@@ -166,13 +166,6 @@ def find_glass(hist, min_glass=200, min_share=0.01):
     return level, spread
 
 
-def threshold_from_gray(gray, method="glass", **kwargs):
-    """:func:`threshold_from_histogram` of a uint8 gray image (e.g. a thumbnail, any shape)."""
-    return threshold_from_histogram(
-        np.bincount(np.asarray(gray, dtype=np.uint8).ravel(), minlength=256), method, **kwargs
-    )
-
-
 def threshold_from_histogram(hist, method="glass", bounds=(200, 240), margin=10, spread_factor=4, min_glass=200):
     """A slide's tissue threshold from the gray histogram of its thumbnail.
 

@@ -658,34 +658,3 @@ def fit(
             log(f"stopped early: {config.monitor} did not improve for {stale} epochs")
             break
     return pd.DataFrame(history)
-
-
-def batches_from_arrays(images, labels, batch_size, indices=None, shuffle=False, seed=0):
-    """Batches of ``(x, y)`` CPU tensors from (memory-mapped) arrays, channels first.
-
-    Indices within a batch are read in sorted order (memory-map friendly). With ``shuffle``,
-    the order is drawn from ``seed`` (pass ``seed + epoch`` for a new order each epoch).
-
-    Args:
-        images: ``(n, h, w, c)`` uint8 array (e.g. ``PatchSet.patches``).
-        labels: ``(n, ...)`` array (class labels, or masks ``(n, h, w)``).
-        batch_size: patches per batch.
-        indices: which rows to use (default: all), repeats allowed (class balance).
-    """
-    check_positive("batch_size", batch_size, integer=True)
-    idx = np.arange(len(images)) if indices is None else np.asarray(indices)
-    if shuffle:
-        idx = np.random.default_rng(seed).permutation(idx)
-
-    class _Batches:
-        def __len__(self):
-            return -(-len(idx) // batch_size)
-
-        def __iter__(self):
-            for i in range(0, len(idx), batch_size):
-                b = np.sort(idx[i : i + batch_size])
-                x = torch.from_numpy(np.ascontiguousarray(images[b])).permute(0, 3, 1, 2)
-                y = torch.from_numpy(np.ascontiguousarray(labels[b]))
-                yield x, y
-
-    return _Batches()

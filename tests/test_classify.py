@@ -133,6 +133,7 @@ def test_evaluator_and_predictions_of_constant_models(cls_run):
         prediction_table(d, p[:-1], "const")
 
 
+@pytest.mark.slow
 def test_a_real_classifier_runs_on_the_patches(cls_run):
     root, cases, params = cls_run
     d = load_class_patches(cases, root, params, 4)

@@ -25,6 +25,8 @@ import torch
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
+# Process groups and killed runs in subprocesses (about a minute); the spec checks share the caches fixture.
+pytestmark = pytest.mark.slow
 N_TRAIN, BATCH = 61, 8  # 7 full batches of 8, then one of 5: uneven slices (3 + 2)
 
 
@@ -32,7 +34,9 @@ N_TRAIN, BATCH = 61, 8  # 7 full batches of 8, then one of 5: uneven slices (3 +
 
 
 def small_setup():
-    from helpers.train import TrainConfig, batches_from_arrays
+    from conftest import batches_from_arrays
+
+    from helpers.train import TrainConfig
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, N_TRAIN + 20)

@@ -36,3 +36,29 @@ def test_ci_calls_the_readme_test_command():
 def test_torch_pins_are_the_ones_on_disk():
     mk = (ROOT / "Makefile").read_text()
     assert "torch==2.14.1 torchvision==0.29.1" in mk
+
+
+def _recipe(makefile, target):
+    """``(prerequisites, recipe lines)`` of a Makefile rule."""
+    m = re.search(rf"^{re.escape(target)}:([^\n]*)\n((?:\t[^\n]*\n)*)", makefile, re.M)
+    assert m, f"the Makefile has no rule {target!r}"
+    return m.group(1).split(), m.group(2)
+
+
+def test_the_two_lanes_and_make_lab():
+    """make test (CI) is everything, the lab extra included; make test-fast leaves the slow tests out;
+    make lab installs the pinned extra and starts tools/lab.py."""
+    mk = (ROOT / "Makefile").read_text()
+    pre, body = _recipe(mk, "test")
+    assert "$(LAB_STAMP)" in pre, "make test must install the lab extra, or CI skips tests/test_lab.py"
+    assert "pytest tests -q\n" in body and "--nbval-lax" in body and "not slow" not in body
+    pre, body = _recipe(mk, "test-fast")
+    assert '-m "not slow"' in body and "ruff check" in body and "nbval" not in body
+    pre, body = _recipe(mk, "$(LAB_STAMP)")
+    assert '-e ".[lab]"' in body
+    pre, body = _recipe(mk, "lab")
+    assert "$(LAB_STAMP)" in pre and "tools/lab.py" in body
+    lab = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["lab"]
+    assert lab and all(re.fullmatch(r"[\w-]+==[\w.]+", r) for r in lab), f"pin the lab extra exactly: {lab}"
+    pytest_cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert any(m.startswith("slow:") for m in pytest_cfg["markers"]) and "--strict-markers" in pytest_cfg["addopts"]

@@ -12,7 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # every check of bench/gpu_check.py --quick in a subprocess
 
 
 def test_gpu_check_quick_runs_every_check(tmp_path):

@@ -32,6 +32,7 @@ def _oom_on_row_3(args):
     return _REAL_JOB(args)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_ends_extraction_with_one_line_not_a_hang(t1, tmp_path, monkeypatch):
     real = _REAL_JOB
     monkeypatch.setattr(hp, "_extract_rows_job", _oom_on_row_3)
@@ -64,6 +65,7 @@ def _alive(pid):
     return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
 def test_workers_die_with_their_parent(small_dataset, tmp_path):
     """A kernel killed mid-extraction (OOM, kill -9) must not leave its workers running on."""
@@ -200,3 +202,17 @@ def test_a_full_disk_in_an_extraction_worker_is_the_one_disk_full_error(monkeypa
         hp._extract_rows_job(args)
     back = pickle.loads(pickle.dumps(info.value))  # how it reaches the parent from a process
     assert isinstance(back, DiskFullError) and "is full" in str(back) and "4x patches of s1" in str(back)
+
+
+def test_file_sha256_hashes_the_whole_file_and_names_a_missing_one(tmp_path):
+    """The one file hash of the project (checkpoint weights, the CMU test slide)."""
+    import hashlib
+
+    from helpers.errors import InputError
+    from helpers.provenance import file_sha256
+
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"abc" * 1000)
+    assert file_sha256(p, chunk=7) == hashlib.sha256(b"abc" * 1000).hexdigest()
+    with pytest.raises(InputError, match="missing.bin"):
+        file_sha256(tmp_path / "missing.bin")

@@ -14,6 +14,7 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", models.CLASSIFIERS)
 def test_classifier_from_scratch_shapes(arch):
     m = models.build_classifier(arch, num_classes=2).eval()
@@ -76,6 +77,7 @@ def test_bad_arch_and_types():
         models.build_classifier("resnet50", pretrained="yes")
 
 
+@pytest.mark.slow
 def test_smp_unetpp_offline_and_from_scratch(offline):
     with pytest.raises(InputError, match="efficientnet-b0"):
         models.build_smp_unetpp(pretrained=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # the paper profile's whole series in a subprocess: minutes
 REPO = Path(__file__).resolve().parent.parent
 
 #: Seconds, not days: the paper's recipes with their epochs and steps cut down.

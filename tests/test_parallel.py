@@ -78,6 +78,7 @@ def test_bad_depth_names_the_parameter(depth):
         ReadAhead([1], depth=depth)
 
 
+@pytest.mark.slow
 def test_training_is_the_same_with_and_without_read_ahead(tmp_path):
     runs = []
     for k, read_ahead in enumerate((0, 2)):

@@ -539,6 +539,7 @@ _FORK_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_fork_pool_after_serial_extraction(small_dataset, tmp_path):
     try:
         res = subprocess.run(

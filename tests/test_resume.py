@@ -198,6 +198,7 @@ def assert_same_run(a, b):
         assert_identical(ca[key], cb[key], key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["segmentation", "classifier"])
 def test_killed_runs_resume_exactly(kind, caches, tmp_path):
     ref_spec = write_spec(make_job(kind, caches, tmp_path / "uninterrupted"), tmp_path / "ref.json")

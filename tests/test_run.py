@@ -1,6 +1,7 @@
 """The papermill runner: parameter checks, run-folder safety, and a failing notebook named."""
 
 import json
+import os
 import textwrap
 
 import nbformat
@@ -120,6 +121,28 @@ def test_failing_notebook_is_named_and_the_good_one_kept(tmp_path, monkeypatch, 
     # So the corrected rerun is compared with nothing stale and runs.
     assert runner.main(["--no-progress", "--run-name", "r"]) == 0
     assert not (runs / "r" / "notebooks" / "01_t.failed.ipynb").exists()
+
+
+def test_a_broken_figure_is_one_line_on_users_data_and_fails_with_strict_figures(tmp_path, monkeypatch, capsys):
+    from helpers.figures import STRICT_FIGURES_ENV
+
+    runs = _fake_series(
+        tmp_path,
+        monkeypatch,
+        """
+        from helpers.figures import figure_guard
+        with figure_guard("thumbnails"):
+            raise ValueError("no slide to show")
+        print("after the figure")""",
+    )
+    monkeypatch.setenv(STRICT_FIGURES_ENV, "0")  # a user's own run (this test itself runs under pytest)
+    assert runner.main(["--no-progress", "--run-name", "r"]) == 0
+    out = (runs / "r" / "notebooks" / "01_t.ipynb").read_text()
+    assert "figure 'thumbnails' skipped: ValueError: no slide to show" in out and "after the figure" in out
+    assert runner.main(["--no-progress", "--run-name", "s", "--strict-figures"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED: 01_t.ipynb, cell 3" in err and "no slide to show" in err
+    assert os.environ[STRICT_FIGURES_ENV] == "1"  # the flag reached the kernels through the environment
 
 
 def test_a_killed_kernel_is_one_line_with_the_cell_and_the_cause(tmp_path, monkeypatch, capsys):

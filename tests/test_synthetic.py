@@ -442,16 +442,6 @@ def test_write_case_failure_leaves_no_partial_files(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == []
 
 
-def test_file_sha256(tmp_path):
-    import hashlib
-
-    p = tmp_path / "f.bin"
-    p.write_bytes(b"abc" * 1000)
-    assert syn.file_sha256(p, chunk=7) == hashlib.sha256(b"abc" * 1000).hexdigest()
-    with pytest.raises(InputError, match="missing.bin"):
-        syn.file_sha256(tmp_path / "missing.bin")
-
-
 # ---------------------------------------------------------------------------------------------
 # The zoo
 # ---------------------------------------------------------------------------------------------
@@ -473,6 +463,7 @@ def _masks(folder, sid, suffix=".tif"):
     return read(folder / f"{sid}_whole{suffix}"), read(folder / f"{sid}_viable{suffix}")
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*no microns per pixel:helpers.slides.SlideWarning")
 def test_zoo_mixed(zoo):
     folder = zoo["mixed"]
@@ -564,6 +555,7 @@ def test_zoo_case_labels_and_no_tumour(zoo):
             assert (to_gray(s.read_region(0, 0, 256, 256, downsample=8)) < 215).mean() > 0.2  # tissue, though
 
 
+@pytest.mark.slow
 def test_zoo_is_deterministic_cached_and_checked(zoo, tmp_path, monkeypatch):
     again = write_zoo_dataset("case_labels", tmp_path / "again")
     for p in zoo["case_labels"].glob("*.svs"):

@@ -15,7 +15,7 @@ from helpers.tissue import (
     otsu_tissue_masks,
     reference_tissue_mask,
     slide_tissue_threshold,
-    threshold_from_gray,
+    threshold_from_histogram,
     tissue_fractions,
     tissue_fractions_at,
     to_gray,
@@ -26,6 +26,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::helpers.slides.SlideWarning")  
 GLASS = (243, 242, 246)
 PALE = (236, 204, 222)  # pale eosin stroma: gray 215, between nuclei and glass (gray 242)
 NUCLEUS = (110, 70, 150)  # gray 91
+
+
+def threshold_from_gray(gray, method="glass", **kwargs):
+    """``threshold_from_histogram`` of a uint8 gray image (a thumbnail, a patch, any shape)."""
+    return threshold_from_histogram(np.bincount(np.asarray(gray, np.uint8).ravel(), minlength=256), method, **kwargs)
 
 
 def noisy(shape, rgb, sd=2.5, seed=0):
@@ -136,7 +141,7 @@ def test_slide_threshold_read_in_bands_equals_whole_thumbnail(tmp_path, monkeypa
 
     path, _, _ = glass_and_pale_slide(tmp_path)
     with Slide(path) as s:
-        whole = ht.threshold_from_gray(to_gray(s.thumbnail(512)[0]))
+        whole = threshold_from_gray(to_gray(s.thumbnail(512)[0]))
         monkeypatch.setattr(ht, "READ_PIXELS", 20_000)  # ~8 thumbnail rows per read
         assert slide_tissue_threshold(s, thumbnail_size=512) == whole
 
@@ -195,6 +200,7 @@ def test_edge_cases(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reference_mask_matches_exact_synthetic_tissue():
     from helpers.synthetic import CaseSpec, _Scene, render_region
 

@@ -6,10 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import batches_from_arrays
 
 from helpers import metrics
 from helpers.errors import InputError
-from helpers.train import TrainConfig, batches_from_arrays, fit
+from helpers.train import TrainConfig, fit
 
 # -- metrics --------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ def net():
     return build_segmenter("paper")
 
 
+@pytest.mark.slow
 def test_four_heads_at_full_resolution(net):
     net.eval()
     with torch.no_grad():
@@ -46,6 +47,7 @@ def test_input_size_must_suit_the_encoder(net):
         net(torch.zeros(1, 3, 100, 100))
 
 
+@pytest.mark.slow
 def test_deep_supervision_loss_reaches_every_head(net):
     net.train()
     x = torch.rand(2, 3, 64, 64)
@@ -66,6 +68,7 @@ def test_smp_variant_gives_one_head():
         build_segmenter("unet")
 
 
+@pytest.mark.slow
 def test_learns_a_toy_mask():
     torch.manual_seed(1)
     net = build_segmenter("paper")

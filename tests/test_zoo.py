@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the whole series on five datasets, in subprocesses: minutes
 REPO = Path(__file__).resolve().parent.parent
 TIMES = {}
 

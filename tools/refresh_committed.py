@@ -32,6 +32,7 @@ def main(argv=None):
 
     os.environ.pop("MPLBACKEND", None)  # the kernel's default: inline figures
     os.environ["TQDM_DISABLE"] = "1"  # no progress bars in committed outputs
+    os.environ["PAIP_REPRO_STRICT_FIGURES"] = "1"  # a figure that fails must not be committed as a skip
     for nb in notebooks(args.only):
         t = time.perf_counter()
         print(f"executing {nb.name} ...", flush=True)
