@@ -449,9 +449,16 @@ def test_write_case_failure_leaves_no_partial_files(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    """``{shape: folder}`` of every zoo shape (written once for the module)."""
+    """``{shape: folder}`` of the zoo shapes, each written once for the module when a test first
+    asks for it (the fast lane writes only the small shapes)."""
     root = tmp_path_factory.mktemp("zoo")
-    return {shape: write_zoo_dataset(shape, root / shape) for shape in syn.ZOO_SHAPES}
+
+    class Zoo(dict):
+        def __missing__(self, shape):
+            self[shape] = write_zoo_dataset(shape, root / shape)
+            return self[shape]
+
+    return Zoo()
 
 
 def _names(folder):
@@ -509,6 +516,7 @@ def test_zoo_unannotated(zoo):
     assert all(c.label is None and c.whole is None for c in list_cases(folder))
 
 
+@pytest.mark.slow  # 200 slides to write
 def test_zoo_many(zoo):
     folder = zoo["many"]
     rows = _csv(folder / "labels.csv")
