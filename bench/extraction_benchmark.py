@@ -212,7 +212,7 @@ def method_paper(folder, scale, strip, glass_level, tissue_threshold, **_):
     return {"seconds": sec, "read_seconds": t_read, "kept": int(kept), "grid": rows * cols}
 
 
-def method_ours(folder, scale, workers, tmp_root, **_):
+def method_ours(folder, scale, workers, tmp_root, warm=False, **_):
     """``extract_slide`` with masks into a temporary cache, deleted afterwards.
 
     The timed section is everything a user waits for between "extract this slide" and its
@@ -232,6 +232,9 @@ def method_ours(folder, scale, workers, tmp_root, **_):
     Path(tmp_root).mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="extract_", dir=tmp_root)
     try:
+        if warm:  # a later scale of a multi-scale run: the slide's count maps are there already
+            for kind in ("whole", "viable"):
+                mask_count_map(case, kind, tmp)
         t0 = time.perf_counter()
         pool = process_pool(workers, forget_inherited) if workers > 1 else None
         try:
@@ -259,7 +262,8 @@ def method_ours(folder, scale, workers, tmp_root, **_):
         "n_neg": meta["n_neg"],
         "cache_MB": round(out_bytes / 2**20, 1),
         "workers": workers,
-        "count_map_seconds": cm_sec,
+        "count_map_seconds": 0.0 if warm else cm_sec,
+        "warm": warm,
     }
 
 
@@ -604,7 +608,8 @@ def profile_markdown(rows):
 
 def targets(rows, size):
     out = []
-    ours = {r["scale"]: r for r in rows if r["method"] == "ours" and not r.get("skipped")}
+    ours = {r["scale"]: r for r in rows if r["method"] == "ours" and not r.get("skipped") and not r.get("warm")}
+    warm = {r["scale"]: r for r in rows if r["method"] == "ours" and not r.get("skipped") and r.get("warm")}
     for sc, r in sorted(ours.items()):
         ok = r["ratio"] >= TARGET_RATIO
         out.append(
@@ -620,6 +625,11 @@ def targets(rows, size):
             out.append(
                 f"  - {sc}x: ours at {r['patches_per_s'] / osr[0]['patches_per_s']:.2f}x OpenSlide's "
                 "single-process read_region"
+            )
+        if sc in warm:
+            out.append(
+                f"  - {sc}x: with the slide's count maps already built (a later scale of a multi-scale run): "
+                f"{warm[sc]['ratio']:.2f}x"
             )
         if r.get("count_map_seconds"):
             out.append(
@@ -684,6 +694,12 @@ def main(argv=None):
         "largest of all (default 1; use 2-3 on a machine others share)",
     )
     ap.add_argument("--workers", type=int, default=2, help="extract_slide workers (default 2)")
+    ap.add_argument(
+        "--warm",
+        action="store_true",
+        help="also time ours with the slide's mask count maps already built (a later scale of a "
+        "multi-scale run); not the headline",
+    )
     ap.add_argument("--seed", type=int, default=2019, help="synthetic slide seed (default 2019)")
     ap.add_argument("--cache-dir", type=Path, default=HERE / "cache", help="slide cache (default bench/cache)")
     ap.add_argument("--results-dir", type=Path, default=HERE / "results", help="default bench/results")
@@ -784,6 +800,14 @@ def main(argv=None):
                 runs.append(("profile", "profile (w=1)", {"tmp_root": str(tmp_root)}))
             else:
                 runs.append(("ours", f"ours (w={args.workers})", {"workers": args.workers, "tmp_root": str(tmp_root)}))
+                if args.warm:
+                    runs.append(
+                        (
+                            "ours",
+                            f"ours, count maps built (w={args.workers})",
+                            {"workers": args.workers, "tmp_root": str(tmp_root), "warm": True},
+                        )
+                    )
         base = {"scale": scale, "level_w": ws, "level_h": hs, "grid": grid}
         scale_rows = []
         for method, label, extra in runs:
