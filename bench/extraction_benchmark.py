@@ -301,7 +301,7 @@ def method_profile(folder, scale, tmp_root, **_):
     import pstats
     from dataclasses import asdict
 
-    from helpers.caches import ExtractionParams, grid_shape
+    from helpers.caches import ExtractionParams
     from helpers.dataset import list_cases
     from helpers.maskcounts import mask_count_map
     from helpers.patches import extract_rows, extract_slide, rows_per_task
@@ -319,17 +319,11 @@ def method_profile(folder, scale, tmp_root, **_):
         ps, _ = extract_slide(case, scale, cache_root=tmp, params=params, workers=1)
         prof.disable()
         total = time.perf_counter() - t0
-        n_tasks = -(
-            -ps.meta["grid_rows"]
-            // rows_per_task((ps.meta["grid_cols"] - 1) * params.stride + params.patch_size, params)
-        )
+        rows, cols = ps.meta["grid_rows"], ps.meta["grid_cols"]
+        step = rows_per_task((cols - 1) * params.stride + params.patch_size, params)
+        n_tasks = -(-rows // step)
         del ps
         # What one task sends back to the parent (its patches go straight into the cache files).
-        from helpers.slides import Slide
-
-        with Slide(case.slide) as s:
-            rows, _ = grid_shape(s.dimensions, scale, params.patch_size, params.stride)
-        step = -(-rows // n_tasks)
         cmaps = {k: str(mask_count_map(case, k, tmp, None, 1)) for k in ("whole", "viable")}
         masks = {k: str(case.mask_path(k)) for k in ("whole", "viable")}
         res = extract_rows(str(case.slide), scale, 0, min(rows, step), asdict(params), masks, cmaps)

@@ -30,6 +30,7 @@ Used by notebooks 01-05 (through :func:`list_cases`).
 import csv
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,8 +161,8 @@ def find_slides(folder):
     folder = Path(folder)
     out = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
             p = Path(root) / name
             if name.startswith(".") or p.suffix.lower() not in SLIDE_SUFFIXES:
                 continue
@@ -184,7 +185,8 @@ def list_cases(data_dir):
         data_dir: the folder (see the module docstring for its layout).
 
     Returns:
-        A list of :class:`Case`, sorted by slide id.
+        A list of :class:`Case`, sorted by the slide's path below ``data_dir`` (by file name in
+        a flat folder).
 
     Raises:
         InputError: the folder is missing or holds no slide, two slides share an id, or its
@@ -269,11 +271,7 @@ def describe_cases(cases, data_dir=None):
         "slides per patient (most)": max(per_patient.values(), default=0),
     }
     if data_dir is not None:
-        folders = {}
-        for c in cases:
-            f = slide_folder(c, data_dir)
-            folders[f] = folders.get(f, 0) + 1
-        out["folders"] = folders
+        out["folders"] = dict(Counter(slide_folder(c, data_dir) for c in cases))
     if data_dir is not None and (Path(data_dir) / "labels.csv").exists():
         lf = read_labels(Path(data_dir) / "labels.csv")
         out["labels.csv rows without a slide"] = len(set(lf.labels) - {c.case_id for c in cases})

@@ -49,8 +49,8 @@ def mask_count_map(case, kind, cache_root, pool=None, workers=1):
 
     Every scale needs the tumour fraction of its windows (a 64x patch covers 14,336 px a side):
     summing this map instead of re-reading the full-resolution mask at each scale makes the
-    mask cost of a scale fall with the scale. The map is small (1/128 of the mask's pixels:
-    40 MB for a 50,000 px slide) and streamed to disk band by band as the workers finish them,
+    mask cost of a scale fall with the scale. The map is small (two bytes per 256 mask pixels:
+    20 MB for a 50,000 px slide) and streamed to disk band by band as the workers finish them,
     with plain writes (a full disk is an error at the write that hit it, never a SIGBUS), so
     memory holds only the bands in flight. It is saved atomically beside the caches, keyed by
     the mask's content.

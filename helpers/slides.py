@@ -426,7 +426,7 @@ class _TiffWindows:
         self._cache = {}
         # About two rows of tiles, but at most TILE_CACHE_BYTES: memory must not grow with the
         # slide's width (a 100,000 px level has 400 tiles a row).
-        tile_bytes = self.th * self.tw * self.samples * np.dtype(self.dtype).itemsize
+        tile_bytes = self.th * self.tw * self.samples * self.dtype.itemsize
         self._cap = max(4, min(2 * self.ntx + 4, TILE_CACHE_BYTES // max(1, tile_bytes)))
         # Highly compressed tiles (a mask's background or tumour interior) repeat the same bytes:
         # decoded once, shared read-only.
@@ -434,6 +434,12 @@ class _TiffWindows:
 
     def close(self):
         self.tif.close()
+
+    def repeats(self, data):
+        """Whether compressed tile bytes are so short that the tile is near-uniform (a mask's
+        background or tumour interior): such tiles repeat the same bytes across the page, so
+        their decoding (and anything computed from it) is worth keeping by those bytes."""
+        return len(data) * 64 < self.th * self.tw * self.samples
 
     def raw_tile(self, idx):
         """The compressed bytes of tile ``idx`` (``b""`` for a tile the file leaves out)."""
@@ -463,7 +469,7 @@ class _TiffWindows:
         t = self._cache.get(idx)
         if t is None:
             data = self.raw_tile(idx)
-            if len(data) * 64 < self.th * self.tw * self.samples:  # a near-uniform tile (mask background)
+            if self.repeats(data):
                 t = self._same.get(data)
                 if t is None:
                     t = self.decode_tile(idx, data)
@@ -694,10 +700,10 @@ class Mask:
         fraction of any block-aligned window without decoding the full-resolution mask again:
         at 16x, one map cell stands for 256 mask pixels.
 
-        A tiled TIFF mask (PAIP's) is counted tile by tile, and tiles whose compressed bytes are
-        equal are decoded and counted once: a mask is mostly tiles of all background or all
-        tumour, which compress to the same few byte strings, so only the tiles on a boundary are
-        decoded. Other masks are read in chunks of at most ``max_pixels`` pixels.
+        A tiled TIFF mask (PAIP's) is counted tile by tile, and repeating tiles (see
+        ``_TiffWindows.repeats``) are decoded and counted once: a mask is mostly tiles of all
+        background or all tumour, which compress to the same few byte strings, so only the tiles
+        on a boundary are decoded. Other masks are read in chunks of at most ``max_pixels`` pixels.
 
         Returns:
             A uint16 array of shape ``(r1 - r0, ceil(width / block))``.
@@ -719,7 +725,7 @@ class Mask:
         nbx = -(-self.width // block)
         per_ty, per_tx = st.th // block, st.tw // block
         out = np.zeros((r1 - r0, st.ntx * per_tx), np.uint16)
-        seen = {}  # (compressed bytes, tile rows, tile columns inside the mask) -> block counts
+        seen = {}  # repeating tiles: (compressed bytes, last tile row, last tile column) -> counts
         for ty in range((r0 * block) // st.th, min(st.nty, -(-(r1 * block) // st.th))):
             rows = slice(ty * per_ty, (ty + 1) * per_ty)
             keep = slice(max(r0, rows.start), min(r1, rows.stop))
@@ -728,10 +734,13 @@ class Mask:
             for tx in range(st.ntx):
                 idx = ty * st.ntx + tx
                 data = st.raw_tile(idx)
-                key = (data, ty == st.nty - 1, tx == st.ntx - 1)  # an edge tile is cut
-                counts = seen.get(key)
-                if counts is None:
-                    counts = seen[key] = self._counted_tile(idx, data, block)
+                if st.repeats(data):
+                    key = (data, ty == st.nty - 1, tx == st.ntx - 1)  # an edge tile is cut
+                    counts = seen.get(key)
+                    if counts is None:
+                        counts = seen[key] = self._counted_tile(idx, data, block)
+                else:  # a boundary tile: its bytes are its own
+                    counts = self._counted_tile(idx, data, block)
                 out[keep.start - r0 : keep.stop - r0, tx * per_tx : (tx + 1) * per_tx] = counts[
                     keep.start - rows.start : keep.stop - rows.start
                 ]
