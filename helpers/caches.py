@@ -66,6 +66,9 @@ class ExtractionParams:
         neg_threshold: label 0 when the tumour fraction is at most this; between: -1.
         mask_scale: the scale whose cache also stores each patch's ``label_mask`` pixels (the
             segmentation scale: 1 in the paper); 0 = none.
+        scale_reference: what a scale means: 0 = a downsample of level 0 (the paper's), else a
+            downsample of this resolution in um/px, on every slide whatever its scanner (see
+            :func:`helpers.slides.scale_downsample`).
     """
 
     patch_size: int = 224
@@ -78,6 +81,7 @@ class ExtractionParams:
     pos_threshold: float = 0.5
     neg_threshold: float = 0.05
     mask_scale: int = 1
+    scale_reference: float = 0.0
 
     @classmethod
     def from_notebook(cls, values):
@@ -112,7 +116,21 @@ class ExtractionParams:
                 f"parameter 'neg_threshold' ({self.neg_threshold}) must be below 'pos_threshold' ({self.pos_threshold})"
             )
         check_type("mask_scale", self.mask_scale, int)
+        check_type("scale_reference", self.scale_reference, (int, float), "0 or a resolution in um/px like 0.5")
+        if not 0 <= self.scale_reference <= 100:
+            raise InputError(
+                f"parameter 'scale_reference' must be 0 (level-0 downsamples) or a resolution in um/px "
+                f"like 0.5, got {self.scale_reference!r}"
+            )
         return self
+
+    def key(self):
+        """The parameters as a cache key: every field, ``scale_reference`` only when set (so the
+        caches of level-0 scales keep the names they had before it existed)."""
+        d = asdict(self)
+        if not d["scale_reference"]:
+            del d["scale_reference"]
+        return d
 
 
 def check_scales(scales):
@@ -138,7 +156,8 @@ def grid_shape(dimensions, scale, patch_size=224, stride=224):
 
     Args:
         dimensions: the slide's level-0 ``(width, height)``.
-        scale: downscale factor (1, 4, 16, 64, ...).
+        scale: level-0 downsample (1, 4, 16, 64, ...; fractional where a physical scale asks,
+            see :func:`helpers.slides.scale_downsample`).
 
     Returns:
         ``(rows, cols)``; zero when no whole patch fits.
@@ -150,15 +169,17 @@ def grid_shape(dimensions, scale, patch_size=224, stride=224):
     return (hs - patch_size) // stride + 1, (ws - patch_size) // stride + 1
 
 
-def too_small_reason(dimensions, scale, patch_size):
+def too_small_reason(dimensions, scale, patch_size, downsample=None):
     """Why a slide gives no patch at a scale (``None`` when one fits): the true cause, which no
-    stride fixes."""
+    stride fixes. ``downsample``: the level-0 factor ``scale`` means on the slide (default:
+    ``scale``)."""
     W, H = dimensions
-    if min(W, H) // scale >= patch_size:
+    ds = scale if downsample is None else downsample
+    if min(W, H) // ds >= patch_size:
         return None
     return (
         f"{W}x{H} px is smaller than one {patch_size} px patch at {scale}x "
-        f"({patch_size * scale:,} px of the slide a side)"
+        f"({round(patch_size * ds):,} px of the slide a side)"
     )
 
 
@@ -177,17 +198,19 @@ def label_patches(tumor_frac, pos_threshold=0.5, neg_threshold=0.05):
     return lab
 
 
-def finish_table(table, case_id, scale, params):
-    """Add level-0 coordinates, footprint and labels to a table of grid rows and columns."""
+def finish_table(table, case_id, scale, params, downsample=None):
+    """Add level-0 coordinates, footprint and labels to a table of grid rows and columns
+    (``downsample``: the level-0 factor ``scale`` means on the slide; default ``scale``)."""
     S, P = params.stride, params.patch_size
+    ds = scale if downsample is None else downsample
     table = table.copy()
     table["case_id"] = case_id
     table["scale"] = int(scale)
     table["row"] = table["row"].astype(int)
     table["col"] = table["col"].astype(int)
-    table["x"] = table["col"] * S * scale
-    table["y"] = table["row"] * S * scale
-    table["footprint"] = P * scale
+    table["x"] = np.round(table["col"] * S * ds).astype(np.int64)
+    table["y"] = np.round(table["row"] * S * ds).astype(np.int64)
+    table["footprint"] = round(P * ds)
     table["kept"] = table["kept"].astype(bool)
     table["label"] = label_patches(table[f"{params.label_mask}_frac"], params.pos_threshold, params.neg_threshold)
     return table
@@ -204,16 +227,17 @@ def patch_bytes(params, scale):
     return P * P * 3 + (P * P if scale == params.mask_scale else 0)
 
 
-def cache_bytes_estimate(dims, scales, params, tissue_share=1.0):
+def cache_bytes_estimate(dims, scales, params, downsamples=None, tissue_share=1.0):
     """Bytes the patch caches of slides of level-0 ``dims`` take at ``scales``.
 
+    ``downsamples``: per scale, the level-0 factor it means (default: the scales themselves).
     With ``tissue_share`` 1 every grid position counts (the most a cache can take); real slides
     keep a share of them (about half on the demo slides).
     """
     total = 0
     for d in dims:
-        for sc in scales:
-            rows, cols = grid_shape(d, sc, params.patch_size, params.stride)
+        for sc, ds in zip(scales, downsamples or scales):
+            rows, cols = grid_shape(d, ds, params.patch_size, params.stride)
             total += rows * cols * patch_bytes(params, sc)
     return int(total * tissue_share)
 
@@ -238,7 +262,7 @@ def cache_key(case, scale, params):
         "case_id": case.case_id,
         "scale": int(scale),
         "files": case_fingerprints(case),
-        "params": asdict(params),
+        "params": params.key(),
     }
 
 
@@ -328,7 +352,7 @@ def save_extraction_record(run_folder, data_dir, scales, params, cases):
         "params": asdict(params.validate()),
         "caches": {str(sc): v for sc, v in caches.items()},
     }
-    record["key"] = key_hash({k: record[k] for k in ("scales", "params", "caches")})
+    record["key"] = key_hash({"scales": record["scales"], "params": params.key(), "caches": record["caches"]})
     write_json(Path(run_folder) / RECORD_NAME, record)
     return record
 

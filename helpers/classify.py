@@ -410,7 +410,7 @@ class ClassificationPlan:
             small = []
             for c in run.cases.values():
                 with Slide(c.slide, verify=False) as sl:
-                    why = too_small_reason(sl.dimensions, sc, p.patch_size)
+                    why = too_small_reason(sl.dimensions, sc, p.patch_size, sl.downsample_at(sc, p.scale_reference))
                 if why:
                     small.append(c.case_id)
             if small:

@@ -37,6 +37,10 @@ from pathlib import Path
 from .errors import InputError
 from .slides import MASK_KINDS, SLIDE_SUFFIXES, SlideWarning
 
+#: Slides whose level-0 microns per pixel differ by more than this share were scanned at
+#: different magnifications (a 20x and a 40x scan differ by 100 %; one scanner's slides by < 1 %).
+MPP_SPREAD = 0.10
+
 #: Words accepted in the ``label`` column.
 LABEL_WORDS = {
     "0": 0,
@@ -314,3 +318,57 @@ def check_masks(cases, step=8):
             problems.append(f"{c.case_id}: {r['message']}")
     columns = ["slide", "viable outside whole %", "consistent", "label (mask)", "label (csv)"]
     return pd.DataFrame(rows, columns=columns), problems
+
+
+def slide_resolutions(cases):
+    """``{case_id: level-0 um/px, or None where the file does not say}``."""
+    from .slides import Slide
+
+    out = {}
+    for c in cases:
+        with Slide(c.slide, verify=False) as s:
+            out[c.case_id] = None if s.mpp is None else s.mpp[0]
+    return out
+
+
+def resolution_warning(mpps, scale_reference=0.0):
+    """The one line saying that a run mixes magnifications, or ``None`` when it does not.
+
+    With ``scale_reference`` 0 a scale is a level-0 downsample, so slides scanned at different
+    resolutions (a 20x and a 40x cohort) would give one scale two meanings: that is said, naming
+    slides of each resolution and the parameter that fixes it. With a ``scale_reference`` every
+    scale has one resolution; a slide without mpp is then an error.
+
+    Args:
+        mpps: ``{case_id: um/px or None}`` (see :func:`slide_resolutions`).
+        scale_reference: the run's parameter.
+
+    Raises:
+        InputError: ``scale_reference`` is set and a slide gives no mpp.
+    """
+    if scale_reference:
+        missing = sorted(k for k, v in mpps.items() if v is None)
+        if missing:
+            raise InputError(
+                f"{len(missing)} slide(s) give no microns per pixel (mpp), e.g. {', '.join(missing[:3])}, so "
+                f"they cannot be read at scale_reference = {scale_reference:g} um/px; re-export them with "
+                "their mpp, move them out of data_dir, or set scale_reference: 0"
+            )
+        return None
+    known = {k: v for k, v in mpps.items() if v is not None}
+    if not known or max(known.values()) <= min(known.values()) * (1 + MPP_SPREAD):
+        return None
+    groups = {}
+    for k, v in sorted(known.items()):
+        groups.setdefault(round(v, 2), []).append(k)
+    where = "; ".join(
+        f"{len(ids)} at {m:g} um/px ({', '.join(ids[:2])}{', ...' if len(ids) > 2 else ''})"
+        for m, ids in sorted(groups.items())
+    )
+    coarse = max(known.values())
+    return (
+        f"the slides were scanned at different resolutions ({where}): with scale_reference = 0 a scale is "
+        f"a downsample of each slide's level 0, so 4x would mean {4 * min(known.values()):.2g} um/px on some "
+        f"and {4 * coarse:.2g} on others; set scale_reference: {coarse:.2g} (um/px) to give each scale one "
+        "resolution on every slide"
+    )

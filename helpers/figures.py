@@ -249,7 +249,7 @@ def figure4_panels(run, canvases, out_downsample, limit=4):
         cv = canvases[cid]
         h, w = cv["pred"].shape
         with Slide(run.cases[cid].slide, verify=False) as s:
-            axes[k, 0].imshow(s.read_region(0, 0, w, h, downsample=out_downsample))
+            axes[k, 0].imshow(s.read_region(0, 0, w, h, downsample=cv.get("downsample", out_downsample)))
         axes[k, 0].set_title(f"{cid}: slide")
         if cv["truth"] is not None:
             axes[k, 1].imshow(cv["truth"], cmap="gray_r", vmin=0, vmax=1)

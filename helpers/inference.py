@@ -52,7 +52,7 @@ def grid_positions(length, patch, stride, align=1):
     return pos
 
 
-def _strips(slide_path, scale, ys, xs, P, tissue, level, workers=1, band=4):
+def _strips(slide_path, downsample, ys, xs, P, tissue, level, workers=1, band=4):
     """``(y, xs_kept, patches_kept)`` for each grid row (level-0 ``y``, scaled ``xs``), in order,
     read ahead by threads.
 
@@ -72,7 +72,7 @@ def _strips(slide_path, scale, ys, xs, P, tissue, level, workers=1, band=4):
                 opened.append(slide)
         out = []
         for y in ys[i0 : i0 + band]:
-            strip = slide.read_region(0, int(y) * scale, width, P, downsample=scale)
+            strip = slide.read_region(0, int(y) * downsample, width, P, downsample=downsample)
             pats = np.stack([strip[:, x : x + P] for x in xs])
             del strip
             gray = to_gray(pats[:, ::k, ::k])
@@ -105,6 +105,7 @@ def predict_slide(
     input_size=None,
     read_workers=None,
     scale=1,
+    downsample=None,
 ):
     """Predict a slide's mask probabilities and stitch them at ``out_downsample``.
 
@@ -133,10 +134,14 @@ def predict_slide(
         read_workers: threads reading and tiling the slide ahead of the model (default
             :func:`default_read_workers`).
         scale: the downscale the patches are read at (1 in the paper: full resolution).
+        downsample: the level-0 pixels per pixel that ``scale`` means on this slide (default:
+            ``scale``; see :func:`helpers.slides.scale_downsample`); ``out_downsample`` is then
+            in the same units as ``scale``.
 
     Returns:
         A dict: ``prob`` (float32 canvas, 0 where no tissue patch was predicted), ``coverage``
-        (patches covering each canvas cell), ``n_patches``, ``seconds``, ``downsample``.
+        (patches covering each canvas cell), ``n_patches``, ``seconds``, ``downsample`` (the
+        canvas's, in level-0 pixels per cell).
     """
     check_positive("out_downsample", out_downsample, integer=True)
     check_positive("stride", stride, integer=True)
@@ -169,10 +174,12 @@ def predict_slide(
         W, H = slide.dimensions
         name = slide.name
         level = slide_tissue_threshold(slide) if tissue.tissue_method == "slide" else None
+    ds = scale if downsample is None else downsample
     P, f = patch_size, d // scale  # f: scaled pixels per canvas cell
-    ys = grid_positions(H // scale, P, stride, f)
-    xs = grid_positions(W // scale, P, stride, f)
-    acc = np.zeros((max(H // d, 1) + P // f + 1, max(W // d, 1) + P // f + 1), np.float32)
+    hs, ws = int(H // ds), int(W // ds)  # the slide's size at the scale
+    ys = grid_positions(hs, P, stride, f)
+    xs = grid_positions(ws, P, stride, f)
+    acc = np.zeros((max(hs // f, 1) + P // f + 1, max(ws // f, 1) + P // f + 1), np.float32)
     cov = np.zeros_like(acc, dtype=np.uint16)
     e = P // f
     n = 0
@@ -214,7 +221,7 @@ def predict_slide(
                 cov[cy : cy + e, cx : cx + e] += 1
             n += len(xs_)
 
-    for y, xk, pats in _strips(slide_path, scale, ys, xs, P, tissue, level, workers=read_workers):
+    for y, xk, pats in _strips(slide_path, ds, ys, xs, P, tissue, level, workers=read_workers):
         for s0 in range(0, len(xk), batch_size):
             pending.append(
                 (xk[s0 : s0 + batch_size], np.full(len(xk[s0 : s0 + batch_size]), y), pats[s0 : s0 + batch_size])
@@ -230,9 +237,11 @@ def predict_slide(
         model.to(memory_format=torch.contiguous_format)
     if n == 0:
         warnings.warn(f"{slide_path}: no tissue patch found; the predicted mask is empty", stacklevel=2)
-    h, w = H // d, W // d
+    h, w = hs // f, ws // f
     prob = np.where(cov > 0, acc / np.maximum(cov, 1), 0).astype(np.float32)[:h, :w]
-    return {"prob": prob, "coverage": cov[:h, :w], "n_patches": n, "seconds": time.perf_counter() - t0, "downsample": d}
+    cell = f * ds  # the canvas's level-0 pixels per cell (d when scales are level-0 downsamples)
+    seconds = time.perf_counter() - t0
+    return {"prob": prob, "coverage": cov[:h, :w], "n_patches": n, "seconds": seconds, "downsample": cell}
 
 
 def save_mask_tiff(path, mask, downsample):

@@ -113,6 +113,7 @@ SPECS = {
     "patch_size": _i(8, MAX_PATCH, example="224"),
     "stride": _i(1, MAX_PATCH, example="224"),
     "seg_scale": _i(1, 1024, example="1"),
+    "scale_reference": _f(0, 100, example="0.5"),
     "tissue_method": Spec("str", choices=("otsu", "slide")),
     "tissue_threshold": FRACTION,
     "glass_level": _i(1, 254, example="210"),

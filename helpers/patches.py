@@ -60,14 +60,24 @@ def rows_per_task(width, params):
 
 
 def extract_rows(
-    slide_path, scale, r0, r1, params, masks=None, count_maps=None, cache_dir=None, tissue_level=None, task=0
+    slide_path,
+    scale,
+    r0,
+    r1,
+    params,
+    masks=None,
+    count_maps=None,
+    cache_dir=None,
+    tissue_level=None,
+    task=0,
+    downsample=None,
 ):
     """Cut grid rows ``r0`` to ``r1 - 1``: read them as one strip, then for each row patchify,
     test tissue, measure tumour.
 
     Args:
         slide_path: the slide file.
-        scale: the downscale factor.
+        scale: the (nominal) downscale factor: 4 is 4x wherever a scale is named.
         r0, r1: the grid rows.
         params: :class:`helpers.caches.ExtractionParams` (or its dict).
         masks: ``{"whole": path or None, "viable": path or None}``.
@@ -79,6 +89,8 @@ def extract_rows(
             worker sends back little, and no byte of a patch is written twice).
         tissue_level: the slide's gray threshold for ``tissue_method = "slide"``.
         task: this task's number in the slide's grid order (with ``cache_dir``).
+        downsample: the level-0 pixels per pixel that ``scale`` means on this slide (default:
+            ``scale``; see :func:`helpers.slides.scale_downsample`).
 
     Returns:
         A list with, per row, a dict: ``row``, ``tissue_frac``, ``otsu``, ``kept``,
@@ -89,15 +101,16 @@ def extract_rows(
     masks = masks or {}
     slide = open_cached(slide_path, "slide")
     P, S, k = p.patch_size, p.stride, p.tissue_subsample
-    rows, cols = grid_shape(slide.dimensions, scale, P, S)
+    ds = scale if downsample is None else downsample
+    rows, cols = grid_shape(slide.dimensions, ds, P, S)
     width = (cols - 1) * S + P
-    big = slide.read_region(0, r0 * S * scale, width, (r1 - r0 - 1) * S + P, downsample=scale)
-    xs = np.arange(cols) * S * scale
-    footprint = P * scale
-    aligned = (S * scale) % COUNT_BLOCK == 0 and footprint % COUNT_BLOCK == 0
+    big = slide.read_region(0, r0 * S * ds, width, (r1 - r0 - 1) * S + P, downsample=ds)
+    xs = np.arange(cols) * S * ds
+    footprint = P * ds
+    aligned = isinstance(ds, int) and (S * ds) % COUNT_BLOCK == 0 and footprint % COUNT_BLOCK == 0
     results = []
     for row in range(r0, r1):
-        y = row * S * scale
+        y = row * S * ds
         strip = big[(row - r0) * S : (row - r0) * S + P]
         patches = patchify(strip, (P, P, 3), step=S)[0, :, 0]  # (cols, P, P, 3) view
         gray = to_gray(strip[::k, ::k])
@@ -125,19 +138,19 @@ def extract_rows(
             else:
                 out[f"{kind}_frac"] = open_cached((mp, slide_path), "mask").window_fractions(y, xs, footprint)
             if kind == p.label_mask and scale == p.mask_scale:
-                out["masks"] = _mask_patches(mp, slide_path, y, width, scale, p, kept, out[f"{kind}_frac"])
+                out["masks"] = _mask_patches(mp, slide_path, y, width, ds, p, kept, out[f"{kind}_frac"])
         results.append(out)
     if cache_dir is not None:
         _write_kept(cache_dir, task, results)
     return results
 
 
-def _mask_patches(mask_path, slide_path, y, width, scale, p, kept, fractions):
+def _mask_patches(mask_path, slide_path, y, width, downsample, p, kept, fractions):
     """The kept patches' mask pixels along one row (no read where the row holds no tumour)."""
     P, S = p.patch_size, p.stride
     if not np.any(fractions[kept] > 0):
         return np.zeros((int(kept.sum()), P, P), np.uint8)
-    mstrip = open_cached((mask_path, slide_path), "mask").read(0, y, width, P, downsample=scale)
+    mstrip = open_cached((mask_path, slide_path), "mask").read(0, y, width, P, downsample=downsample)
     return np.ascontiguousarray(patchify(mstrip, (P, P), step=S)[0][kept])
 
 
@@ -270,7 +283,8 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
             if case.mask_path(kind) is not None:
                 Mask(case.mask_path(kind), dims).close()
         level = slide_tissue_threshold(slide) if params.tissue_method == "slide" else None
-    rows, cols = grid_shape(dims, scale, params.patch_size, params.stride)
+        ds = slide.downsample_at(scale, params.scale_reference)
+    rows, cols = grid_shape(dims, ds, params.patch_size, params.stride)
     step = rows_per_task((cols - 1) * params.stride + params.patch_size, params) if cols else 1
     own = None
     if pool is None and workers > 1 and -(-rows // step) >= 2 * workers:  # small jobs: this process
@@ -279,7 +293,7 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
     try:
         with atomic_dir(folder) as tmp:
             table, n_kept = _write_cache(
-                case, scale, cache_root, params, pool, workers, rows, cols, step, level, tmp, progress
+                case, (scale, ds), cache_root, params, pool, workers, rows, cols, step, level, tmp, progress
             )
             table[TABLE_COLUMNS].to_csv(tmp / "table.csv", index=False)
             k = table[table["kept"]]
@@ -293,12 +307,13 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
                 "n_neg": int((k["label"] == 0).sum()),
                 "n_ambiguous": int((k["label"] == -1).sum()),
                 "tissue_level": level,
+                "downsample": ds,
                 "seconds": round(time.perf_counter() - t0, 2),
             }
             with open(tmp / "meta.json", "w") as f:
                 json.dump(meta, f, indent=2, sort_keys=True)
     except DiskFullError as exc:
-        est = cache_bytes_estimate([dims], [scale], params)
+        est = cache_bytes_estimate([dims], [scale], params, [ds])
         size = f"{est / 1e9:.1f} GB" if est >= 1e8 else f"{est / 1e6:.1f} MB"
         raise type(exc)(f"{exc} (the {scale}x cache of {case.case_id} takes up to {size})") from None
     except WorkerDied as exc:
@@ -312,17 +327,21 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
     return load_patch_set(folder), False
 
 
-def _write_cache(case, scale, cache_root, params, pool, workers, rows, cols, step, level, tmp, progress):
-    """Run the row tasks, which write their patches into ``tmp``; return ``(table, n_kept)``."""
+def _write_cache(case, scales, cache_root, params, pool, workers, rows, cols, step, level, tmp, progress):
+    """Run the row tasks, which write their patches into ``tmp``; return ``(table, n_kept)``.
+
+    ``scales``: the nominal scale and the level-0 downsample it means on this slide.
+    """
+    scale, ds = scales
     masks = {k: None if case.mask_path(k) is None else str(case.mask_path(k)) for k in MASK_KINDS}
     cmaps = {}
-    if rows:
+    if rows and isinstance(ds, int):  # a fractional downsample never aligns with the maps' blocks
         for kind in MASK_KINDS:
             cm = mask_count_map(case, kind, cache_root, pool, workers)
             if cm is not None:
                 cmaps[kind] = str(cm)
     tasks = [
-        (str(case.slide), scale, r, min(rows, r + step), asdict(params), masks, cmaps, str(tmp), level, i)
+        (str(case.slide), scale, r, min(rows, r + step), asdict(params), masks, cmaps, str(tmp), level, i, ds)
         for i, r in enumerate(range(0, rows, step))
     ]
     store = stores_masks(case, scale, params)
@@ -360,7 +379,7 @@ def _write_cache(case, scale, cache_root, params, pool, workers, rows, cols, ste
     table = pd.DataFrame({k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols_out.items()})
     for name in ("tissue_frac", "whole_frac", "viable_frac"):
         table[name] = table[name].round(4)
-    return finish_table(table, case.case_id, scale, params), n_kept
+    return finish_table(table, case.case_id, scale, params, ds), n_kept
 
 
 def _check_sizes(tmp, n_kept, params, store, case, scale):
@@ -403,18 +422,23 @@ def extract_dataset(cases, scales, cache_root, params=None, workers=None, progre
         raise InputError("no cases to extract: the dataset folder is empty")
     workers = workers or os.cpu_count() or 1
     check_positive("workers", workers, integer=True)
-    dims = {}
-    for c in cases:
+    dims, ds = {}, {}
+    for c in cases:  # a slide that cannot be read at some scale (no mpp ...) stops here, before any work
         with Slide(c.slide, verify=False) as s:  # extract_slide verifies each slide
             dims[c.case_id] = s.dimensions
-    total = sum(grid_shape(dims[c.case_id], sc, params.patch_size, params.stride)[0] for c in cases for sc in scales)
+            ds.update({(c.case_id, sc): s.downsample_at(sc, params.scale_reference) for sc in scales})
+    total = sum(
+        grid_shape(dims[c.case_id], ds[c.case_id, sc], params.patch_size, params.stride)[0]
+        for c in cases
+        for sc in scales
+    )
     todo = [
-        (dims[c.case_id], sc)
+        (dims[c.case_id], sc, ds[c.case_id, sc])
         for c in cases
         for sc in scales
         if not (cache_folder(cache_root, c, sc, params)[0] / "meta.json").exists()
     ]
-    need = sum(cache_bytes_estimate([d], [sc], params) for d, sc in todo)
+    need = sum(cache_bytes_estimate([d], [sc], params, [f]) for d, sc, f in todo)
     Path(cache_root).mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(cache_root).free
     if need > free:
@@ -434,13 +458,14 @@ def extract_dataset(cases, scales, cache_root, params=None, workers=None, progre
                 ps, cached = extract_slide(c, sc, cache_root, params, pool=pool, progress=bar, workers=workers)
                 sets[(c.case_id, sc)] = ps
                 m = ps.meta
-                note = too_small_reason(dims[c.case_id], sc, params.patch_size) or (
+                note = too_small_reason(dims[c.case_id], sc, params.patch_size, ds[c.case_id, sc]) or (
                     "no tissue patch" if m["n_grid"] and not m["n_kept"] else ""
                 )
                 rows.append(
                     {
                         "case_id": c.case_id,
                         "scale": sc,
+                        "downsample": ds[c.case_id, sc],
                         "grid": m["n_grid"],
                         "kept": m["n_kept"],
                         "pos": m["n_pos"],

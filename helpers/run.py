@@ -234,6 +234,19 @@ def main(argv=None):
         return 2
 
 
+def _check_resolutions(merged):
+    """Say before any notebook runs what notebook 01 says: that the slides' resolutions differ
+    while scales are level-0 downsamples (one line), or that a physical-scale run has a slide
+    without mpp (the error)."""
+    from .dataset import list_cases, resolution_warning, slide_resolutions
+    from .notebook import resolve_data_dir
+
+    cases = list_cases(resolve_data_dir(merged["data_dir"], progress=False))
+    line = resolution_warning(slide_resolutions(cases), merged.get("scale_reference", 0.0))
+    if line:
+        print(f"warning: {line}", flush=True)
+
+
 def _run(args):
     nbs = notebooks(args.only)
     if args.list:
@@ -263,6 +276,8 @@ def _run(args):
         from .synthetic import ensure_demo_dataset
 
         print("demo data:", ensure_demo_dataset(progress=not args.no_progress), flush=True)
+    if "data_dir" in merged:
+        _check_resolutions(merged)
     out_dir = folder / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     pf = folder / "params.json"

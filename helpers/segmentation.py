@@ -251,13 +251,19 @@ def mask_fraction_map(mask_path, slide_dimensions, downsample, max_pixels=2**25)
     ``(H // downsample, W // downsample)``.
     """
     W, H = slide_dimensions
-    d = int(downsample)
-    out_h, out_w = H // d, W // d
+    d = downsample
+    out_h, out_w = int(H // d), int(W // d)
     with Mask(mask_path, slide_dimensions) as mask:
-        md = mask.downsample
-        if md != 1.0:
-            # A mask stored at a downsample: nearest sampling onto the canvas grid.
-            return mask.read(0, 0, out_w, out_h, downsample=d).astype(np.float32)
+        if mask.downsample != 1.0 or d != int(d):
+            # A mask stored at a downsample, or a fractional canvas (a physical scale): nearest
+            # sampling onto the canvas grid, band by band.
+            out = np.zeros((out_h, out_w), np.float32)
+            rows = max(1, int(max_pixels // max(1.0, W * d)))
+            for r in range(0, out_h, rows):
+                k = min(rows, out_h - r)
+                out[r : r + k] = mask.read(0, r * d, out_w, k, downsample=d)
+            return out
+        d = int(d)
         out = np.zeros((out_h, out_w), np.float32)
         band = max(1, (max_pixels // max(1, W)) // d) * d
         for y in range(0, out_h * d, band):
@@ -381,6 +387,9 @@ def segment_cases(
     stride = stride or P
     rows, canvases = [], {}
     for case in cases:
+        with Slide(case.slide) as s:
+            dims, ds = s.dimensions, s.downsample_at(scale, params.scale_reference)
+        cell = out_downsample // scale * ds  # the canvas's level-0 pixels per cell
         prob_path = out / f"{case.case_id}_prob.npy"
         key = {
             "slide": file_fingerprint(case.slide),
@@ -394,8 +403,8 @@ def segment_cases(
                 k: getattr(params, k) for k in ("tissue_method", "glass_level", "tissue_threshold", "tissue_subsample")
             },
         }
-        with Slide(case.slide) as s:
-            dims = s.dimensions
+        if params.scale_reference:
+            key["downsample"] = ds
         info = read_stamp(prob_path)
         if info is not None and info.get("key") == key and prob_path.exists():
             prob = np.load(prob_path)
@@ -417,6 +426,7 @@ def segment_cases(
                     progress=progress,
                     input_size=input_size,
                     scale=scale,
+                    downsample=ds,
                 )
             for w in caught:
                 log(f"{case.case_id}: {w.message}")
@@ -425,7 +435,7 @@ def segment_cases(
             for name, arr in (("cov", cov), ("prob", prob)):
                 with atomic_path(out / f"{case.case_id}_{name}.npy", suffix=".npy") as tmp:
                     np.save(tmp, arr)
-            save_mask_tiff(out / f"{case.case_id}_pred.tif", prob > threshold, out_downsample)
+            save_mask_tiff(out / f"{case.case_id}_pred.tif", prob > threshold, cell)
             write_stamp(prob_path, info)
         pred = prob > threshold
         mask_path = case.mask_path(params.label_mask)
@@ -439,10 +449,10 @@ def segment_cases(
         if mask_path is None:
             log(f"{case.case_id}: no {params.label_mask} mask, so no metrics (the prediction is saved)")
         else:
-            truth = mask_fraction_map(mask_path, dims, out_downsample) > 0.5
+            truth = mask_fraction_map(mask_path, dims, cell) > 0.5
             row.update(slide_metrics(pred, truth, cov, P * scale // out_downsample))
         rows.append(row)
-        canvases[case.case_id] = {"prob": prob, "pred": pred, "truth": truth, "coverage": cov}
+        canvases[case.case_id] = {"prob": prob, "pred": pred, "truth": truth, "coverage": cov, "downsample": cell}
     return pd.DataFrame(rows), canvases
 
 

@@ -43,6 +43,11 @@ WSI_ONLY_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", "
 MAX_PLAIN_PIXELS = 2**28
 #: Relative difference under which a pyramid level's downsample counts as the one asked for.
 LEVEL_TOLERANCE = 0.005
+#: A scale's level-0 downsample within this share of a whole number is taken as that number
+#: (physical scales, :func:`scale_downsample`): a 40x Aperio scan at 0.2527 um/px read at
+#: 0.5 um/px is 1.979 times smaller, and reading it 2 times smaller is 1 % off in microns but
+#: uses the pyramid's own levels and the extraction's aligned fast path.
+SNAP_TOLERANCE = 0.02
 #: The largest region read at once (1 Gpx, 3 GB of RGB): a bigger one is a parameter mistake.
 MAX_READ_PIXELS = 2**30
 #: Name endings of PAIP 2019 mask files, which are never taken for slides.
@@ -278,6 +283,10 @@ class Slide:
                 best = i
         return best
 
+    def downsample_at(self, scale, scale_reference=0.0):
+        """Level-0 pixels per pixel at ``scale`` (see :func:`scale_downsample`)."""
+        return scale_downsample(scale, None if self.mpp is None else self.mpp[0], scale_reference, self.path)
+
     # -- pixels ------------------------------------------------------------------------------
     def read_region(self, x, y, width, height, downsample=1.0):
         """Read an RGB region at a downscale factor.
@@ -347,6 +356,48 @@ class Slide:
         ds = max(w, h) / max_size
         ds = max(ds, 1.0)
         return self.read_region(0, 0, max(1, int(w / ds)), max(1, int(h / ds)), downsample=ds), ds
+
+
+def scale_downsample(scale, mpp, scale_reference=0.0, path="slide"):
+    """Level-0 pixels per pixel at ``scale``: what a scale means on one slide.
+
+    With ``scale_reference`` 0 (the paper's: PAIP 2019 slides share one scanner) a scale is a
+    downsample of level 0, whatever the slide's resolution. With ``scale_reference`` in um/px, a
+    scale is a downsample of that resolution: ``scale_reference: 0.5`` makes 4x 2 um/px on every
+    slide, so a 40x scan (0.25 um/px) is read 8 times smaller and a 20x scan 4 times. A result
+    within :data:`SNAP_TOLERANCE` of a whole number is that number.
+
+    Args:
+        scale: the nominal downscale factor (1, 4, 16, 64 ...).
+        mpp: the slide's level-0 microns per pixel, or ``None`` when the file does not say.
+        scale_reference: 0, or the reference resolution in um/px.
+        path: the slide, named in errors.
+
+    Returns:
+        An int where whole (always with ``scale_reference`` 0), else a float >= 1.
+
+    Raises:
+        InputError: a physical scale asked of a slide without mpp, or one finer than the slide.
+    """
+    if not scale_reference:
+        return scale
+    if mpp is None or not mpp > 0:
+        raise InputError(
+            f"{path}: the file gives no microns per pixel (mpp), so it cannot be read at "
+            f"scale_reference = {scale_reference:g} um/px; re-export it with its mpp, move it out of "
+            "data_dir, or set scale_reference: 0 (scales as level-0 downsamples)"
+        )
+    ds = scale * scale_reference / mpp
+    k = round(ds)
+    if k >= 1 and abs(ds - k) <= SNAP_TOLERANCE * ds:
+        return int(k)
+    if ds < 1:
+        raise InputError(
+            f"{path}: at {mpp:.4g} um/px it cannot be read at {scale}x of {scale_reference:g} um/px "
+            f"({scale * scale_reference:.4g} um/px would need upsampling); use scale_reference >= "
+            f"{mpp / scale:.4g} or drop scale {scale}"
+        )
+    return float(ds)
 
 
 def box_reduce(rgb, k):

@@ -45,7 +45,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +103,8 @@ class CaseSpec:
         blur: 0-2, focus trouble (0 sharp; 1 soft; out-of-focus patches grow with it).
         folds: number of tissue folds.
         pen: number of pen strokes.
+        magnify: 1 = a 20x scan (``DEMO_MPP``); 2 = the same tissue scanned at 40x (an ``.svs``
+            twice ``width`` x ``height``, at half the microns per pixel).
     """
 
     case_id: str
@@ -125,6 +127,7 @@ class CaseSpec:
     blur: float = 0.2
     folds: int = 0
     pen: int = 0
+    magnify: int = 1
 
 
 def demo_cases(seed=2019):
@@ -1184,13 +1187,13 @@ def _tiles_of(strip, tile=TILE):
         yield _pad_tile(strip[:, x : x + tile], tile)
 
 
-def _aperio_description(w, h, level_w=None, level_h=None):
+def _aperio_description(w, h, level_w=None, level_h=None, magnify=1):
     """An Aperio ImageDescription: level 0 (with AppMag and MPP) or a lower level."""
     head = f"Aperio Image Library v10.0.50 (synthetic demo, helpers.synthetic v{GENERATOR_VERSION})\r\n"
     if level_w is None:
         return (
             head + f"{w}x{h} [0,0 {w}x{h}] ({TILE}x{TILE}) JPEG/RGB Q=90"
-            f"|AppMag = {DEMO_MAGNIFICATION}|MPP = {DEMO_MPP:.4f}|Filename = synthetic"
+            f"|AppMag = {DEMO_MAGNIFICATION * magnify}|MPP = {DEMO_MPP / magnify:.4f}|Filename = synthetic"
         )
     return head + f"{w}x{h} -> {level_w}x{level_h} - ({TILE}x{TILE}) JPEG/RGB Q=90"
 
@@ -1224,7 +1227,8 @@ def write_case(spec, folder, quality=90, masks=True):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     scene = _Scene(spec)
-    W, H = spec.width, spec.height
+    mag = spec.magnify
+    W, H = spec.width * mag, spec.height * mag
     paths = {"slide": folder / f"{spec.case_id}.svs"}
     if masks:
         paths.update(whole=folder / f"{spec.case_id}_whole.tif", viable=folder / f"{spec.case_id}_viable.tif")
@@ -1239,9 +1243,12 @@ def write_case(spec, folder, quality=90, masks=True):
             mask_files = {}
 
             def level0_tiles():
-                for y in range(0, H, STRIP):
-                    h = min(STRIP, H - y)
-                    rgb, _, whole, viable = render_region(scene, 0, y, W, h)
+                for y0 in range(0, spec.height, STRIP):
+                    y, h = y0 * mag, min(STRIP, spec.height - y0) * mag
+                    rgb, _, whole, viable = (
+                        np.repeat(np.repeat(a, mag, axis=0), mag, axis=1) if mag > 1 else a
+                        for a in render_region(scene, 0, y0, spec.width, h // mag)
+                    )
                     if masks:  # mask strips wait on disk until the slide is written
                         for name, m in (("whole", whole), ("viable", viable)):
                             if name not in mask_files:
@@ -1263,7 +1270,7 @@ def write_case(spec, folder, quality=90, masks=True):
                     for ty in range(0, strip.shape[0], TILE):
                         yield from _tiles_of(strip[ty : ty + TILE])
 
-            res = (1e4 / DEMO_MPP, 1e4 / DEMO_MPP)
+            res = (1e4 * mag / DEMO_MPP, 1e4 * mag / DEMO_MPP)
             with tifffile.TiffWriter(tmp_slide, bigtiff=W * H * 3 > 2**31) as tw:
                 tw.write(
                     level0_tiles(),
@@ -1273,7 +1280,7 @@ def write_case(spec, folder, quality=90, masks=True):
                     compression="jpeg",
                     compressionargs={"level": quality},
                     photometric="rgb",
-                    description=_aperio_description(W, H),
+                    description=_aperio_description(W, H, magnify=mag),
                     resolution=res,
                     resolutionunit="CENTIMETER",
                     metadata=None,
@@ -1371,6 +1378,8 @@ def _write_job(args):
     """Write one ``(kind, spec, folder, masks)`` job; return the slide id and the seconds taken."""
     kind, spec, folder, masks = args
     t = time.perf_counter()
+    if kind != "svs" and spec.magnify != 1:
+        raise InputError(f"{spec.case_id}: only .svs slides can be written at magnify {spec.magnify}")
     if kind == "svs":
         write_case(spec, folder, masks=masks)
     else:
@@ -1582,13 +1591,36 @@ def _zoo_nested(rng, folder):
     return jobs
 
 
+def _zoo_mixed_mpp(rng, folder):
+    """The ``mixed_mpp`` shape: six tissues, each scanned at 20x (``<id>_20x.svs``, 0.5 um/px) and
+    at 40x (``<id>_40x.svs``, 0.25 um/px, twice the pixels a side); writes ``labels.csv`` (a
+    patient's two scans share a patient) and returns the jobs."""
+    rows = [  # id, w, h (at 20x), tumour, patient
+        ("mm_01", 2300, 2100, True, "M1"),
+        ("mm_02", 2100, 2400, False, "M2"),
+        ("mm_03", 2500, 2100, True, "M3"),
+        ("mm_04", 2100, 2200, True, "M4"),
+        ("mm_05", 2200, 2100, False, "M5"),
+        ("mm_06", 2400, 2300, True, "M6"),
+    ]
+    jobs, labels = [], []
+    for sid, w, h, t, p in rows:
+        spec = _zoo_spec(rng, sid, w, h, t, p)
+        for m, mag in ((1, "20x"), (2, "40x")):
+            jobs.append(("svs", replace(spec, case_id=f"{sid}_{mag}", magnify=m), folder, True))
+            labels.append([f"{sid}_{mag}", int(t), p])
+    _write_labels(folder / "labels.csv", ["slide_id", "label", "patient_id"], labels)
+    return jobs
+
+
 _ZOO = {
     "mixed": _zoo_mixed,
     "unannotated": _zoo_unannotated,
     "many": _zoo_many,
     "case_labels": _zoo_case_labels,
     "no_tumour": _zoo_no_tumour,
-    "nested": _zoo_nested,  # last: a shape's seed is its place in this list
+    "nested": _zoo_nested,
+    "mixed_mpp": _zoo_mixed_mpp,  # last: a shape's seed is its place in this list
 }
 
 #: The shapes :func:`write_zoo_dataset` knows.
@@ -1621,6 +1653,9 @@ def write_zoo_dataset(shape, folder, seed=0):
       (``slide_id,label,patient_id``, 4 patients).
     - ``nested``: 6 ``.svs`` slides with masks in ``batch_1/``, ``batch_2/`` and
       ``batch_2/rescans/`` (3 tumour, 3 tumour-free, 6 patients), ``labels.csv`` at the top.
+    - ``mixed_mpp``: a two-scanner cohort: 6 tissues (4 tumour, 6 patients), each as a 20x
+      scan ``mm_0k_20x.svs`` (0.5 um/px, 2,100-2,500 px) and a 40x scan ``mm_0k_40x.svs``
+      (0.25 um/px, twice the pixels a side), with masks.
 
     Args:
         shape: one of :data:`ZOO_SHAPES`.

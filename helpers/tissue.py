@@ -348,7 +348,7 @@ def compare_methods(slide, methods, scale=1, patch_size=224, tissue_threshold=0.
         methods: ``{name: function}``; each function takes ``(n, h, w)`` uint8 gray patches
             and returns ``(n, h, w)`` bool tissue masks, e.g.
             ``lambda g: otsu_tissue_masks(g, 210)`` or ``lambda g: g <= threshold``.
-        scale: downscale factor of the grid (1, 4, 16, 64).
+        scale: level-0 downscale factor of the grid (1, 4, 16, 64; fractional at a physical scale).
         patch_size: patch side at the scale.
         tissue_threshold: a patch is kept when at least this share of it is tissue.
         tissue_subsample: must divide ``patch_size``.
@@ -371,7 +371,7 @@ def compare_methods(slide, methods, scale=1, patch_size=224, tissue_threshold=0.
     own = not isinstance(slide, Slide)
     s = Slide(slide) if own else slide
     W, H = s.dimensions
-    rows, cols = (H // scale) // P, (W // scale) // P
+    rows, cols = int(H // scale) // P, int(W // scale) // P
     background = background_colour(s.thumbnail(1024)[0])
     names = list(methods) + (["reference"] if truth is not None else [])
     against = ["reference"] + (["truth"] if truth is not None else [])

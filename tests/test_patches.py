@@ -215,9 +215,8 @@ def test_cache_table_matches_patches(t1_scale1):
     assert (t["x"] == t["col"] * 224).all() and (t["y"] == t["row"] * 224).all()
     assert ps.patches.dtype == np.uint8 and ps.masks.dtype == np.uint8
     assert set(np.unique(np.asarray(ps.masks)).tolist()) <= {0, 1}
-    assert m["key"]["case_id"] == "tiny_t1" and m["key"]["params"] == json.loads(
-        json.dumps(ExtractionParams().__dict__)
-    )
+    assert m["key"]["case_id"] == "tiny_t1" and m["key"]["params"] == json.loads(json.dumps(ExtractionParams().key()))
+    assert "scale_reference" not in m["key"]["params"] and m["downsample"] == 1  # level-0 scales: keys as before
     assert ps.folder.parent == root / "tiny_t1" and ps.folder.name.startswith("x1_")
 
 
@@ -393,6 +392,7 @@ def test_extract_dataset_summary(small_dataset, tmp_path):
     assert list(summary.columns) == [
         "case_id",
         "scale",
+        "downsample",
         "grid",
         "kept",
         "pos",

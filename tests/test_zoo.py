@@ -131,6 +131,32 @@ def test_a_delivery_in_subfolders_runs_to_the_end(zoo):
     assert "batch_2/rescans/ne_06.svs" in t1
 
 
+def test_a_two_scanner_cohort_gets_one_magnification_per_scale(zoo):
+    """Six tissues scanned at 20x and 40x: without scale_reference the runner and notebook 01 say
+    so; with it, every scale has one resolution, so both scans of a tissue give the same patches
+    (the same area in microns, as many within 2 % at 4x) through the whole series."""
+    p, run = zoo("mixed_mpp", "--only", "01", run_name="mixed_mpp_level0")
+    assert p.returncode == 0, p.stderr[-3000:]
+    warned = "scanned at different resolutions"
+    assert warned in p.stdout and "scale_reference: 0.5" in p.stdout and warned in text(run, "01")
+    p, run = zoo("mixed_mpp", "-p", "scale_reference", "0.5")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert warned not in p.stdout and "one resolution per scale on every slide" in text(run, "01")
+    for scale, step in ((4, 8), (16, 32), (64, 128)):
+        kept, um = {"20x": 0, "40x": 0}, set()
+        for meta in (run / "patches").glob(f"*/x{scale}_*/meta.json"):
+            m = json.loads(meta.read_text())
+            if m["key"]["params"]["stride"] != 32:
+                continue  # notebook 04's overlapping training grids
+            scan = meta.parent.parent.name[-3:]
+            kept[scan] += m["n_kept"]
+            um.add(32 * m["downsample"] * (0.25 if scan == "40x" else 0.5))
+            assert m["downsample"] == (step if scan == "40x" else step // 2)
+        # 2 % at 4x (1,179 patches a scan); at 16x and 64x a few border patches of 75 and 6 are 4 %
+        tolerance = 0.02 if scale == 4 else 0.05
+        assert um == {32 * scale * 0.5} and abs(kept["40x"] - kept["20x"]) <= tolerance * kept["20x"], (scale, kept)
+
+
 def test_old_labels_layout(zoo):
     p, run = zoo("case_labels", "--only", "01", "02")
     assert p.returncode == 0, p.stderr[-3000:]
