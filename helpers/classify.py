@@ -483,6 +483,7 @@ def classification_plan(run, models_from, models, scales, strides):
         for folder in sources.values():
             meta = (load_checkpoint(folder / "best.pt").get("identity") or {}).get("meta", {})
             sc = int(meta.get("scale", 0))
+            run.check_model_resolution(meta, folder / "best.pt")
             if meta.get("patch_size", run.params.patch_size) != run.params.patch_size:
                 raise InputError(
                     f"{folder / 'best.pt'} was trained on {meta.get('patch_size')} px patches but this run "
@@ -526,6 +527,7 @@ def _job(run, plan, out_dir, arch, sc, recipe, settings, seed, device, augment=T
         "patch_size": p.patch_size,
         "input_size": settings["input_size"][arch],
         "label_mask": p.label_mask,
+        "um_per_px": run.resolution(sc, ("train",)),
         "pretrained": settings["pretrained"],
         "weights_path": settings["weights"][arch] or None,
         "frozen_stages": settings["frozen"][arch],

@@ -19,6 +19,10 @@ The dataset contract (README, "Your own data"):
   ``case_id,label[,patient_id]``        ``case_id`` (slide) ``patient_id``
   ====================================  ==================  ====================
 
+Slides may come from scanners of different resolutions (their mpp): :func:`resolution_warning`
+says so when scales are level-0 downsamples, and ``scale_reference`` gives every scale one
+resolution (:func:`helpers.slides.scale_downsample`).
+
 A slide's label comes from ``labels.csv``; without a row there, notebook 02 derives it from the
 masks (tumour when the mask holds tumour); a slide with neither is *unlabelled* (``None``),
 never 0. A labels file that names no slide of the folder is an error (its ids are probably of
@@ -371,4 +375,30 @@ def resolution_warning(mpps, scale_reference=0.0):
         f"a downsample of each slide's level 0, so 4x would mean {4 * min(known.values()):.2g} um/px on some "
         f"and {4 * coarse:.2g} on others; set scale_reference: {coarse:.2g} (um/px) to give each scale one "
         "resolution on every slide"
+    )
+
+
+def scale_resolution(mpps, scale, scale_reference=0.0):
+    """The um/px that ``scale`` means on slides of resolutions ``mpps`` (``{case_id: um/px or
+    None}``): ``scale * scale_reference``, or with level-0 scales ``scale`` times the slides'
+    common mpp; ``None`` where that is unknown (a slide without mpp) or not one (they differ by
+    more than :data:`MPP_SPREAD`)."""
+    if scale_reference:
+        return scale * scale_reference
+    known = [v for v in mpps.values() if v is not None]
+    if not known or len(known) < len(mpps) or max(known) > min(known) * (1 + MPP_SPREAD):
+        return None
+    return scale * sorted(known)[len(known) // 2]
+
+
+def check_trained_resolution(trained, mpps, scale, scale_reference, checkpoint):
+    """Stop a model trained at ``trained`` um/px (its checkpoint's ``um_per_px``) from being
+    applied to slides read at another resolution (more than :data:`MPP_SPREAD` apart), naming
+    both and the fix. Unknown on either side: nothing to compare."""
+    here = scale_resolution(mpps, scale, scale_reference)
+    if trained is None or here is None or abs(here - trained) <= MPP_SPREAD * trained:
+        return
+    raise InputError(
+        f"{checkpoint} was trained on patches at {trained:.3g} um/px, but this run reads {scale}x at "
+        f"{here:.3g} um/px; set scale_reference to {trained / scale:.3g} so that {scale}x means what it did"
     )

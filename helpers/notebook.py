@@ -188,6 +188,23 @@ class Run:
         """The patch caches' folder."""
         return self.folder / "patches"
 
+    def resolution(self, scale, splits=None):
+        """The um/px ``scale`` means on this run's slides (those of ``splits``; default all), or
+        ``None`` where unknown (see :func:`helpers.dataset.scale_resolution`)."""
+        from .dataset import scale_resolution, slide_resolutions
+
+        cases = list(self.cases.values()) if splits is None else [c for s in splits for c in self.by_split[s]]
+        return scale_resolution(slide_resolutions(cases), scale, self.params.scale_reference)
+
+    def check_model_resolution(self, meta, checkpoint):
+        """Refuse a model trained at another um/px than this run reads its scale at (see
+        :func:`helpers.dataset.check_trained_resolution`)."""
+        from .dataset import check_trained_resolution, slide_resolutions
+
+        scale = int(meta.get("scale", 0))
+        mpps = slide_resolutions(self.cases.values())
+        check_trained_resolution(meta.get("um_per_px"), mpps, scale, self.params.scale_reference, checkpoint)
+
     def data_key(self, scale, splits=("train", "val"), params=None):
         """What a model trained (or predictions made) on ``splits`` at ``scale`` records as its
         data: the split's key and the content key of every slide's cache."""

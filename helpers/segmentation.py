@@ -584,6 +584,7 @@ def train_segmenter(run, plan, out_dir, gpus=1, config=None, **settings):
         "input_size": settings.get("input_size"),
         "patch_size": run.params.patch_size,
         "scale": scale,
+        "um_per_px": run.resolution(scale, ("train",)),
         "label_mask": run.params.label_mask,
         **{
             k: settings.get(k)
@@ -651,6 +652,7 @@ def segment_with(run, plan, out_dir, device=None, out_downsample=8, stride=0, th
     from .provenance import write_stamp
 
     model, meta, ck_path, weights = trained_segmenter(plan.source)
+    run.check_model_resolution(meta, ck_path)
     params = replace(run.params, patch_size=int(meta["patch_size"]), mask_scale=int(meta["scale"]))
     model.to(device or torch.device("cpu"))
     tables = []

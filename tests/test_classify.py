@@ -168,6 +168,7 @@ def test_checkpoints_are_chosen_on_balanced_accuracy_and_validation_is_sampled(c
         data_dir=root,
         by_split={"train": cases[:1], "val": cases[1:]},
         data_key=lambda *a: "key",
+        resolution=lambda *a: 2.0,
     )
     settings = dict(
         input_size={"resnet50": 32},

@@ -129,3 +129,17 @@ def test_whole_slide_inference_at_a_physical_scale(twins):
     assert c["downsample"] == pytest.approx(10.4) and c["prob"].shape == (int(H // 2.6) // 4, int(W // 2.6) // 4)
     truth = mask_fraction_map(twins[0].viable, (W, H), c["downsample"])
     assert truth.shape == c["prob"].shape and 0 < truth.mean() < 1
+
+
+def test_a_model_is_not_applied_at_another_resolution():
+    from helpers.dataset import check_trained_resolution, scale_resolution
+
+    at20, at40 = {"a": 0.5, "b": 0.503}, {"c": 0.25, "d": 0.25}
+    assert scale_resolution(at20, 4) == pytest.approx(2.012) and scale_resolution(at40, 4, 0.5) == 2.0  # the median
+    assert scale_resolution(at20 | at40, 4) is None and scale_resolution(at20 | {"e": None}, 4) is None
+    check_trained_resolution(2.0, at40, 4, 0.5, "best.pt")  # trained at 20x, applied to 40x at 0.5 um/px
+    check_trained_resolution(None, at40, 4, 0.0, "best.pt")  # unknown: nothing to compare
+    with pytest.raises(
+        InputError, match=r"best\.pt was trained on patches at 2 um/px.*1 um/px.*scale_reference to 0\.5"
+    ):
+        check_trained_resolution(2.0, at40, 4, 0.0, "best.pt")
