@@ -161,7 +161,10 @@ def unit_score(truth, called, groups=None, seed=0):
 
     Returns:
         A dict: ``correct``, ``n``, ``accuracy``, ``ci`` (95 % bootstrap over slides),
-        ``baseline`` (the majority-class accuracy) and ``reading``.
+        ``baseline`` (the majority-class accuracy), ``reading`` and ``one_class``: the class
+        every unit truly is (``"tumour"`` for the slides of PAIP 2019), or ``None`` when both
+        are present. With one class the baseline is 100 %: a count with every unit right then
+        reads ``shows nothing`` (see :func:`one_class_note`).
     """
     from .metrics import bootstrap_interval, majority_baseline, read_against_baseline
 
@@ -172,14 +175,41 @@ def unit_score(truth, called, groups=None, seed=0):
     lo, hi = bootstrap_interval(ok, g, seed=seed)
     acc = float(ok.mean()) if len(t) else float("nan")
     base = majority_baseline(t)
+    one = one_class(t)
+    reading = f"shows nothing: every true label is {one}" if one and ok.all() else read_against_baseline(acc, base, lo)
     return {
         "correct": int(ok.sum()),
         "n": int(len(t)),
         "accuracy": acc,
         "ci": (lo, hi),
         "baseline": base,
-        "reading": read_against_baseline(acc, base, lo),
+        "reading": reading,
+        "one_class": one,
     }
+
+
+def one_class(truth):
+    """``"tumour"`` or ``"non-tumour"`` when every label of ``truth`` (0/1) is that class, else
+    ``None`` (both classes, or none)."""
+    t = np.asarray(truth, int)
+    return ("non-tumour", "tumour")[t[0]] if len(t) and (t == t[0]).all() else None
+
+
+def one_class_note(label, unit="slide"):
+    """Why a count of ``unit``s called right cannot show that a vote works when every one of them
+    is truly ``label`` (:func:`one_class`; on PAIP 2019 every slide holds tumour): calling them
+    all ``label`` cannot fail.
+
+    Returns:
+        The sentence, or ``None`` when ``label`` is ``None`` (both classes present).
+    """
+    if label is None:
+        return None
+    return (
+        f"every test {unit}'s true label is {label}, so calling every {unit} {label} cannot fail (it scores "
+        f"100 %, the baseline): a {unit} count here can only show {label} {unit}s the vote misses, never that "
+        "the vote works"
+    )
 
 
 def provenance(pred, votes, final):
@@ -411,8 +441,9 @@ def _table1_rows(run):
 
 
 def _unit_rows(unit_rows):
-    """The report's rows of the slide and region votes, an unmeasured one with its ``why``."""
-    rows = []
+    """The report's rows of the slide and region votes (an unmeasured one with its ``why``), and
+    a note for each count whose baseline is 100 % (its units all truly of one class)."""
+    rows, notes = [], []
     for u in unit_rows:
         sc = u.get("score")
         if sc is None or not sc["n"]:
@@ -430,11 +461,15 @@ def _unit_rows(unit_rows):
                 sc["reading"],
             )
         )
-    return rows
+        note = one_class_note(sc.get("one_class"), u.get("unit", "slide"))
+        if note:
+            notes.append(f"{u['quantity']}: {note}")
+    return rows, notes
 
 
-def _report_markdown(run_name, rows, skipped):
-    """The report's lines: the table, and what is not available and why."""
+def _report_markdown(run_name, rows, notes, skipped):
+    """The report's lines: the table, what is not available and why, and the counts whose baseline
+    is 100 %."""
     md = [
         f"# Reproduction report: run `{run_name}`",
         "",
@@ -454,6 +489,8 @@ def _report_markdown(run_name, rows, skipped):
     ]
     if skipped:
         md += ["", "Not available in this run: " + "; ".join(f"{k} ({v})" for k, v in skipped.items())]
+    if notes:
+        md += ["", "Counts whose baseline is 100 % in this run:", ""] + [f"- {n}." for n in notes]
     return md
 
 
@@ -466,19 +503,23 @@ def reproduction_report(run, unit_rows, pred_info):
     Args:
         run: the :class:`helpers.notebook.Run`.
         unit_rows: the slide and region results, each a dict with ``quantity``, ``paper``,
-            ``convention`` and ``score`` (:func:`unit_score`'s dict, or ``None`` with ``why``).
+            ``convention`` and ``score`` (:func:`unit_score`'s dict, or ``None`` with ``why``),
+            and ``unit`` (``"slide"`` or ``"region"``, for the note when every unit is truly of
+            one class; default ``"slide"``).
         pred_info: :func:`load_predictions`'s info (its provenance is recorded).
 
     Returns:
-        A DataFrame ``quantity, paper, ours, ci, baseline, reading, convention``.
+        A DataFrame ``quantity, paper, ours, ci, baseline, reading, convention``. ``report.json``
+        holds its rows, the classifiers ``missing`` and the ``notes`` on the counts whose baseline
+        is 100 %.
     """
     from .atomic import atomic_path, write_json
     from .paths import figures_dir
 
     seg_rows, seg_key = _segmentation_rows(run)
-    votes = _unit_rows(unit_rows)
+    votes, notes = _unit_rows(unit_rows)
     rows = seg_rows + _table1_rows(run) + votes
-    md = _report_markdown(run.name, rows, pred_info["skipped"])
+    md = _report_markdown(run.name, rows, notes, pred_info["skipped"])
     with atomic_path(figures_dir(run.name) / "05_reproduction_report.md") as tmp:
         tmp.write_text("\n".join(md) + "\n")
     write_json(
@@ -487,6 +528,7 @@ def reproduction_report(run, unit_rows, pred_info):
             "run_name": run.name,
             "rows": rows,
             "missing": list(pred_info["skipped"]),
+            "notes": notes,
             "inputs": {
                 "extraction": run.extraction_key,
                 "split": run.split_key,

@@ -337,3 +337,42 @@ def test_segmentation_rows_say_why_they_are_not_measured(tmp_path, monkeypatch):
     m.assign(true_cells=0).to_csv(run.folder / "segmentation" / "metrics.csv", index=False)
     report = reproduction_report(run, [], info).set_index("quantity")
     assert report.loc["PAIP 2019 score", "convention"] == "not measured: no test slide with tumour in its mask"
+
+
+def test_a_slide_count_where_every_slide_holds_tumour_says_it_cannot_fail(tmp_path, monkeypatch):
+    """As on PAIP 2019: calling every slide tumour scores 100 %, so 9 of 9 slides right shows
+    nothing; the score, the report, report.json and summary.json say so. Regions of both classes
+    are read against their baseline as before."""
+    from helpers.run import write_summary
+    from helpers.voting import one_class, one_class_note, reproduction_report, unit_score
+
+    all_right = unit_score([1, 1, 1, 1], [1, 1, 1, 1])
+    assert all_right["one_class"] == "tumour" and all_right["baseline"] == 1.0
+    assert all_right["reading"] == "shows nothing: every true label is tumour"
+    missed = unit_score([1, 1, 1, 1], [1, 0, 1, 1])
+    assert missed["one_class"] == "tumour" and missed["reading"] == "AT OR BELOW BASELINE"
+    assert unit_score([0, 0], [0, 0])["one_class"] == "non-tumour"
+    assert unit_score([1, 0], [1, 0])["one_class"] is None and one_class_note(None) is None
+    assert one_class(pd.Series([1.0, 1.0])) == "tumour" and one_class([]) is None
+    note = one_class_note("tumour", "slide")
+    assert note == (
+        "every test slide's true label is tumour, so calling every slide tumour cannot fail (it scores 100 %, "
+        "the baseline): a slide count here can only show tumour slides the vote misses, never that the vote works"
+    )
+    run = _segmented_run(tmp_path, monkeypatch)
+    regions = unit_score([1, 0, 0, 1, 0], [1, 0, 1, 1, 0])
+    unit_rows = [
+        {"quantity": "slides correct, the paper's rule", "paper": "9 of 9", "score": all_right, "convention": "c"},
+        {"quantity": "regions correct", "paper": "-", "score": regions, "unit": "region", "convention": "c"},
+    ]
+    report = reproduction_report(run, unit_rows, {"skipped": {}, "key": None}).set_index("quantity")
+    assert report.loc["slides correct, the paper's rule", "ours"] == "4 of 4"
+    assert report.loc["slides correct, the paper's rule", "baseline"] == "4 of 4"
+    assert report.loc["slides correct, the paper's rule", "reading"] == "shows nothing: every true label is tumour"
+    assert report.loc["regions correct", "reading"] == regions["reading"] != all_right["reading"]
+    md = (run.folder / "figures" / "05_reproduction_report.md").read_text()
+    assert f"Counts whose baseline is 100 % in this run:\n\n- slides correct, the paper's rule: {note}.\n" in md
+    assert "regions correct:" not in md
+    want = [f"slides correct, the paper's rule: {note}"]
+    assert json.loads((run.folder / "report.json").read_text())["notes"] == want
+    assert json.loads(write_summary(run.folder, {}).read_text())["notes"] == want
