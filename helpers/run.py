@@ -478,7 +478,8 @@ def _kill(pid):
 
 
 def write_summary(folder, record):
-    """``summary.json``: notebook 05's report numbers with the parameters that produced them.
+    """``summary.json``: notebook 05's report numbers with the parameters that produced them, the
+    classifiers it lacks and its notes (counts whose baseline is 100 %: every test slide of one class).
 
     Returns:
         Its path, or ``None`` when the run has no ``report.json`` (notebook 05 did not run).
@@ -498,6 +499,7 @@ def write_summary(folder, record):
             "seconds": record.get("seconds"),
             "numbers": report.get("rows", []),
             "missing": report.get("missing", []),
+            "notes": report.get("notes", []),
         },
     )
     return out

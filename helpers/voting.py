@@ -161,7 +161,10 @@ def unit_score(truth, called, groups=None, seed=0):
 
     Returns:
         A dict: ``correct``, ``n``, ``accuracy``, ``ci`` (95 % bootstrap over slides),
-        ``baseline`` (the majority-class accuracy) and ``reading``.
+        ``baseline`` (the majority-class accuracy), ``reading`` and ``one_class``: the class
+        every unit truly is (``"tumour"`` for the slides of PAIP 2019), or ``None`` when both
+        are present. With one class the baseline is 100 %: a count with every unit right then
+        reads ``shows nothing`` (see :func:`one_class_note`).
     """
     from .metrics import bootstrap_interval, majority_baseline, read_against_baseline
 
@@ -172,14 +175,41 @@ def unit_score(truth, called, groups=None, seed=0):
     lo, hi = bootstrap_interval(ok, g, seed=seed)
     acc = float(ok.mean()) if len(t) else float("nan")
     base = majority_baseline(t)
+    one = one_class(t)
+    reading = f"shows nothing: every true label is {one}" if one and ok.all() else read_against_baseline(acc, base, lo)
     return {
         "correct": int(ok.sum()),
         "n": int(len(t)),
         "accuracy": acc,
         "ci": (lo, hi),
         "baseline": base,
-        "reading": read_against_baseline(acc, base, lo),
+        "reading": reading,
+        "one_class": one,
     }
+
+
+def one_class(truth):
+    """``"tumour"`` or ``"non-tumour"`` when every label of ``truth`` (0/1) is that class, else
+    ``None`` (both classes, or none)."""
+    t = np.asarray(truth, int)
+    return ("non-tumour", "tumour")[t[0]] if len(t) and (t == t[0]).all() else None
+
+
+def one_class_note(label, unit="slide"):
+    """Why a count of ``unit``s called right cannot show that a vote works when every one of them
+    is truly ``label`` (:func:`one_class`; on PAIP 2019 every slide holds tumour): calling them
+    all ``label`` cannot fail.
+
+    Returns:
+        The sentence, or ``None`` when ``label`` is ``None`` (both classes present).
+    """
+    if label is None:
+        return None
+    return (
+        f"every test {unit}'s true label is {label}, so calling every {unit} {label} cannot fail (it scores "
+        f"100 %, the baseline): a {unit} count here can only show {label} {unit}s the vote misses, never that "
+        "the vote works"
+    )
 
 
 def provenance(pred, votes, final):
@@ -213,15 +243,16 @@ def load_predictions(run, models, scales):
         models, scales: the classifiers whose votes count.
 
     Returns:
-        ``(pred, info)``: the prediction table of those classifiers, and a dict with
-        ``slides`` (how many slides notebook 04 predicted), ``skipped`` (``{classifier: why}``
-        for the requested classifiers without predictions) and ``key`` (the table's
-        provenance).
+        ``(pred, info)``: the prediction table of those classifiers (empty when notebook 04
+        gave none of them a prediction: then nothing is voted on, and the report says why), and
+        a dict with ``slides`` (how many slides notebook 04 predicted), ``skipped``
+        (``{classifier: why}`` for the requested classifiers without predictions), ``why``
+        (``None``, or why there is nothing to vote on, with notebook 04's reasons) and ``key``
+        (the table's provenance).
 
     Raises:
-        InputError: no predictions (run notebook 04), predictions made from other caches, another
-            split or other weights (rerun notebook 04), or none of the requested classifiers has
-            any (with notebook 04's reasons).
+        InputError: no predictions table (run notebook 04), or one made from other caches,
+            another split or other weights (rerun notebook 04).
     """
     from .paths import runs_root
     from .provenance import file_sha256, read_stamp
@@ -253,10 +284,15 @@ def load_predictions(run, models, scales):
         if k not in key.get("classifiers", {})
     }
     pred = pred[pred.model.isin(models) & pred.scale.isin(scales)].copy()
+    why = None
     if not len(pred):
-        reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "its table is empty"
-        raise InputError(f"nothing to vote on: notebook 04 gave no prediction of {models} at {scales}x ({reasons})")
-    return pred, {"slides": len(key.get("slides", [])), "skipped": skipped, "key": key}
+        by_why = {}
+        for k, v in skipped.items():  # one reason per scale, as a rule: said once, with its classifiers
+            by_why.setdefault(v, []).append(k)
+        reasons = "; ".join(f"{', '.join(ks)}: {v}" for v, ks in by_why.items()) or "its table is empty"
+        did = "applied" if key.get("mode") == "apply" else "trained"
+        why = f"notebook 04 {did} no classifier of {models} at {scales}x ({reasons})"
+    return pred, {"slides": len(key.get("slides", [])), "skipped": skipped, "why": why, "key": key}
 
 
 def region_labels(run, case_ids, region_size, min_tumour=0.5):
@@ -330,49 +366,34 @@ PAPER_TABLE1 = {
 }
 
 
-def _fmt(v, digits=3):
-    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else round(float(v), digits)
+def _row(what, paper, ours, convention, ci="-", baseline="-", reading="-"):
+    """One row of the report; a number that is missing (``None``, NaN) has no reading."""
+    ok = ours is not None and not (isinstance(ours, float) and np.isnan(ours))
+    return {
+        "quantity": what,
+        "paper": paper,
+        "ours": ours if ok else None,
+        "ci": ci,
+        "baseline": baseline,
+        "reading": reading if ok else "-",
+        "convention": convention,
+    }
 
 
-def reproduction_report(run, unit_rows, pred_info):
-    """Every number the paper reports beside this run's, each with its 95 % interval and its
-    baseline; written to ``report.json`` and ``figures/05_reproduction_report.md`` of the run.
-
-    Args:
-        run: the :class:`helpers.notebook.Run`.
-        unit_rows: the slide and region results, each a dict with ``quantity``, ``paper``,
-            ``convention`` and ``score`` (:func:`unit_score`'s dict, or ``None`` with ``why``).
-        pred_info: :func:`load_predictions`'s info (its provenance is recorded).
-
-    Returns:
-        A DataFrame ``quantity, paper, ours, ci, baseline, reading, convention``.
-    """
-    from .atomic import atomic_path, write_json
-    from .paths import figures_dir
+def _segmentation_rows(run):
+    """The report's rows of notebook 03 (over its test slides with tumour), each unmeasured one
+    saying why, and the provenance of its ``metrics.csv`` (``None``: none for this run)."""
     from .provenance import read_stamp
-
-    rows = []
-
-    def add(what, paper, ours, convention, ci="-", baseline="-", reading="-"):
-        ok = ours is not None and not (isinstance(ours, float) and np.isnan(ours))
-        rows.append(
-            {
-                "quantity": what,
-                "paper": paper,
-                "ours": ours if ok else None,
-                "ci": ci,
-                "baseline": baseline,
-                "reading": reading if ok else "-",
-                "convention": convention,
-            }
-        )
 
     seg = run.folder / "segmentation" / "metrics.csv"
     seg_key = read_stamp(seg)
-    m = pd.read_csv(seg) if seg_key is not None and seg_key.get("split") == run.split_key else pd.DataFrame()
+    ours = seg_key is not None and seg_key.get("split") == run.split_key
+    m = pd.read_csv(seg) if ours else pd.DataFrame()
     if "split" in m:
         m = m[m["split"] != "val"]
     tum = m[m["true_cells"] > 0] if "true_cells" in m else m.iloc[:0]
+    why = "no test slide with tumour in its mask" if ours else "notebook 03 left no metrics for this run's split"
+    rows = []
     for name, col, paper, conv in (
         ("Dice (segmentation)", "dice_pooled", 0.69, "pooled per slide, mean over test slides with tumour"),
         ("Jaccard (segmentation)", "jaccard_pooled", 0.68, "pooled per slide, mean over test slides with tumour"),
@@ -381,47 +402,76 @@ def reproduction_report(run, unit_rows, pred_info):
         ("PAIP 2019 score", "paip", None, "pooled Jaccard, 0 below 0.65"),
     ):
         vals = tum[col].to_numpy(float) if len(tum) else np.zeros(0)
+        if not len(vals):
+            rows.append(_row(name, paper, None, f"not measured: {why}"))
+            continue
         ci = "-"
         if len(vals) > 1:
             draws = np.random.default_rng(0).choice(vals, (2000, len(vals))).mean(1)
             ci = f"{np.quantile(draws, 0.025):.3f}-{np.quantile(draws, 0.975):.3f}"
-        add(name, paper, round(float(vals.mean()), 3) if len(vals) else None, conv, ci, "0 (nothing predicted)")
+        rows.append(_row(name, paper, round(float(vals.mean()), 3), conv, ci, "0 (nothing predicted)"))
+    return rows, seg_key
+
+
+def _table1_rows(run):
+    """The report's rows of notebook 04's Table 1, each unmeasured one with notebook 04's reason."""
     t1 = run.folder / "classification" / "table1.csv"
     t1 = pd.read_csv(t1) if t1.exists() else pd.DataFrame(columns=["model", "scale", "acc %"])
+    rows = []
     for (model, scale), paper in PAPER_TABLE1.items():
         r = t1[(t1.model == model) & (t1.scale == f"{scale}x")]
         if len(r) and pd.notna(r["acc %"].iloc[0]):
             r = r.iloc[0]
             lo, hi = (float(v) / 100 for v in str(r["95% CI"]).split("-"))
-            add(
-                f"patch accuracy {model} {scale}x",
-                round(paper / 100, 4),
-                round(float(r["acc %"]) / 100, 3),
-                f"{int(r['tumour'])} tumour + {int(r['non_tumour'])} non-tumour test patches, threshold 0.5",
-                f"{lo:.3f}-{hi:.3f}",
-                round(float(r["baseline %"]) / 100, 3),
-                r["reading"],
+            rows.append(
+                _row(
+                    f"patch accuracy {model} {scale}x",
+                    round(paper / 100, 4),
+                    round(float(r["acc %"]) / 100, 3),
+                    f"{int(r['tumour'])} tumour + {int(r['non_tumour'])} non-tumour test patches, threshold 0.5",
+                    f"{lo:.3f}-{hi:.3f}",
+                    round(float(r["baseline %"]) / 100, 3),
+                    r["reading"],
+                )
             )
         else:
             why = str(r["why"].iloc[0]) if len(r) and "why" in r and pd.notna(r["why"].iloc[0]) else "not trained"
-            add(f"patch accuracy {model} {scale}x", round(paper / 100, 4), None, f"not measured: {why}")
+            rows.append(_row(f"patch accuracy {model} {scale}x", round(paper / 100, 4), None, f"not measured: {why}"))
+    return rows
+
+
+def _unit_rows(unit_rows):
+    """The report's rows of the slide and region votes (an unmeasured one with its ``why``), and
+    a note for each count whose baseline is 100 % (its units all truly of one class)."""
+    rows, notes = [], []
     for u in unit_rows:
         sc = u.get("score")
         if sc is None or not sc["n"]:
-            add(u["quantity"], u["paper"], None, f"not measured: {u.get('why', 'no unit with a true label')}")
+            why = u.get("why", "no unit with a true label")
+            rows.append(_row(u["quantity"], u["paper"], None, f"not measured: {why}"))
             continue
-        add(
-            u["quantity"],
-            u["paper"],
-            f"{sc['correct']} of {sc['n']}",
-            u["convention"],
-            f"{sc['ci'][0]:.2f}-{sc['ci'][1]:.2f}",
-            f"{round(sc['baseline'] * sc['n'])} of {sc['n']}",
-            sc["reading"],
+        rows.append(
+            _row(
+                u["quantity"],
+                u["paper"],
+                f"{sc['correct']} of {sc['n']}",
+                u["convention"],
+                f"{sc['ci'][0]:.2f}-{sc['ci'][1]:.2f}",
+                f"{round(sc['baseline'] * sc['n'])} of {sc['n']}",
+                sc["reading"],
+            )
         )
-    report = pd.DataFrame(rows)
+        note = one_class_note(sc.get("one_class"), u.get("unit", "slide"))
+        if note:
+            notes.append(f"{u['quantity']}: {note}")
+    return rows, notes
+
+
+def _report_markdown(run_name, rows, notes, skipped):
+    """The report's lines: the table, what is not available and why, and the counts whose baseline
+    is 100 %."""
     md = [
-        f"# Reproduction report: run `{run.name}`",
+        f"# Reproduction report: run `{run_name}`",
         "",
         "Generated by notebook 05 from this run's outputs; the paper's numbers are from its text (Table 1, "
         "section 4). *95% CI*: bootstrap over the test slides. *baseline*: calling every patch, slide or "
@@ -437,8 +487,39 @@ def reproduction_report(run, unit_rows, pred_info):
         f"{r['reading'] if r['ours'] is not None else '-'} | {r['convention']} |"
         for r in rows
     ]
-    if pred_info["skipped"]:
-        md += ["", "Not available in this run: " + "; ".join(f"{k} ({v})" for k, v in pred_info["skipped"].items())]
+    if skipped:
+        md += ["", "Not available in this run: " + "; ".join(f"{k} ({v})" for k, v in skipped.items())]
+    if notes:
+        md += ["", "Counts whose baseline is 100 % in this run:", ""] + [f"- {n}." for n in notes]
+    return md
+
+
+def reproduction_report(run, unit_rows, pred_info):
+    """Every number the paper reports beside this run's, each with its 95 % interval and its
+    baseline; written to ``report.json`` and ``figures/05_reproduction_report.md`` of the run.
+    A number that cannot be measured (nothing trained, nothing to vote on, no slide with a true
+    label) is written as such, with why.
+
+    Args:
+        run: the :class:`helpers.notebook.Run`.
+        unit_rows: the slide and region results, each a dict with ``quantity``, ``paper``,
+            ``convention`` and ``score`` (:func:`unit_score`'s dict, or ``None`` with ``why``),
+            and ``unit`` (``"slide"`` or ``"region"``, for the note when every unit is truly of
+            one class; default ``"slide"``).
+        pred_info: :func:`load_predictions`'s info (its provenance is recorded).
+
+    Returns:
+        A DataFrame ``quantity, paper, ours, ci, baseline, reading, convention``. ``report.json``
+        holds its rows, the classifiers ``missing`` and the ``notes`` on the counts whose baseline
+        is 100 %.
+    """
+    from .atomic import atomic_path, write_json
+    from .paths import figures_dir
+
+    seg_rows, seg_key = _segmentation_rows(run)
+    votes, notes = _unit_rows(unit_rows)
+    rows = seg_rows + _table1_rows(run) + votes
+    md = _report_markdown(run.name, rows, notes, pred_info["skipped"])
     with atomic_path(figures_dir(run.name) / "05_reproduction_report.md") as tmp:
         tmp.write_text("\n".join(md) + "\n")
     write_json(
@@ -447,6 +528,7 @@ def reproduction_report(run, unit_rows, pred_info):
             "run_name": run.name,
             "rows": rows,
             "missing": list(pred_info["skipped"]),
+            "notes": notes,
             "inputs": {
                 "extraction": run.extraction_key,
                 "split": run.split_key,
@@ -455,4 +537,4 @@ def reproduction_report(run, unit_rows, pred_info):
             },
         },
     )
-    return report
+    return pd.DataFrame(rows)

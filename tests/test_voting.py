@@ -131,9 +131,12 @@ def test_predictions_are_used_only_for_this_runs_data_and_weights(pred, tmp_path
     with pytest.raises(InputError, match="m1_x4 come from other weights"):
         load_predictions(run, ["m1"], [4])
     ck.write_bytes(b"weights 1")
-    # nothing of what was asked: the reasons of notebook 04
-    with pytest.raises(InputError, match="nothing to vote on.*m2_x16: at 16x no tumour patch"):
-        load_predictions(run, ["m2"], [16])
+    assert info["why"] is None
+    # nothing of what was asked: no votes, and why, with the reasons of notebook 04 (not an error:
+    # notebook 05 still writes the report of what was trained)
+    got, info = load_predictions(run, ["m2"], [16])
+    assert not len(got)
+    assert info["why"] == "notebook 04 trained no classifier of ['m2'] at [16]x (m2_x16: at 16x no tumour patch)"
 
 
 def test_bad_input(pred):
@@ -257,3 +260,119 @@ def test_sweep_spread_counts_shares_and_numbers():
     assert s.loc["slides", "mean"] == pytest.approx(8 / 9) and s.loc["slides", "sd"] == pytest.approx(1 / 9)
     md = spread_markdown(sweep_spread(table), 3)
     assert "| dice | 0.69 | 0.850 ± 0.071 | 0.800 - 0.900 |" in md
+
+
+def _segmented_run(tmp_path, monkeypatch):
+    """A run folder whose notebook 03 segmented two test slides with tumour, one without and a
+    validation slide (``segmentation/metrics.csv`` of :func:`helpers.segmentation.slide_metrics`,
+    stamped)."""
+    from types import SimpleNamespace
+
+    from helpers.provenance import write_stamp
+    from helpers.segmentation import slide_metrics
+
+    monkeypatch.setenv("PAIP_REPRO_RUNS", str(tmp_path))
+    run = SimpleNamespace(name="r", folder=tmp_path / "r", extraction_key="E1", split_key="S1", cases={})
+    truth = np.zeros((8, 8), bool)
+    truth[:4] = True
+    rows = []
+    for cid, pred, split in (("a", truth, "test"), ("b", np.roll(truth, 2, 0), "test"), ("c", truth, "val")):
+        rows.append({"case_id": cid, "split": split, **slide_metrics(pred, truth, np.ones((8, 8)), 4)})
+    rows.append(
+        {"case_id": "d", "split": "test", **slide_metrics(np.zeros((8, 8)), np.zeros((8, 8)), np.ones((8, 8)), 4)}
+    )
+    seg = run.folder / "segmentation" / "metrics.csv"
+    seg.parent.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(seg, index=False)
+    write_stamp(seg, {"extraction": "E1", "split": "S1"})
+    return run
+
+
+def test_a_run_whose_notebook_04_trained_nothing_still_gets_its_report(tmp_path, monkeypatch):
+    """Every classifier skipped (as on a folder without a non-tumour patch): notebook 05 votes on
+    nothing, but the report and summary.json hold the segmentation and say why the rest is missing."""
+    from helpers.classify import ClassificationPlan, predict_classifiers
+    from helpers.run import write_summary
+    from helpers.voting import reproduction_report
+
+    run = _segmented_run(tmp_path, monkeypatch)
+    run.by_split = {"val": [], "test": []}
+    models, scales = ["efficientnet_b0", "resnet50"], [4, 16, 64]
+    skipped = {f"{m}_x{s}": f"at {s}x the training has no non-tumour patch" for m in models for s in scales}
+    plan = ClassificationPlan("train", models, scales, [32, 8, 4], {}, {}, skipped=dict(skipped))
+    predict_classifiers(run, plan, run.folder / "classification")  # what notebook 04 saves then
+    pred, info = load_predictions(run, models, scales)
+    assert not len(pred) and info["skipped"] == skipped
+    assert info["why"].startswith("notebook 04 trained no classifier of ['efficientnet_b0', 'resnet50']")
+    assert info["why"].endswith("; efficientnet_b0_x64, resnet50_x64: at 64x the training has no non-tumour patch)")
+    unit_rows = [{"quantity": "slides correct, the paper's rule", "paper": "9 of 9", "score": None, "why": info["why"]}]
+    report = reproduction_report(run, unit_rows, info).set_index("quantity")
+    assert report.loc["Dice (segmentation)", "ours"] == pytest.approx(0.75)  # the mean of a (1) and b (0.5)
+    assert report.loc["patch accuracy resnet50 16x", "convention"] == (
+        "not measured: at 16x the training has no non-tumour patch"
+    )
+    assert report.loc["slides correct, the paper's rule", "convention"] == f"not measured: {info['why']}"
+    md = (run.folder / "figures" / "05_reproduction_report.md").read_text()
+    assert "| Dice (segmentation) | 0.69 | 0.75 |" in md and "not measured: notebook 04 trained no classifier" in md
+    summary = json.loads(write_summary(run.folder, {"profile": "paper"}).read_text())
+    numbers = {r["quantity"]: r for r in summary["numbers"]}
+    assert numbers["Dice (segmentation)"]["ours"] == pytest.approx(0.75)
+    assert numbers["patch accuracy efficientnet_b0 4x"]["convention"].startswith("not measured: at 4x")
+    assert sorted(summary["missing"]) == sorted(skipped)
+
+
+def test_segmentation_rows_say_why_they_are_not_measured(tmp_path, monkeypatch):
+    from helpers.voting import reproduction_report
+
+    run = _segmented_run(tmp_path, monkeypatch)
+    info = {"skipped": {}, "key": None}
+    run.split_key = "S2"  # notebook 02 split again since notebook 03 ran
+    report = reproduction_report(run, [], info).set_index("quantity")
+    assert report.loc["Dice (segmentation)", "ours"] is None
+    assert report.loc["Dice (segmentation)", "convention"] == (
+        "not measured: notebook 03 left no metrics for this run's split"
+    )
+    run.split_key = "S1"
+    m = pd.read_csv(run.folder / "segmentation" / "metrics.csv")
+    m.assign(true_cells=0).to_csv(run.folder / "segmentation" / "metrics.csv", index=False)
+    report = reproduction_report(run, [], info).set_index("quantity")
+    assert report.loc["PAIP 2019 score", "convention"] == "not measured: no test slide with tumour in its mask"
+
+
+def test_a_slide_count_where_every_slide_holds_tumour_says_it_cannot_fail(tmp_path, monkeypatch):
+    """As on PAIP 2019: calling every slide tumour scores 100 %, so 9 of 9 slides right shows
+    nothing; the score, the report, report.json and summary.json say so. Regions of both classes
+    are read against their baseline as before."""
+    from helpers.run import write_summary
+    from helpers.voting import one_class, one_class_note, reproduction_report, unit_score
+
+    all_right = unit_score([1, 1, 1, 1], [1, 1, 1, 1])
+    assert all_right["one_class"] == "tumour" and all_right["baseline"] == 1.0
+    assert all_right["reading"] == "shows nothing: every true label is tumour"
+    missed = unit_score([1, 1, 1, 1], [1, 0, 1, 1])
+    assert missed["one_class"] == "tumour" and missed["reading"] == "AT OR BELOW BASELINE"
+    assert unit_score([0, 0], [0, 0])["one_class"] == "non-tumour"
+    assert unit_score([1, 0], [1, 0])["one_class"] is None and one_class_note(None) is None
+    assert one_class(pd.Series([1.0, 1.0])) == "tumour" and one_class([]) is None
+    note = one_class_note("tumour", "slide")
+    assert note == (
+        "every test slide's true label is tumour, so calling every slide tumour cannot fail (it scores 100 %, "
+        "the baseline): a slide count here can only show tumour slides the vote misses, never that the vote works"
+    )
+    run = _segmented_run(tmp_path, monkeypatch)
+    regions = unit_score([1, 0, 0, 1, 0], [1, 0, 1, 1, 0])
+    unit_rows = [
+        {"quantity": "slides correct, the paper's rule", "paper": "9 of 9", "score": all_right, "convention": "c"},
+        {"quantity": "regions correct", "paper": "-", "score": regions, "unit": "region", "convention": "c"},
+    ]
+    report = reproduction_report(run, unit_rows, {"skipped": {}, "key": None}).set_index("quantity")
+    assert report.loc["slides correct, the paper's rule", "ours"] == "4 of 4"
+    assert report.loc["slides correct, the paper's rule", "baseline"] == "4 of 4"
+    assert report.loc["slides correct, the paper's rule", "reading"] == "shows nothing: every true label is tumour"
+    assert report.loc["regions correct", "reading"] == regions["reading"] != all_right["reading"]
+    md = (run.folder / "figures" / "05_reproduction_report.md").read_text()
+    assert f"Counts whose baseline is 100 % in this run:\n\n- slides correct, the paper's rule: {note}.\n" in md
+    assert "regions correct:" not in md
+    want = [f"slides correct, the paper's rule: {note}"]
+    assert json.loads((run.folder / "report.json").read_text())["notes"] == want
+    assert json.loads(write_summary(run.folder, {}).read_text())["notes"] == want
