@@ -1613,6 +1613,21 @@ def _zoo_mixed_mpp(rng, folder):
     return jobs
 
 
+def _zoo_all_tumour(rng, folder):
+    """The ``all_tumour`` shape (PAIP 2019's, in small): writes ``labels.csv`` (all 1), returns
+    the jobs."""
+    rows = [("at_01", 2400, 2000), ("at_02", 1700, 2100), ("at_03", 2600, 2200)]
+    rows += [("at_04", 2000, 1500), ("at_05", 2200, 2500), ("at_06", 1900, 2300)]
+    patients = [f"T{i + 1}" for i in range(len(rows))]
+    _write_labels(
+        folder / "labels.csv", ["slide_id", "label", "patient_id"], [[r[0], 1, p] for r, p in zip(rows, patients)]
+    )
+    return [
+        ("svs", _zoo_spec(rng, sid, w, h, True, p, tumor_share=0.4), folder, True)
+        for (sid, w, h), p in zip(rows, patients)
+    ]
+
+
 _ZOO = {
     "mixed": _zoo_mixed,
     "unannotated": _zoo_unannotated,
@@ -1620,7 +1635,8 @@ _ZOO = {
     "case_labels": _zoo_case_labels,
     "no_tumour": _zoo_no_tumour,
     "nested": _zoo_nested,
-    "mixed_mpp": _zoo_mixed_mpp,  # last: a shape's seed is its place in this list
+    "mixed_mpp": _zoo_mixed_mpp,
+    "all_tumour": _zoo_all_tumour,  # last: a shape's seed is its place in this list
 }
 
 #: The shapes :func:`write_zoo_dataset` knows.
@@ -1656,6 +1672,8 @@ def write_zoo_dataset(shape, folder, seed=0):
     - ``mixed_mpp``: a two-scanner cohort: 6 tissues (4 tumour, 6 patients), each as a 20x
       scan ``mm_0k_20x.svs`` (0.5 um/px, 2,100-2,500 px) and a 40x scan ``mm_0k_40x.svs``
       (0.25 um/px, twice the pixels a side), with masks.
+    - ``all_tumour``: PAIP 2019's shape in small: 6 annotated ``.svs`` slides of 6 patients,
+      1,500-2,600 px, every one with tumour beside tumour-free tissue (``labels.csv`` all 1).
 
     Args:
         shape: one of :data:`ZOO_SHAPES`.

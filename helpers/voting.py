@@ -17,6 +17,8 @@ classifier, then takes the majority over its classifiers. Here:
 Used by notebook 05.
 """
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -35,16 +37,19 @@ def assign_units(pred, region_size=0):
 
     Args:
         pred: a prediction table (``helpers.classify.PREDICTION_COLUMNS``).
-        region_size: the side of a region in level-0 pixels; 0 = whole slides.
+        region_size: the side of a region in level-0 pixels, or ``{slide id: side}`` (see
+            :func:`region_sides`); 0 = whole slides.
     """
     out = pred.copy()
     if not region_size:
         out["unit"] = out["case_id"]
         return out
-    if region_size < 0:
+    sides = region_size.values() if isinstance(region_size, dict) else [region_size]
+    if min(sides) <= 0:
         raise InputError(f"parameter 'region_size' must be 0 (slides) or a positive size in pixels, got {region_size}")
-    cy = (out["y"] + out["footprint"] // 2) // region_size
-    cx = (out["x"] + out["footprint"] // 2) // region_size
+    side = out["case_id"].map(region_size) if isinstance(region_size, dict) else region_size
+    cy = (out["y"] + out["footprint"] // 2) // side
+    cx = (out["x"] + out["footprint"] // 2) // side
     out["unit"] = out["case_id"] + ":r" + cy.astype(str) + "c" + cx.astype(str)
     return out
 
@@ -295,24 +300,40 @@ def load_predictions(run, models, scales):
     return pred, {"slides": len(key.get("slides", [])), "skipped": skipped, "why": why, "key": key}
 
 
+def region_sides(run, region_size):
+    """``{slide id: level-0 side of its voting regions}``: ``region_size`` on every slide, or,
+    with a ``scale_reference``, ``region_size`` pixels of that resolution (one area in microns
+    on every slide, as a scale is one resolution)."""
+    ref = run.params.scale_reference
+    if not ref or not region_size:
+        return dict.fromkeys(run.cases, region_size)
+    from .dataset import slide_resolutions
+
+    mpps = slide_resolutions(run.cases.values())  # every one known: extraction refused a slide without
+    return {cid: round(region_size * ref / mpps[cid]) for cid in run.cases}
+
+
 def region_labels(run, case_ids, region_size, min_tumour=0.5):
     """True labels of the regions of ``case_ids`` from their masks (slides without one are left
-    out), indexed by unit (see :func:`region_truth`)."""
+    out), indexed by unit (see :func:`region_truth`); regions as :func:`region_sides` sizes them."""
     from .segmentation import mask_fraction_map
     from .slides import Slide
 
+    sides = region_sides(run, region_size)
     cell = 64
     while region_size % cell:
         cell //= 2
+    k = region_size // cell  # map cells a region side: the same on every slide
     out = []
     for cid in case_ids:
-        case = run.cases[cid]
+        case, side = run.cases[cid], sides[cid]
         mp = case.mask_path(run.params.label_mask)
         if mp is None:
             continue
+        cell = side // k if side % k == 0 else math.gcd(side, 64)
         with Slide(case.slide, verify=False) as s:
             frac = mask_fraction_map(mp, s.dimensions, cell)
-        out.append(region_truth(frac, cell, region_size, cid, min_tumour))
+        out.append(region_truth(frac, cell, side, cid, min_tumour))
     if not out:
         return pd.DataFrame(columns=["tumour_fraction", "label"])
     return pd.concat(out).set_index("unit")

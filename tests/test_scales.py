@@ -143,3 +143,21 @@ def test_a_model_is_not_applied_at_another_resolution():
         InputError, match=r"best\.pt was trained on patches at 2 um/px.*1 um/px.*scale_reference to 0\.5"
     ):
         check_trained_resolution(2.0, at40, 4, 0.0, "best.pt")
+
+
+def test_voting_regions_are_one_area_in_microns(twins):
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from helpers.voting import assign_units, region_labels, region_sides
+
+    run = SimpleNamespace(params=ExtractionParams(scale_reference=0.5), cases={c.case_id: c for c in twins})
+    assert region_sides(run, 512) == {"t20": 512, "t40": 1024}
+    level0 = SimpleNamespace(params=ExtractionParams(), cases=run.cases)
+    assert region_sides(level0, 512) == {"t20": 512, "t40": 512}
+    pred = pd.DataFrame({"case_id": ["t20", "t40"], "x": [600, 1200], "y": [0, 0], "footprint": [64, 128]})
+    assert list(assign_units(pred, region_sides(run, 512)).unit) == ["t20:r0c1", "t40:r0c1"]
+    truth = region_labels(run, ["t20", "t40"], 512)
+    a, b = (truth[truth.index.str.startswith(k)] for k in ("t20:", "t40:"))
+    assert len(a) == len(b) > 4 and np.abs(a.tumour_fraction.to_numpy() - b.tumour_fraction.to_numpy()).max() < 0.02

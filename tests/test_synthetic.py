@@ -548,6 +548,27 @@ def test_zoo_nested(zoo):
     assert describe_cases(cases, folder)["folders"] == {"batch_1": 3, "batch_2": 2, "batch_2/rescans": 1}
 
 
+def test_zoo_mixed_mpp_and_all_tumour(zoo):
+    """Two scans of one tissue: the 40x one is the 20x one at twice the pixels, half the mpp;
+    the all-tumour folder has tumour on every slide."""
+    cases = {c.case_id: c for c in list_cases(zoo["mixed_mpp"])}
+    assert len(cases) == 12 and {c.patient for c in cases.values()} == {f"M{i}" for i in range(1, 7)}
+    with Slide(cases["mm_03_20x"].slide) as a, Slide(cases["mm_03_40x"].slide) as b:
+        assert b.dimensions == (2 * a.dimensions[0], 2 * a.dimensions[1])
+        assert (a.mpp[0], b.mpp[0], a.objective_power, b.objective_power) == (0.5, 0.25, 20, 40)
+        ra = a.read_region(0, 0, 256, 256, downsample=8).astype(int)
+        rb = b.read_region(0, 0, 256, 256, downsample=16).astype(int)
+        assert np.abs(ra - rb).mean() < 4  # the same tissue
+    whole20, _ = _masks(zoo["mixed_mpp"], "mm_03_20x")
+    whole40, _ = _masks(zoo["mixed_mpp"], "mm_03_40x")
+    assert np.array_equal(whole40[::2, ::2], whole20)
+    at = list_cases(zoo["all_tumour"])
+    assert len(at) == 6 and {c.label for c in at} == {1}
+    for c in at:
+        whole, _ = _masks(zoo["all_tumour"], c.case_id)
+        assert 0 < whole.mean() < 0.9  # tumour beside tumour-free tissue
+
+
 def test_zoo_case_labels_and_no_tumour(zoo):
     rows = _csv(zoo["case_labels"] / "labels.csv")
     assert rows[0] == ["case_id", "label"] and len(rows) == 6

@@ -16,30 +16,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # the whole series on seven datasets, in subprocesses: minutes
+pytestmark = pytest.mark.slow  # the whole series on eight datasets, in subprocesses: minutes
 REPO = Path(__file__).resolve().parent.parent
 TIMES = {}
-
-
-def _write_all_tumour(folder):
-    """PAIP 2019's shape, in small: six annotated ``.svs`` slides of six patients, every one with
-    tumour beside tumour-free tissue (``labels.csv`` all 1). Not in :mod:`helpers.synthetic`'s zoo:
-    written here from its public :func:`~helpers.synthetic.write_case`."""
-    from helpers.synthetic import CaseSpec, write_case
-
-    rows = [("at_01", 2400, 2000), ("at_02", 1700, 2100), ("at_03", 2600, 2200)]
-    rows += [("at_04", 2000, 1500), ("at_05", 2200, 2500), ("at_06", 1900, 2300)]
-    part = folder.with_name(folder.name + ".part")
-    for i, (sid, w, h) in enumerate(rows):
-        write_case(CaseSpec(sid, w, h, True, 1000 + i, patient_id=f"T{i + 1}", tumor_share=0.4), part)
-    (part / "labels.csv").write_text(
-        "slide_id,label,patient_id\n" + "".join(f"{sid},1,T{i + 1}\n" for i, (sid, _, _) in enumerate(rows))
-    )
-    part.rename(folder)
-
-
-#: Shapes written here rather than by :func:`helpers.synthetic.write_zoo_dataset`.
-WRITERS = {"all_tumour": _write_all_tumour}
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +30,7 @@ def zoo(tmp_path_factory):
 
     def run(shape, *extra, run_name=None):
         data = root / "data" / shape
-        if shape in WRITERS and not data.exists():
-            WRITERS[shape](data)
-        elif not data.exists():
+        if not data.exists():
             write_zoo_dataset(shape, data)
         t0 = time.monotonic()
         p = subprocess.run(
