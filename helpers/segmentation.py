@@ -677,20 +677,20 @@ def train_segmenter(run, plan, out_dir, gpus=1, config=None, **settings):
 
 
 def trained_segmenter(folder):
-    """The UNet++ of ``<folder>/best.pt`` with its settings (``meta``) and the file's SHA-256."""
+    """The UNet++ of ``<folder>/best.pt`` with its settings (``meta``) and the file's SHA-256.
+
+    The network is the variant the checkpoint records (:func:`helpers.train.trained_network`);
+    no setting of this run must agree with it: the patch size, segmentation scale and input size
+    it is applied at are its own (the resolution is checked by
+    :meth:`helpers.notebook.Run.check_model_resolution`).
+    """
     from .provenance import file_sha256
-    from .train import load_checkpoint
+    from .train import checkpoint_meta, trained_network
     from .unetpp import build_segmenter
 
     ck_path = Path(folder) / "best.pt"
-    ck = load_checkpoint(ck_path)
-    meta = (ck.get("identity") or {}).get("meta", {})
-    model = build_segmenter(meta.get("variant", "paper"))
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as exc:
-        raise InputError(f"{ck_path}: its weights do not fit the UNet++ it names ({str(exc)[:160]})") from None
-    return model, meta, ck_path, file_sha256(ck_path)
+    model, ck = trained_network(lambda meta: build_segmenter(meta.get("variant", "paper")), ck_path)
+    return model, checkpoint_meta(ck), ck_path, file_sha256(ck_path)
 
 
 def segment_with(run, plan, out_dir, device=None, out_downsample=8, stride=0, threshold=0.5, batch_size=32):

@@ -12,6 +12,12 @@ The caller supplies the data as functions, so the loop knows nothing of patches 
 (and augments it, on the device, for training), ``evaluate(model, device)`` returns the
 validation metrics.
 
+Using a trained model: :func:`trained_network` reads a ``best.pt``, refuses one trained with
+settings that must agree and do not (the caller names them), and loads its weights into the
+network built from the settings it records; :func:`read_trained` only reads and checks. Every
+helper that applies a trained model loads it so (one error for a missing or unreadable file,
+other settings, or weights that do not fit).
+
 Exact resume: every random state lives in ``last.pt`` (torch, CUDA, numpy and Python, and the
 augmentation generators of a ``prepare`` that has ``state_dict()``, such as
 :class:`SeededPrepare`), and epoch ``e``'s batches depend only on ``e``, so a run killed at any
@@ -134,7 +140,8 @@ def save_checkpoint(path, payload):
 
 
 def load_checkpoint(path):
-    """Load a checkpoint written by :func:`fit` (on the CPU)."""
+    """Read a checkpoint written by :func:`fit` (on the CPU), as it is: the low-level reader of
+    resuming and of :func:`read_trained`. To use a trained model, see :func:`trained_network`."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
@@ -152,35 +159,96 @@ def _load_weights(model, ck, path, what, fix):
         raise InputError(f"{path}: its weights do not fit {what} ({str(exc)[:200]}); {fix}") from None
 
 
-def load_trained(model, checkpoint, meta):
-    """Load ``checkpoint`` (a ``best.pt``/``last.pt`` of :func:`helpers.train.fit`) into ``model``.
+def checkpoint_meta(ck):
+    """The ``meta`` a checkpoint of :func:`fit` records: the settings it was trained with."""
+    return (ck.get("identity") or {}).get("meta", {})
+
+
+#: What the error of a checkpoint trained with other settings says to do, unless told otherwise.
+OTHER_SETTINGS_FIX = "use the matching parameters or another run_name"
+
+
+def read_trained(checkpoint, meta=None, keys=None, fix=OTHER_SETTINGS_FIX):
+    """Read a trained model's checkpoint (``best.pt``/``last.pt`` of :func:`fit`) and check the
+    settings it was trained with, without loading its weights into a network (e.g. to plan).
+
+    Args:
+        checkpoint: the file.
+        meta: settings the checkpoint must have been trained with; ``None``: nothing to check.
+        keys: the keys of ``meta`` that must agree, for a model applied elsewhere (a key the
+            checkpoint does not record, as in an older one, is not compared); default: every
+            key of either, i.e. the same ``meta`` (another architecture, input size or mask
+            would give wrong results silently).
+        fix: what to do about other settings, said in the error.
+
+    Returns:
+        The checkpoint dict (``model`` weights, ``epoch``, ``history``, ``identity`` ...).
+
+    Raises:
+        InputError: naming the file and the fix: the file is missing, cannot be read as a
+            checkpoint, or was trained with other settings.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise InputError(f"{checkpoint}: no checkpoint; train first (the notebook's training section)")
+    ck = load_checkpoint(checkpoint)
+    if not isinstance(ck, dict) or "model" not in ck:
+        raise InputError(
+            f"{checkpoint}: cannot be read as a checkpoint (it holds no model weights: not a file of "
+            "helpers.train.fit); delete it and train again, or name another checkpoint"
+        )
+    if meta is None:
+        return ck
+    theirs = checkpoint_meta(ck)
+    names = set(theirs) | set(meta) if keys is None else [k for k in keys if k in theirs]
+    diff = sorted(k for k in names if theirs.get(k) != meta.get(k))
+    if diff:
+        raise InputError(
+            f"{checkpoint} was trained with other settings: "
+            + ", ".join(f"{k} {theirs.get(k)!r} (here {meta.get(k)!r})" for k in diff[:5])
+            + f"; {fix}"
+        )
+    return ck
+
+
+def trained_network(build, checkpoint, meta=None, keys=None, fix=OTHER_SETTINGS_FIX):
+    """A trained model, the one way every helper loads one: its checkpoint read and checked
+    (:func:`read_trained`), the network built by ``build`` from the settings the checkpoint
+    records, the weights loaded into it.
+
+    Args:
+        build: ``build(meta)`` -> the untrained network of the architecture that the
+            checkpoint's own ``meta`` names (e.g. ``lambda m: build_classifier(m["arch"])``).
+        checkpoint, meta, keys, fix: as for :func:`read_trained`.
+
+    Returns:
+        ``(network, checkpoint dict)``.
+
+    Raises:
+        InputError: as for :func:`read_trained`, or weights that do not fit the network built.
+    """
+    ck = read_trained(checkpoint, meta, keys, fix)
+    network = build(checkpoint_meta(ck))
+    fits = "the file holds another network than its settings name: train it again"
+    _load_weights(network, ck, checkpoint, "the network built for them", fits)
+    return network, ck
+
+
+def load_trained(model, checkpoint, meta, keys=None, fix=OTHER_SETTINGS_FIX):
+    """Load ``checkpoint`` (a ``best.pt``/``last.pt`` of :func:`helpers.train.fit`) into ``model``:
+    :func:`trained_network` for a network already built.
 
     Args:
         model: the network, built with the same settings as the one trained.
         checkpoint: the file.
         meta: the ``meta`` dict this notebook trains with; the checkpoint must hold the same
             (another architecture, input size or mask would give wrong masks silently).
+        keys, fix: as for :func:`read_trained`.
 
     Returns:
         The checkpoint dict (epoch, history, versions ...), weights loaded into ``model``.
     """
-    checkpoint = Path(checkpoint)
-    if not checkpoint.exists():
-        raise InputError(f"{checkpoint}: no checkpoint; train first (the notebook's training section)")
-    ck = load_checkpoint(checkpoint)
-    theirs = (ck.get("identity") or {}).get("meta", {})
-    diff = sorted(k for k in set(theirs) | set(meta) if theirs.get(k) != meta.get(k))
-    if diff:
-        raise InputError(
-            f"{checkpoint} was trained with other settings: "
-            + ", ".join(f"{k} {theirs.get(k)!r} (here {meta.get(k)!r})" for k in diff[:5])
-            + "; use the matching parameters or another run_name"
-        )
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as exc:
-        raise InputError(f"{checkpoint}: its weights do not fit this network ({str(exc)[:160]})") from None
-    return ck
+    return trained_network(lambda _: model, checkpoint, meta, keys, fix)[1]
 
 
 def default_prepare(x, y, device, train):
