@@ -19,6 +19,45 @@ def _gaussian_kernels(sigmas, radius):
     return k / k.sum(dim=1, keepdim=True)
 
 
+def _uniform(n, lo, hi, generator, device):
+    """``n`` draws, uniform in ``[lo, hi)``."""
+    return lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
+
+
+def _random_grid(x, generator, rotation, flip, scale, shift):
+    """The sampling grid of one random affine warp per image of ``x`` (rotation, flips, zoom,
+    shift; see :func:`augment_batch`), for ``grid_sample``."""
+    n, dev, g = x.shape[0], x.device, generator
+    ang = _uniform(n, -rotation, rotation, g, dev) * (math.pi / 180)
+    s = _uniform(n, *scale, g, dev)
+    fx = torch.where(torch.rand(n, generator=g, device=dev) < flip, -1.0, 1.0)
+    fy = torch.where(torch.rand(n, generator=g, device=dev) < flip, -1.0, 1.0)
+    tx, ty = _uniform(n, -shift, shift, g, dev) * 2, _uniform(n, -shift, shift, g, dev) * 2
+    cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
+    theta = torch.stack([torch.stack([cos * fx, -sin * fy, tx], 1), torch.stack([sin * fx, cos * fy, ty], 1)], 1)
+    return F.affine_grid(theta, list(x.shape), align_corners=False)
+
+
+def _random_blur(out, generator, blur_p, blur_sigma):
+    """Blur each image of ``out`` with probability ``blur_p``, with a sigma drawn in
+    ``blur_sigma``: a separable Gaussian, as a grouped convolution over (image, channel) pairs."""
+    n, dev = out.shape[0], out.device
+    do_blur = torch.rand(n, generator=generator, device=dev) < blur_p
+    if not (blur_p > 0 and bool(do_blur.any())):
+        return out
+    sig = _uniform(n, *blur_sigma, generator, dev)
+    radius = int(math.ceil(3 * blur_sigma[1]))
+    k = _gaussian_kernels(sig, radius)  # (n, 2r+1)
+    c = out.shape[1]
+    kk = k.repeat_interleave(c, 0)  # (n*c, 2r+1)
+    y = out.reshape(1, n * c, *out.shape[2:])
+    y = F.pad(y, (radius, radius, radius, radius), mode="reflect")
+    y = F.conv2d(y, kk[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, kk[:, None, :, None], groups=n * c)
+    y = y.reshape(out.shape)
+    return torch.where(do_blur[:, None, None, None], y, out)
+
+
 def augment_batch(
     x,
     generator=None,
@@ -61,38 +100,13 @@ def augment_batch(
     check_fraction("blur_p", blur_p)
     if x.dtype == torch.uint8:
         x = x.float() / 255.0
-    n, dev = x.shape[0], x.device
-    g = generator
-
-    def u(lo, hi):
-        return lo + (hi - lo) * torch.rand(n, generator=g, device=dev)
-
-    ang = u(-rotation, rotation) * (math.pi / 180)
-    s = u(*scale)
-    fx = torch.where(torch.rand(n, generator=g, device=dev) < flip, -1.0, 1.0)
-    fy = torch.where(torch.rand(n, generator=g, device=dev) < flip, -1.0, 1.0)
-    tx, ty = u(-shift, shift) * 2, u(-shift, shift) * 2
-    cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
-    theta = torch.stack([torch.stack([cos * fx, -sin * fy, tx], 1), torch.stack([sin * fx, cos * fy, ty], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = _random_grid(x, generator, rotation, flip, scale, shift)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    # Blur: per-image sigma, as a grouped convolution over (image, channel) pairs.
-    do_blur = torch.rand(n, generator=g, device=dev) < blur_p
-    if blur_p > 0 and bool(do_blur.any()):
-        sig = u(*blur_sigma)
-        radius = int(math.ceil(3 * blur_sigma[1]))
-        k = _gaussian_kernels(sig, radius)  # (n, 2r+1)
-        c = out.shape[1]
-        kk = k.repeat_interleave(c, 0)  # (n*c, 2r+1)
-        y = out.reshape(1, n * c, *out.shape[2:])
-        y = F.pad(y, (radius, radius, radius, radius), mode="reflect")
-        y = F.conv2d(y, kk[:, None, None, :], groups=n * c)
-        y = F.conv2d(y, kk[:, None, :, None], groups=n * c)
-        y = y.reshape(out.shape)
-        out = torch.where(do_blur[:, None, None, None], y, out)
+    out = _random_blur(out, generator, blur_p, blur_sigma)
+    n, dev = x.shape[0], x.device
     if color:
         check_fraction("color", color)
-        shift_rgb = (torch.rand(n, out.shape[1], generator=g, device=dev) * 2 - 1) * color
+        shift_rgb = (torch.rand(n, out.shape[1], generator=generator, device=dev) * 2 - 1) * color
         out = out + shift_rgb[:, :, None, None]
     out = out.clamp_(0, 1)
     if masks is None:

@@ -448,6 +448,13 @@ class ClassificationPlan:
         return out
 
 
+#: What to do about a classifier trained on patches of another size than this run's.
+PATCH_SIZE_FIX = (
+    "it was trained on patches of another size than this run cuts: rerun notebook 02 with the "
+    "patch_size it was trained on, or apply another run's models"
+)
+
+
 def classification_plan(run, models_from, models, scales, strides):
     """Decide what notebook 04 does, or stop with one message saying why it cannot.
 
@@ -458,7 +465,7 @@ def classification_plan(run, models_from, models, scales, strides):
     from dataclasses import replace
 
     from .paths import runs_root
-    from .train import load_checkpoint
+    from .train import checkpoint_meta, read_trained
 
     params = {
         sc: replace(run.params, stride=st, mask_scale=run.params.mask_scale if st == run.params.stride else 0)
@@ -481,15 +488,10 @@ def classification_plan(run, models_from, models, scales, strides):
                 f"{scales}x (no {src}/<model>_x<scale>/best.pt); run its notebook 04 first"
             )
         for folder in sources.values():
-            meta = (load_checkpoint(folder / "best.pt").get("identity") or {}).get("meta", {})
+            ck = read_trained(folder / "best.pt", {"patch_size": P}, keys=("patch_size",), fix=PATCH_SIZE_FIX)
+            meta = checkpoint_meta(ck)
             sc = int(meta.get("scale", 0))
             run.check_model_resolution(meta, folder / "best.pt")
-            if meta.get("patch_size", run.params.patch_size) != run.params.patch_size:
-                raise InputError(
-                    f"{folder / 'best.pt'} was trained on {meta.get('patch_size')} px patches but this run "
-                    f"cuts {run.params.patch_size} px ones; rerun notebook 02 with patch_size "
-                    f"{meta.get('patch_size')}"
-                )
             if sc in params and meta.get("stride"):
                 params[sc] = replace(params[sc], stride=int(meta["stride"]), mask_scale=0)
         return ClassificationPlan(
@@ -616,17 +618,22 @@ def train_classifiers(run, plan, out_dir, recipes, settings, seed=0, device="aut
 
 
 def _load_classifier(plan, key, input_size):
-    """The classifier ``key`` of ``plan`` from its ``best.pt``, and the input size it was trained
-    at (``input_size``, an int or ``{arch: int}``, only for checkpoints that do not record it)."""
+    """The classifier ``key`` (``<model>_x<scale>``) of ``plan`` from its ``best.pt``, and the input
+    size it was trained at (``input_size``, an int or ``{arch: int}``, only for checkpoints that
+    do not record it). The checkpoint must be of that model and scale."""
     from .models import build_classifier
-    from .train import load_checkpoint
+    from .train import checkpoint_meta, trained_network
 
-    ck = load_checkpoint(plan.sources[key] / "best.pt")
-    meta = (ck.get("identity") or {}).get("meta", {})
-    arch = meta.get("arch", key.rsplit("_x", 1)[0])
-    model = build_classifier(arch)
-    model.load_state_dict(ck["model"])
-    fallback = input_size.get(arch, 224) if isinstance(input_size, dict) else input_size
+    arch, scale = key.rsplit("_x", 1)
+    model, ck = trained_network(
+        lambda meta: build_classifier(meta.get("arch", arch)),
+        plan.sources[key] / "best.pt",
+        {"arch": arch, "scale": int(scale)},
+        keys=("arch", "scale"),
+        fix=f"the folder {key} holds another classifier: train it again",
+    )
+    meta = checkpoint_meta(ck)
+    fallback = input_size.get(meta.get("arch", arch), 224) if isinstance(input_size, dict) else input_size
     return model, int(meta.get("input_size", fallback))
 
 

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -91,6 +92,166 @@ def _strips(slide_path, downsample, ys, xs, P, tissue, level, workers=1, band=4)
             slide.close()
 
 
+def _check_canvas(out_downsample, stride, patch_size, scale):
+    """Raise :class:`InputError` unless a patch's footprint and the stride's are whole numbers of
+    canvas cells (``out_downsample`` a multiple of ``scale`` dividing both)."""
+    check_positive("out_downsample", out_downsample, integer=True)
+    check_positive("stride", stride, integer=True)
+    check_positive("scale", scale, integer=True)
+    d = out_downsample
+    if d % scale or (patch_size * scale) % d or (stride * scale) % d:
+        ok = [
+            v
+            for v in range(scale, patch_size * scale + 1, scale)
+            if (patch_size * scale) % v == 0 and (stride * scale) % v == 0
+        ]
+        raise InputError(
+            f"parameter 'out_downsample' ({d}) must be a multiple of the scale ({scale}) that divides "
+            f"the patch footprint ({patch_size * scale} px) and the stride's ({stride * scale} px); "
+            f"e.g. one of {ok[:8]}"
+        )
+
+
+@dataclass
+class _SlideGrid:
+    """The patch grid of one slide at the segmentation scale, and the canvas it is stitched on.
+
+    Attributes:
+        path: the slide file.
+        name: the slide's name (for the progress bar).
+        tissue: the :class:`helpers.caches.ExtractionParams` of the glass test.
+        level: the slide's own tissue threshold (``tissue_method`` ``slide``), else ``None``.
+        downsample: level-0 pixels per pixel at the scale.
+        patch: the patch side at the scale.
+        cell: pixels at the scale per canvas cell.
+        height, width: the slide's size at the scale.
+        ys, xs: the patches' starts along each side, at the scale.
+    """
+
+    path: object
+    name: str
+    tissue: ExtractionParams
+    level: object
+    downsample: float
+    patch: int
+    cell: int
+    height: int
+    width: int
+    ys: np.ndarray
+    xs: np.ndarray
+
+    @classmethod
+    def of(cls, slide_path, tissue, patch, stride, cell, downsample):
+        """The grid of ``slide_path`` read at ``downsample`` (see :func:`predict_slide`)."""
+        with Slide(slide_path) as slide:
+            W, H = slide.dimensions
+            name = slide.name
+            level = slide_tissue_threshold(slide) if tissue.tissue_method == "slide" else None
+        hs, ws = int(H // downsample), int(W // downsample)  # the slide's size at the scale
+        ys = grid_positions(hs, patch, stride, cell)
+        xs = grid_positions(ws, patch, stride, cell)
+        return cls(slide_path, name, tissue, level, downsample, patch, cell, hs, ws, ys, xs)
+
+    def strips(self, workers):
+        """``(y, xs_kept, patches_kept)`` for each grid row, read ahead by ``workers`` threads."""
+        return _strips(self.path, self.downsample, self.ys, self.xs, self.patch, self.tissue, self.level, workers)
+
+
+class _Stitcher:
+    """Runs the model on batches of tissue patches and adds their probabilities, box-averaged to
+    canvas cells, into a canvas; overlapping patches are averaged at the end.
+
+    A batch is landed in the canvas only once the next one is launched: on a GPU the model works
+    on one batch while the host reads and stacks the next.
+
+    Args:
+        model: the network (put in eval mode; channels-last on a CPU until :meth:`finish`).
+        predict_fn: as for :func:`predict_slide`.
+        device: a ``torch.device`` (default: the model's).
+        input_size: the network's input side, when it differs from the patch side.
+        grid: the slide's :class:`_SlideGrid`.
+        batch_size: patches per forward pass.
+    """
+
+    def __init__(self, model, predict_fn, device, input_size, grid, batch_size):
+        self.model, self.predict_fn, self.input_size, self.grid = model, predict_fn, input_size, grid
+        self.device = device or next(model.parameters()).device
+        self.batch_size = batch_size
+        model.eval()
+        # On a CPU, oneDNN's channels-last kernels ran this UNet++ 1.3x faster (506 against 381
+        # patches/s at 32 px on a 2-core EPYC); the model is put back as it was at the end.
+        self.fmt = torch.channels_last if self.device.type == "cpu" else None
+        if self.fmt is not None:
+            model.to(memory_format=self.fmt)
+        P, f = grid.patch, grid.cell
+        self.acc = np.zeros((max(grid.height // f, 1) + P // f + 1, max(grid.width // f, 1) + P // f + 1), np.float32)
+        self.cov = np.zeros_like(self.acc, dtype=np.uint16)
+        self.n = 0  # patches added
+        self.pending, self.in_flight = [], []
+
+    def put(self, xs, y, patches):
+        """Queue a grid row's tissue patches (``xs``: their starts, ``y``: the row's), running
+        the model on every full batch."""
+        b = self.batch_size
+        for s0 in range(0, len(xs), b):
+            self.pending.append((xs[s0 : s0 + b], np.full(len(xs[s0 : s0 + b]), y), patches[s0 : s0 + b]))
+            if sum(len(p[0]) for p in self.pending) >= b:
+                self._launch()
+                self._land(keep=1)
+
+    def finish(self):
+        """Run the model on what is still queued, land everything, put the model back."""
+        self._launch()
+        self._land()
+        if self.fmt is not None:
+            self.model.to(memory_format=torch.contiguous_format)
+
+    def _launch(self):
+        # Stack the waiting patches and start the model on them. On a GPU this returns before the
+        # model has finished, so the host goes on reading and stacking the next batch meanwhile.
+        if not self.pending:
+            return
+        pending, P, f = self.pending, self.grid.patch, self.grid.cell
+        xs_ = np.concatenate([p[0] for p in pending])
+        ys_ = np.concatenate([p[1] for p in pending])
+        x = torch.from_numpy(np.concatenate([p[2] for p in pending])).permute(0, 3, 1, 2)
+        pending.clear()
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        with torch.no_grad():
+            xin = x.to(self.device, non_blocking=True).float().div_(255)
+            if self.input_size and self.input_size != P:
+                xin = F.interpolate(xin, size=self.input_size, mode="area")
+            if self.fmt is not None:
+                xin = xin.contiguous(memory_format=self.fmt)
+            prob = self.predict_fn(self.model(xin)).float()
+            if prob.shape[-1] != P:
+                prob = F.interpolate(prob, size=P, mode="bilinear", align_corners=False)
+            small = F.avg_pool2d(prob, f) if f > 1 else prob
+        self.in_flight.append((xs_, ys_, small[:, 0]))
+
+    def _land(self, keep=0):
+        # Add finished batches into the canvas, leaving the newest ``keep`` still running.
+        f, e = self.grid.cell, self.grid.patch // self.grid.cell
+        while len(self.in_flight) > keep:
+            xs_, ys_, small = self.in_flight.pop(0)
+            small = small.cpu().numpy()
+            for i in range(len(xs_)):
+                cy, cx = ys_[i] // f, xs_[i] // f
+                self.acc[cy : cy + e, cx : cx + e] += small[i]
+                self.cov[cy : cy + e, cx : cx + e] += 1
+            self.n += len(xs_)
+
+    def result(self, t0):
+        """:func:`predict_slide`'s dict, ``seconds`` counted from ``t0``."""
+        f, cov = self.grid.cell, self.cov
+        h, w = self.grid.height // f, self.grid.width // f
+        prob = np.where(cov > 0, self.acc / np.maximum(cov, 1), 0).astype(np.float32)[:h, :w]
+        cell = f * self.grid.downsample  # the canvas's level-0 pixels per cell (d when scales are level-0 downsamples)
+        seconds = time.perf_counter() - t0
+        return {"prob": prob, "coverage": cov[:h, :w], "n_patches": self.n, "seconds": seconds, "downsample": cell}
+
+
 def predict_slide(
     model,
     slide_path,
@@ -109,10 +270,8 @@ def predict_slide(
 ):
     """Predict a slide's mask probabilities and stitch them at ``out_downsample``.
 
-    The grid covers every pixel: where the regular grid stops short of the slide's right or
-    bottom edge, one more column or row of patches is shifted inward to end there (margins are
-    where the slide's tumour is often cut), and a slide smaller than one patch is read as one
-    patch padded with glass.
+    The grid covers every pixel (see :func:`grid_positions`; margins are where the slide's
+    tumour is often cut).
 
     Args:
         model: a segmentation network (eval mode is set here).
@@ -143,105 +302,23 @@ def predict_slide(
         (patches covering each canvas cell), ``n_patches``, ``seconds``, ``downsample`` (the
         canvas's, in level-0 pixels per cell).
     """
-    check_positive("out_downsample", out_downsample, integer=True)
-    check_positive("stride", stride, integer=True)
-    check_positive("scale", scale, integer=True)
-    d = out_downsample
-    if d % scale or (patch_size * scale) % d or (stride * scale) % d:
-        ok = [
-            v
-            for v in range(scale, patch_size * scale + 1, scale)
-            if (patch_size * scale) % v == 0 and (stride * scale) % v == 0
-        ]
-        raise InputError(
-            f"parameter 'out_downsample' ({d}) must be a multiple of the scale ({scale}) that divides "
-            f"the patch footprint ({patch_size * scale} px) and the stride's ({stride * scale} px); "
-            f"e.g. one of {ok[:8]}"
-        )
+    _check_canvas(out_downsample, stride, patch_size, scale)
     tissue = (tissue or ExtractionParams()).validate()
-    device = device or next(model.parameters()).device
-    model.eval()
     t0 = time.perf_counter()
     read_workers = default_read_workers() if read_workers is None else read_workers
     check_positive("read_workers", read_workers, integer=True)
-    cuda = device.type == "cuda"
-    # On a CPU, oneDNN's channels-last kernels ran this UNet++ 1.3x faster (506 against 381
-    # patches/s at 32 px on a 2-core EPYC); the model is put back as it was at the end.
-    fmt = torch.channels_last if device.type == "cpu" else None
-    if fmt is not None:
-        model.to(memory_format=fmt)
-    with Slide(slide_path) as slide:
-        W, H = slide.dimensions
-        name = slide.name
-        level = slide_tissue_threshold(slide) if tissue.tissue_method == "slide" else None
-    ds = scale if downsample is None else downsample
-    P, f = patch_size, d // scale  # f: scaled pixels per canvas cell
-    hs, ws = int(H // ds), int(W // ds)  # the slide's size at the scale
-    ys = grid_positions(hs, P, stride, f)
-    xs = grid_positions(ws, P, stride, f)
-    acc = np.zeros((max(hs // f, 1) + P // f + 1, max(ws // f, 1) + P // f + 1), np.float32)
-    cov = np.zeros_like(acc, dtype=np.uint16)
-    e = P // f
-    n = 0
-    bar = progress_bar(len(ys), f"segmenting {name}", "row", progress)
-    pending, in_flight = [], []
-
-    def launch():
-        # Stack the waiting patches and start the model on them. On a GPU this returns before the
-        # model has finished, so the host goes on reading and stacking the next batch meanwhile.
-        if not pending:
-            return
-        xs_ = np.concatenate([p[0] for p in pending])
-        ys_ = np.concatenate([p[1] for p in pending])
-        x = torch.from_numpy(np.concatenate([p[2] for p in pending])).permute(0, 3, 1, 2)
-        pending.clear()
-        if cuda:
-            x = x.pin_memory()
-        with torch.no_grad():
-            xin = x.to(device, non_blocking=True).float().div_(255)
-            if input_size and input_size != P:
-                xin = F.interpolate(xin, size=input_size, mode="area")
-            if fmt is not None:
-                xin = xin.contiguous(memory_format=fmt)
-            prob = predict_fn(model(xin)).float()
-            if prob.shape[-1] != P:
-                prob = F.interpolate(prob, size=P, mode="bilinear", align_corners=False)
-            small = F.avg_pool2d(prob, f) if f > 1 else prob
-        in_flight.append((xs_, ys_, small[:, 0]))
-
-    def land(keep=0):
-        # Add finished batches into the canvas, leaving the newest ``keep`` still running.
-        nonlocal n
-        while len(in_flight) > keep:
-            xs_, ys_, small = in_flight.pop(0)
-            small = small.cpu().numpy()
-            for i in range(len(xs_)):
-                cy, cx = ys_[i] // f, xs_[i] // f
-                acc[cy : cy + e, cx : cx + e] += small[i]
-                cov[cy : cy + e, cx : cx + e] += 1
-            n += len(xs_)
-
-    for y, xk, pats in _strips(slide_path, ds, ys, xs, P, tissue, level, workers=read_workers):
-        for s0 in range(0, len(xk), batch_size):
-            pending.append(
-                (xk[s0 : s0 + batch_size], np.full(len(xk[s0 : s0 + batch_size]), y), pats[s0 : s0 + batch_size])
-            )
-            if sum(len(p[0]) for p in pending) >= batch_size:
-                launch()
-                land(keep=1)
+    f = out_downsample // scale  # scaled pixels per canvas cell
+    grid = _SlideGrid.of(slide_path, tissue, patch_size, stride, f, scale if downsample is None else downsample)
+    stitch = _Stitcher(model, predict_fn, device, input_size, grid, batch_size)
+    bar = progress_bar(len(grid.ys), f"segmenting {grid.name}", "row", progress)
+    for y, xk, pats in grid.strips(read_workers):
+        stitch.put(xk, y, pats)
         bar.update()
-    launch()
-    land()
+    stitch.finish()
     bar.close()
-    if fmt is not None:
-        model.to(memory_format=torch.contiguous_format)
-    if n == 0:
+    if stitch.n == 0:
         warnings.warn(f"{slide_path}: no tissue patch found; the predicted mask is empty", stacklevel=2)
-    h, w = hs // f, ws // f
-    prob = np.where(cov > 0, acc / np.maximum(cov, 1), 0).astype(np.float32)[:h, :w]
-    cell = f * ds  # the canvas's level-0 pixels per cell (d when scales are level-0 downsamples)
-    seconds = time.perf_counter() - t0
-    return {"prob": prob, "coverage": cov[:h, :w], "n_patches": n, "seconds": seconds, "downsample": cell}
+    return stitch.result(t0)
 
 
 def save_mask_tiff(path, mask, downsample):

@@ -193,22 +193,12 @@ def _cases(job):
     return out["train_cases"], out["val_cases"]
 
 
-def build_job(spec):
-    """The arguments of :func:`helpers.train.fit` for a job, built as notebook 03 or 04 builds them.
-
-    Args:
-        spec: a job, a spec dict or a JSON file (see :func:`as_job`).
-
-    Returns:
-        A dict: ``model``, ``train_batches``, ``evaluate``, ``loss_fn``, ``config``,
-        ``out_dir``, ``meta``, ``prepare``, ``bn_batches``, ``progress``, ``batch_size``.
-    """
-    import torch
-
+def _job_settings(job):
+    """``(config, params)``: the job's :class:`helpers.train.TrainConfig` and
+    :class:`helpers.caches.ExtractionParams`, validated (an unknown field is named)."""
     from .caches import ExtractionParams
     from .train import TrainConfig
 
-    job = as_job(spec)
     try:
         config = TrainConfig(**job.config).validate()
     except TypeError as exc:
@@ -219,52 +209,46 @@ def build_job(spec):
         params = ExtractionParams(**job.params).validate()
     except TypeError as exc:
         raise InputError(f"job spec field 'params': {exc} (the fields are those of ExtractionParams)") from None
-    train_cases, val_cases = _cases(job)
-    seed = config.seed
-    weights = job.weights_path or None
-    common = {
-        "config": config,
-        "out_dir": job.out_dir,
-        "meta": dict(job.meta),
-        "progress": job.progress,
-        "batch_size": job.batch_size,
+    return config, params
+
+
+def _classifier_args(job, params, train_cases, val_cases, seed):
+    """:func:`build_job`'s model, batches, evaluator, loss, BatchNorm batches and ``prepare``
+    for a classifier job, as notebook 04 builds them."""
+    import torch
+
+    from .classify import class_batches, class_prepare, load_class_patches, make_class_evaluator, require_both_classes
+    from .models import build_classifier
+
+    tr = load_class_patches(train_cases, job.cache_root, params, job.scale, "training")
+    va = load_class_patches(val_cases, job.cache_root, params, job.scale, "validation")
+    require_both_classes(tr, "training")
+    batches = class_batches(tr, job.batch_size, balance=job.balance, seed=seed, max_batches=job.steps or None)
+    evaluate = make_class_evaluator(va, job.input_size, max_patches=job.val_max_patches, seed=seed)
+    torch.manual_seed(seed)
+    model = build_classifier(
+        job.arch, pretrained=job.pretrained, weights_path=job.weights_path or None, frozen_stages=job.frozen_stages
+    )
+    bn = None
+    if job.bn_batches:
+
+        def bn(epoch):
+            return class_batches(tr, job.batch_size, balance=False, seed=seed + 1, max_batches=job.bn_batches)(epoch)
+
+    return {
+        "model": model,
+        "train_batches": batches,
+        "evaluate": evaluate,
+        "loss_fn": torch.nn.functional.cross_entropy,
+        "bn_batches": bn,
+        "prepare": class_prepare(job.input_size, augment=job.augment, color=job.color_jitter, seed=seed),
     }
-    if job.kind == "classifier":
-        from .classify import (
-            class_batches,
-            class_prepare,
-            load_class_patches,
-            make_class_evaluator,
-            require_both_classes,
-        )
-        from .models import build_classifier
 
-        tr = load_class_patches(train_cases, job.cache_root, params, job.scale, "training")
-        va = load_class_patches(val_cases, job.cache_root, params, job.scale, "validation")
-        require_both_classes(tr, "training")
-        batches = class_batches(tr, job.batch_size, balance=job.balance, seed=seed, max_batches=job.steps or None)
-        evaluate = make_class_evaluator(va, job.input_size, max_patches=job.val_max_patches, seed=seed)
-        torch.manual_seed(seed)
-        model = build_classifier(
-            job.arch, pretrained=job.pretrained, weights_path=weights, frozen_stages=job.frozen_stages
-        )
-        bn = None
-        if job.bn_batches:
 
-            def bn(epoch):
-                return class_batches(tr, job.batch_size, balance=False, seed=seed + 1, max_batches=job.bn_batches)(
-                    epoch
-                )
-
-        return {
-            "model": model,
-            "train_batches": batches,
-            "evaluate": evaluate,
-            "loss_fn": torch.nn.functional.cross_entropy,
-            "bn_batches": bn,
-            "prepare": class_prepare(job.input_size, augment=job.augment, color=job.color_jitter, seed=seed),
-            **common,
-        }
+def _segmentation_args(job, params, train_cases, val_cases, seed):
+    """:func:`build_job`'s model, batches, evaluator, loss, BatchNorm batches and ``prepare``
+    for a segmentation job, as notebook 03 builds them."""
+    import torch
 
     from .segmentation import load_segmentation_patches, make_evaluator, segmentation_batches, segmentation_prepare
     from .unetpp import build_segmenter, deep_supervision_dice_loss
@@ -278,7 +262,7 @@ def build_job(spec):
         val, job.input_size, max_patches=job.val_max_patches, per_image=job.dice_per_image, seed=seed
     )
     torch.manual_seed(seed)
-    model = build_segmenter(job.variant, pretrained=job.pretrained, weights_path=weights)
+    model = build_segmenter(job.variant, pretrained=job.pretrained, weights_path=job.weights_path or None)
     bn = (
         segmentation_batches(train, job.batch_size, job.bn_batches, tumour_share=0.0, seed=seed + 1)
         if job.bn_batches
@@ -296,7 +280,30 @@ def build_job(spec):
         "loss_fn": loss_fn,
         "bn_batches": bn,
         "prepare": segmentation_prepare(job.input_size, augment=job.augment, color=job.color_jitter, seed=seed),
-        **common,
+    }
+
+
+def build_job(spec):
+    """The arguments of :func:`helpers.train.fit` for a job, built as notebook 03 or 04 builds them.
+
+    Args:
+        spec: a job, a spec dict or a JSON file (see :func:`as_job`).
+
+    Returns:
+        A dict: ``model``, ``train_batches``, ``evaluate``, ``loss_fn``, ``bn_batches``,
+        ``prepare``, ``config``, ``out_dir``, ``meta``, ``progress``, ``batch_size``.
+    """
+    job = as_job(spec)
+    config, params = _job_settings(job)
+    train_cases, val_cases = _cases(job)
+    build = _classifier_args if job.kind == "classifier" else _segmentation_args
+    return {
+        **build(job, params, train_cases, val_cases, config.seed),
+        "config": config,
+        "out_dir": job.out_dir,
+        "meta": dict(job.meta),
+        "progress": job.progress,
+        "batch_size": job.batch_size,
     }
 
 

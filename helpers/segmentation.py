@@ -332,6 +332,119 @@ def slide_metrics(pred, truth, coverage, patch_cells, empty=1.0, paip_threshold=
     }
 
 
+@dataclass
+class _Segmenting:
+    """What :func:`segment_cases` segments with (its arguments), and each slide's steps: the
+    prediction's provenance key, reusing or making and saving the prediction, scoring it."""
+
+    model: object
+    out: Path
+    input_size: int
+    params: object
+    weights: str
+    out_downsample: int
+    stride: int
+    threshold: float
+    batch_size: int
+    device: object
+    progress: bool
+    log: object
+
+    def key(self, case, downsample):
+        """What ``case``'s prediction depends on: the slide's content, the weights and every
+        inference setting (the canvas's ``downsample`` too under ``scale_reference``)."""
+        from .provenance import file_fingerprint
+
+        p = self.params
+        key = {
+            "slide": file_fingerprint(case.slide),
+            "weights": self.weights,
+            "input_size": self.input_size,
+            "out_downsample": self.out_downsample,
+            "stride": self.stride,
+            "scale": p.mask_scale,
+            "patch_size": p.patch_size,
+            "tissue": {
+                k: getattr(p, k) for k in ("tissue_method", "glass_level", "tissue_threshold", "tissue_subsample")
+            },
+        }
+        if p.scale_reference:
+            key["downsample"] = downsample
+        return key
+
+    def saved(self, case, key):
+        """``(prob, coverage, info)`` of ``case``'s prediction saved with ``key``; ``None`` when
+        there is none (or one with another key)."""
+        from .provenance import read_stamp
+
+        prob_path = self.out / f"{case.case_id}_prob.npy"
+        info = read_stamp(prob_path)
+        if info is None or info.get("key") != key or not prob_path.exists():
+            return None
+        prob, cov = np.load(prob_path), np.load(self.out / f"{case.case_id}_cov.npy")
+        self.log(f"{case.case_id}: reusing its prediction (same slide, weights and settings)")
+        return prob, cov, info
+
+    def predict(self, case, key, downsample, cell):
+        """Predict ``case``'s slide and save, atomically, its probabilities, coverage,
+        thresholded mask and ``key``; the prediction's warnings go to ``log``.
+
+        Returns:
+            ``(prob, coverage, info)``.
+        """
+        import warnings
+
+        from .atomic import atomic_path
+        from .inference import predict_slide, save_mask_tiff
+        from .provenance import write_stamp
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = predict_slide(
+                self.model,
+                case.slide,
+                probabilities,
+                out_downsample=self.out_downsample,
+                stride=self.stride,
+                patch_size=self.params.patch_size,
+                batch_size=self.batch_size,
+                device=self.device,
+                tissue=self.params,
+                progress=self.progress,
+                input_size=self.input_size,
+                scale=self.params.mask_scale,
+                downsample=downsample,
+            )
+        for w in caught:
+            self.log(f"{case.case_id}: {w.message}")
+        prob, cov = res["prob"], res["coverage"]
+        info = {"key": key, "n_patches": res["n_patches"], "seconds": round(res["seconds"], 2)}
+        for name, arr in (("cov", cov), ("prob", prob)):
+            with atomic_path(self.out / f"{case.case_id}_{name}.npy", suffix=".npy") as tmp:
+                np.save(tmp, arr)
+        save_mask_tiff(self.out / f"{case.case_id}_pred.tif", prob > self.threshold, cell)
+        write_stamp(self.out / f"{case.case_id}_prob.npy", info)
+        return prob, cov, info
+
+    def score(self, case, info, pred, cov, dims, cell):
+        """``(row, truth)``: ``case``'s row of the table (metrics NaN without a mask) and its
+        ground truth at the canvas's scale (``None`` without a mask)."""
+        p = self.params
+        mask_path = case.mask_path(p.label_mask)
+        row = {
+            "case_id": case.case_id,
+            "n_patches": info["n_patches"],
+            "seconds": info["seconds"],
+            **dict.fromkeys(METRIC_COLUMNS, float("nan")),
+        }  # NaN where the slide has no mask
+        if mask_path is None:
+            self.log(f"{case.case_id}: no {p.label_mask} mask, so no metrics (the prediction is saved)")
+            return row, None
+        truth = mask_fraction_map(mask_path, dims, cell) > 0.5
+        row.update(slide_metrics(pred, truth, cov, p.patch_size * p.mask_scale // self.out_downsample))
+        return row, truth
+
+
 def segment_cases(
     model,
     cases,
@@ -373,84 +486,24 @@ def segment_cases(
         ``(table, canvases)``: a DataFrame with one row per case (metrics NaN where the case
         has no mask) and ``{case_id: {"prob", "pred", "truth" or None, "coverage"}}``.
     """
-    import warnings
-
-    from .atomic import atomic_path
-    from .inference import predict_slide, save_mask_tiff
-    from .provenance import file_fingerprint, read_stamp, write_stamp
     from .slides import Slide
 
     check_fraction("threshold", threshold)
     out = Path(out_folder)
     out.mkdir(parents=True, exist_ok=True)
-    P, scale = params.patch_size, params.mask_scale
-    stride = stride or P
+    scale, stride = params.mask_scale, stride or params.patch_size
+    job = _Segmenting(
+        model, out, input_size, params, weights, out_downsample, stride, threshold, batch_size, device, progress, log
+    )
     rows, canvases = [], {}
     for case in cases:
         with Slide(case.slide) as s:
             dims, ds = s.dimensions, s.downsample_at(scale, params.scale_reference)
         cell = out_downsample // scale * ds  # the canvas's level-0 pixels per cell
-        prob_path = out / f"{case.case_id}_prob.npy"
-        key = {
-            "slide": file_fingerprint(case.slide),
-            "weights": weights,
-            "input_size": input_size,
-            "out_downsample": out_downsample,
-            "stride": stride,
-            "scale": scale,
-            "patch_size": P,
-            "tissue": {
-                k: getattr(params, k) for k in ("tissue_method", "glass_level", "tissue_threshold", "tissue_subsample")
-            },
-        }
-        if params.scale_reference:
-            key["downsample"] = ds
-        info = read_stamp(prob_path)
-        if info is not None and info.get("key") == key and prob_path.exists():
-            prob = np.load(prob_path)
-            cov = np.load(out / f"{case.case_id}_cov.npy")
-            log(f"{case.case_id}: reusing its prediction (same slide, weights and settings)")
-        else:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                res = predict_slide(
-                    model,
-                    case.slide,
-                    probabilities,
-                    out_downsample=out_downsample,
-                    stride=stride,
-                    patch_size=P,
-                    batch_size=batch_size,
-                    device=device,
-                    tissue=params,
-                    progress=progress,
-                    input_size=input_size,
-                    scale=scale,
-                    downsample=ds,
-                )
-            for w in caught:
-                log(f"{case.case_id}: {w.message}")
-            prob, cov = res["prob"], res["coverage"]
-            info = {"key": key, "n_patches": res["n_patches"], "seconds": round(res["seconds"], 2)}
-            for name, arr in (("cov", cov), ("prob", prob)):
-                with atomic_path(out / f"{case.case_id}_{name}.npy", suffix=".npy") as tmp:
-                    np.save(tmp, arr)
-            save_mask_tiff(out / f"{case.case_id}_pred.tif", prob > threshold, cell)
-            write_stamp(prob_path, info)
+        key = job.key(case, ds)
+        prob, cov, info = job.saved(case, key) or job.predict(case, key, ds, cell)
         pred = prob > threshold
-        mask_path = case.mask_path(params.label_mask)
-        row = {
-            "case_id": case.case_id,
-            "n_patches": info["n_patches"],
-            "seconds": info["seconds"],
-            **dict.fromkeys(METRIC_COLUMNS, float("nan")),
-        }  # NaN where the slide has no mask
-        truth = None
-        if mask_path is None:
-            log(f"{case.case_id}: no {params.label_mask} mask, so no metrics (the prediction is saved)")
-        else:
-            truth = mask_fraction_map(mask_path, dims, cell) > 0.5
-            row.update(slide_metrics(pred, truth, cov, P * scale // out_downsample))
+        row, truth = job.score(case, info, pred, cov, dims, cell)
         rows.append(row)
         canvases[case.case_id] = {"prob": prob, "pred": pred, "truth": truth, "coverage": cov, "downsample": cell}
     return pd.DataFrame(rows), canvases
@@ -624,20 +677,20 @@ def train_segmenter(run, plan, out_dir, gpus=1, config=None, **settings):
 
 
 def trained_segmenter(folder):
-    """The UNet++ of ``<folder>/best.pt`` with its settings (``meta``) and the file's SHA-256."""
+    """The UNet++ of ``<folder>/best.pt`` with its settings (``meta``) and the file's SHA-256.
+
+    The network is the variant the checkpoint records (:func:`helpers.train.trained_network`);
+    no setting of this run must agree with it: the patch size, segmentation scale and input size
+    it is applied at are its own (the resolution is checked by
+    :meth:`helpers.notebook.Run.check_model_resolution`).
+    """
     from .provenance import file_sha256
-    from .train import load_checkpoint
+    from .train import checkpoint_meta, trained_network
     from .unetpp import build_segmenter
 
     ck_path = Path(folder) / "best.pt"
-    ck = load_checkpoint(ck_path)
-    meta = (ck.get("identity") or {}).get("meta", {})
-    model = build_segmenter(meta.get("variant", "paper"))
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as exc:
-        raise InputError(f"{ck_path}: its weights do not fit the UNet++ it names ({str(exc)[:160]})") from None
-    return model, meta, ck_path, file_sha256(ck_path)
+    model, ck = trained_network(lambda meta: build_segmenter(meta.get("variant", "paper")), ck_path)
+    return model, checkpoint_meta(ck), ck_path, file_sha256(ck_path)
 
 
 def segment_with(run, plan, out_dir, device=None, out_downsample=8, stride=0, threshold=0.5, batch_size=32):

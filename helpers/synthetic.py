@@ -504,6 +504,56 @@ _LABS = (
 _INKS = {"blue": (1.05, 0.62, 0.12), "green": (0.95, 0.22, 0.78), "black": (1.0, 1.0, 0.92)}
 
 
+class _Stamps:
+    """The objects of one window of a scene (see ``_Scene._objects``), gathered before they are
+    stamped: each kind of cell lies on a jittered grid of its own random stream.
+
+    Attributes:
+        scene: the :class:`_Scene`.
+        X0, Y0, x1, y1: the window's level-0 bounds (``x1``, ``y1`` excluded).
+        shape: the window's ``(height, width)``.
+        nuclei, clear: ``(x, y, stamp ids, weights)`` parts of the nuclei and the clear spaces.
+    """
+
+    def __init__(self, scene, X0, Y0, shape):
+        self.scene, self.X0, self.Y0, self.shape = scene, X0, Y0, shape
+        self.x1, self.y1 = X0 + shape[1], Y0 + shape[0]
+        self.nuclei, self.clear = [], []
+
+    def grid(self, stream, spacing, nvals, jitter, offset=0.0):
+        """Candidate centres of grid cells of ``spacing`` px reaching the window (offset by
+        ``offset`` cells), each jittered by ``jitter`` cells.
+
+        Returns:
+            ``(x, y, u, c)``: the centres, ``nvals`` uniforms per cell from ``stream`` (the
+            first two placed the centre) and the scene at the centres (:class:`_Points`).
+        """
+
+        def span(lo, hi):
+            return np.arange(
+                math.floor((lo - _MARGIN) / spacing - offset), math.floor((hi + _MARGIN) / spacing - offset) + 1
+            )
+
+        CY, CX = np.meshgrid(span(self.Y0, self.y1), span(self.X0, self.x1), indexing="ij")
+        CY, CX = CY.ravel(), CX.ravel()
+        u = _cell_uniforms(_key(self.scene.spec.seed, stream), CY, CX, nvals)
+        x = np.rint((CX + offset + 0.5 + jitter * (u[0] - 0.5)) * spacing).astype(np.int64)
+        y = np.rint((CY + offset + 0.5 + jitter * (u[1] - 0.5)) * spacing).astype(np.int64)
+        return x, y, u, _Points(self.scene, x, y)
+
+    @staticmethod
+    def add(parts, x, y, ids, weight, keep):
+        """Add the objects ``keep`` selects to ``parts`` (``nuclei`` or ``clear``)."""
+        parts.append((x[keep], y[keep], ids[keep], weight[keep].astype(np.float64)))
+
+    def total(self, parts):
+        """The window's float32 sum of the stamps of ``parts``."""
+        if not parts:
+            return np.zeros(self.shape, np.float32)
+        x, y, ids, wt = (np.concatenate(p) for p in zip(*parts))
+        return _stamp(self.shape, y - self.Y0, x - self.X0, ids, wt).astype(np.float32)
+
+
 class _Scene:
     """Everything that defines one slide: coarse fields, objects and drawing constants.
 
@@ -877,6 +927,13 @@ class _Scene:
         m = np.clip((a - 0.3) * 2.5, 0, 1)
         return tn + m * (tt - tn), np.float32(0.24) * (1 - 0.35 * m)
 
+    def _cords_at(self, a, x, y):
+        """:meth:`_cords` at the points ``(x, y)`` of atypia ``a``: ``(plate field, half-width)``."""
+        ta = _texture_at("cords", x, y, self.offsets["cords_a"])
+        tb = _texture_at("cords_t", x, y, self.offsets["cords_b"])
+        tt = _texture_at("cords", x, y, self.offsets["cords_t"], zoom=2)
+        return self._cords(a, _field_at(self.orient, x, y), ta, tb, tt)
+
     def _objects(self, X0, Y0, shape):
         """Nuclei and clear spaces stamped over a window.
 
@@ -884,76 +941,55 @@ class _Scene:
             ``(nuclei, clear)``: haematoxylin density of the nuclei and the clear fraction
             (fat vacuoles, glands, duct lumens), float32 arrays of ``shape``.
         """
-        s = self.spec
-        x1, y1 = X0 + shape[1], Y0 + shape[0]
-        nuc_parts, clear_parts = [], []
+        st = _Stamps(self, X0, Y0, shape)
+        self._parenchyma(st)
+        self._lymphocytes(st)
+        self._spindles(st)
+        if self.spec.tumor and self.spec.necrosis > 0:
+            self._debris(st)
+        self._ring_nuclei(st)
+        self._fat(st)
+        if self.spec.tumor:
+            self._pseudoglands(st)
+        return st.total(st.nuclei), st.total(st.clear)
 
-        def cells(stream, spacing, nvals, offset=0.0):
-            def span(lo, hi):
-                return np.arange(
-                    math.floor((lo - _MARGIN) / spacing - offset), math.floor((hi + _MARGIN) / spacing - offset) + 1
-                )
-
-            CY, CX = np.meshgrid(span(Y0, y1), span(X0, x1), indexing="ij")
-            CY, CX = CY.ravel(), CX.ravel()
-            return CX, CY, _cell_uniforms(_key(s.seed, stream), CY, CX, nvals)
-
-        def place(CX, CY, u, spacing, jitter, offset=0.0):
-            x = np.rint((CX + offset + 0.5 + jitter * (u[0] - 0.5)) * spacing).astype(np.int64)
-            y = np.rint((CY + offset + 0.5 + jitter * (u[1] - 0.5)) * spacing).astype(np.int64)
-            return x, y
-
-        def context(x, y):
-            return _Points(self, x, y)
-
-        def add(parts, x, y, ids, weight, keep):
-            parts.append((x[keep], y[keep], ids[keep], weight[keep].astype(np.float64)))
-
-        # Parenchymal cells: hepatocytes, or tumour cells (crowded, large, dark, variable).
+    def _parenchyma(self, st):
+        """Parenchymal cells: hepatocytes, or tumour cells (crowded, large, dark, variable)."""
         for stream, offset, jitter in ((10, 0.0, 0.5), (11, 0.5, 0.9)):
-            CX, CY, u = cells(stream, 13, 7, offset)
-            x, y = place(CX, CY, u, 13, jitter, offset)
-            c = context(x, y)
+            x, y, u, c = st.grid(stream, 13, 7, jitter, offset)
             a = c["a"]
-            ta = _texture_at("cords", x, y, self.offsets["cords_a"])
-            tb = _texture_at("cords_t", x, y, self.offsets["cords_b"])
-            tt = _texture_at("cords", x, y, self.offsets["cords_t"], zoom=2)
-            t, wsin = self._cords(a, _field_at(self.orient, x, y), ta, tb, tt)
+            t, wsin = self._cords_at(a, x, y)
             pres = (0.62 + 0.33 * a) if offset == 0 else np.clip(1.2 * a - 0.35, 0.04, 0.7)
             pres = pres * (1 - c["fib"]) * (1 - c["loose"]) * (np.abs(t) > wsin)
             keep = c["tissue"] & (u[2] < pres)
             r = 3.2 + 1.6 * a + (0.22 + 0.8 * a * a) * _gauss(u[3], u[4])
             dark = (0.7 + 0.25 * a) * (0.85 + 0.3 * u[5]) * np.where(c["necro"], 0.2, 1.0)  # ghosts in necrosis
-            add(nuc_parts, x, y, _round_stamp(np.clip(r, 2.0, 8.5)), dark, keep)
-        # Lymphocytes: small, round, very dark; dense in infiltrates and portal tracts.
-        CX, CY, u = cells(12, 7, 5)
-        x, y = place(CX, CY, u, 7, 0.9)
-        c = context(x, y)
+            st.add(st.nuclei, x, y, _round_stamp(np.clip(r, 2.0, 8.5)), dark, keep)
+
+    def _lymphocytes(self, st):
+        """Lymphocytes: small, round, very dark; dense in infiltrates and portal tracts."""
+        x, y, u, c = st.grid(12, 7, 5, 0.9)
         keep = c["tissue"] & ~c["necro"] & (u[2] < _field_at(self.infl, x, y))
-        add(nuc_parts, x, y, _round_stamp(2.3 + 0.3 * _gauss(u[3], u[4])), 1.1 + 0.2 * u[3], keep)
-        # Spindle nuclei of stroma (fibroblasts) and sinusoid lining cells.
-        CX, CY, u = cells(13, 11, 6)
-        x, y = place(CX, CY, u, 11, 0.9)
-        c = context(x, y)
-        ta = _texture_at("cords", x, y, self.offsets["cords_a"])
-        tb = _texture_at("cords_t", x, y, self.offsets["cords_b"])
-        tt = _texture_at("cords", x, y, self.offsets["cords_t"], zoom=2)
-        t, wsin = self._cords(c["a"], _field_at(self.orient, x, y), ta, tb, tt)
+        st.add(st.nuclei, x, y, _round_stamp(2.3 + 0.3 * _gauss(u[3], u[4])), 1.1 + 0.2 * u[3], keep)
+
+    def _spindles(self, st):
+        """Spindle nuclei of stroma (fibroblasts) and sinusoid lining cells."""
+        x, y, u, c = st.grid(13, 11, 6, 0.9)
+        t, wsin = self._cords_at(c["a"], x, y)
         pres = 0.5 * c["fib"] + 0.08 * c["loose"] + 0.25 * (np.abs(t) < wsin) * (1 - c["fib"]) * (1 - c["loose"])
         keep = c["tissue"] & ~c["necro"] & (u[2] < pres)
-        add(nuc_parts, x, y, _long_stamp(2.0 + u[3], (4 * u[4]).astype(np.int64)), 0.9 + 0.3 * u[5], keep)
-        # Necrosis: karyorrhectic debris.
-        if s.tumor and s.necrosis > 0:
-            CX, CY, u = cells(14, 8, 5)
-            x, y = place(CX, CY, u, 8, 1.0)
-            c = context(x, y)
-            keep = c["necro"] & (u[2] < 0.3)
-            add(nuc_parts, x, y, _round_stamp(1.0 + u[3]), 1.0 + 0.8 * u[4], keep)
-        # Rings of nuclei around a lumen: bile ducts (portal tracts), ductules (ductular
-        # reaction) and, in tumour, unpaired arteries.
-        CX, CY, u = cells(15, 40, 5)
-        x, y = place(CX, CY, u, 40, 0.8)
-        c = context(x, y)
+        st.add(st.nuclei, x, y, _long_stamp(2.0 + u[3], (4 * u[4]).astype(np.int64)), 0.9 + 0.3 * u[5], keep)
+
+    def _debris(self, st):
+        """Necrosis: karyorrhectic debris."""
+        x, y, u, c = st.grid(14, 8, 5, 1.0)
+        keep = c["necro"] & (u[2] < 0.3)
+        st.add(st.nuclei, x, y, _round_stamp(1.0 + u[3]), 1.0 + 0.8 * u[4], keep)
+
+    def _ring_nuclei(self, st):
+        """Rings of nuclei around a lumen: bile ducts (portal tracts), ductules (ductular
+        reaction) and, in tumour, unpaired arteries; the lumens are clear spaces."""
+        x, y, u, c = st.grid(15, 40, 5, 0.8)
         duct = c["tissue"] & ~c["whole"] & (u[2] < _field_at(self.duct, x, y))
         artery = c["tissue"] & c["whole"] & ~c["necro"] & (u[2] < 0.05)
 
@@ -962,10 +998,10 @@ class _Scene:
 
         reach = _MARGIN + 20
         near = (
-            (self.rings[:, 0] > X0 - reach)
-            & (self.rings[:, 0] < x1 + reach)
-            & (self.rings[:, 1] > Y0 - reach)
-            & (self.rings[:, 1] < y1 + reach)
+            (self.rings[:, 0] > st.X0 - reach)
+            & (self.rings[:, 0] < st.x1 + reach)
+            & (self.rings[:, 1] > st.Y0 - reach)
+            & (self.rings[:, 1] < st.y1 + reach)
         )
         ring = np.concatenate(
             [self.rings[near], rows(duct, 5.5, 6, 2.3, 1.1, 1.8), rows(artery, 6.0, 9, 2.2, 1.3, 2.5)]
@@ -973,32 +1009,23 @@ class _Scene:
         if len(ring):
             phase = np.concatenate([np.zeros(int(near.sum())), u[3][duct] * 6.28, u[3][artery] * 6.28])
             rx, ry, idx = _rings(ring[:, 0], ring[:, 1], ring[:, 2], ring[:, 3].astype(np.int64), phase)
-            add(nuc_parts, rx, ry, _round_stamp(ring[idx, 4]), ring[idx, 5], np.ones(len(idx), bool))
+            st.add(st.nuclei, rx, ry, _round_stamp(ring[idx, 4]), ring[idx, 5], np.ones(len(idx), bool))
             cx, cy = np.rint(ring[:, 0]).astype(np.int64), np.rint(ring[:, 1]).astype(np.int64)
-            add(clear_parts, cx, cy, _round_stamp(ring[:, 6]), np.ones(len(ring)), np.ones(len(ring), bool))
-        # Fat vacuoles (steatosis), mostly in the liver.
-        CX, CY, u = cells(16, 30, 5)
-        x, y = place(CX, CY, u, 30, 0.8)
-        c = context(x, y)
+            st.add(st.clear, cx, cy, _round_stamp(ring[:, 6]), np.ones(len(ring)), np.ones(len(ring), bool))
+
+    def _fat(self, st):
+        """Fat vacuoles (steatosis), mostly in the liver."""
+        x, y, u, c = st.grid(16, 30, 5, 0.8)
         pres = _field_at(self.steat, x, y) * np.where(c["whole"], self.tumor_fat, 1.0)
         pres *= (1 - c["fib"]) * (1 - c["loose"])
         keep = c["tissue"] & ~c["necro"] & (u[2] < pres)
-        add(clear_parts, x, y, _round_stamp(4.0 + 10.0 * u[3] ** 1.5), np.ones(len(x)), keep)
-        # Pseudoglands in tumour.
-        if s.tumor:
-            CX, CY, u = cells(17, 24, 5)
-            x, y = place(CX, CY, u, 24, 0.8)
-            c = context(x, y)
-            keep = c["whole"] & ~c["necro"] & (u[2] < self.gland_rate)
-            add(clear_parts, x, y, _round_stamp(2.5 + 4.5 * u[3]), np.ones(len(x)), keep)
+        st.add(st.clear, x, y, _round_stamp(4.0 + 10.0 * u[3] ** 1.5), np.ones(len(x)), keep)
 
-        def total(parts):
-            if not parts:
-                return np.zeros(shape, np.float32)
-            x, y, ids, wt = (np.concatenate(p) for p in zip(*parts))
-            return _stamp(shape, y - Y0, x - X0, ids, wt).astype(np.float32)
-
-        return total(nuc_parts), total(clear_parts)
+    def _pseudoglands(self, st):
+        """Pseudoglands in tumour."""
+        x, y, u, c = st.grid(17, 24, 5, 0.8)
+        keep = c["whole"] & ~c["necro"] & (u[2] < self.gland_rate)
+        st.add(st.clear, x, y, _round_stamp(2.5 + 4.5 * u[3]), np.ones(len(x)), keep)
 
     def _lumens(self, X0, Y0, shape):
         """Vessel lumens (portal veins, central veins) over a window: ``(clear, blood)``."""
@@ -1207,6 +1234,117 @@ def _reserved_memmap(path, shape):
     return arr
 
 
+class _Pyramid:
+    """One slide's levels while :func:`write_case` writes them.
+
+    Level 0 is rendered strip by strip; each lower level (downsamples 4, 16, 64, as long as it
+    is at least 64 px) is kept in an on-disk buffer, filled by shrinking the level above it as
+    that one is written; the mask strips wait on disk until the slide is written.
+
+    Args:
+        spec: the slide.
+        scene: its :class:`_Scene`.
+        tmp_slide: the temporary slide file (the buffers and mask strips lie beside it).
+        quality: JPEG quality of the slide's tiles.
+        masks: keep the masks, for :meth:`write_masks`.
+    """
+
+    def __init__(self, spec, scene, tmp_slide, quality, masks):
+        self.spec, self.scene, self.tmp, self.quality, self.masks = spec, scene, tmp_slide, quality, masks
+        mag = spec.magnify
+        self.W, self.H = W, H = spec.width * mag, spec.height * mag
+        self.dims = [(W, H)]
+        while min(self.dims[-1]) // 4 >= 64 and len(self.dims) < 4:
+            self.dims.append((self.dims[-1][0] // 4, self.dims[-1][1] // 4))
+        self.bufs, self.mask_files = [], {}
+
+    def write_slide(self):
+        """Write the slide's every level into the temporary slide file."""
+        W, H, mag = self.W, self.H, self.spec.magnify
+        for i, (lw, lh) in enumerate(self.dims[1:]):
+            self.bufs.append(_reserved_memmap(f"{self.tmp}.l{i + 1}.npy", (lh, lw, 3)))
+        res = (1e4 * mag / DEMO_MPP, 1e4 * mag / DEMO_MPP)
+        with tifffile.TiffWriter(self.tmp, bigtiff=W * H * 3 > 2**31) as tw:
+            self._write_level(
+                tw,
+                self._level0_tiles(),
+                (W, H),
+                _aperio_description(W, H, magnify=mag),
+                resolution=res,
+                resolutionunit="CENTIMETER",
+            )
+            for f in self.mask_files.values():
+                f.close()
+            for lvl, (lw, lh) in enumerate(self.dims[1:], start=1):
+                self._write_level(tw, self._level_tiles(lvl), (lw, lh), _aperio_description(W, H, lw, lh))
+
+    def _write_level(self, tw, tiles, size, description, **extra):
+        """One level of ``size`` ``(w, h)`` from its ``tiles``, JPEG-compressed."""
+        tw.write(
+            tiles,
+            shape=(size[1], size[0], 3),
+            dtype=np.uint8,
+            tile=(TILE, TILE),
+            compression="jpeg",
+            compressionargs={"level": self.quality},
+            photometric="rgb",
+            description=description,
+            **extra,
+            metadata=None,
+        )
+
+    def _level0_tiles(self):
+        """Level 0's tiles, rendered strip by strip; each strip also fills the next level's
+        buffer and, with masks, the mask strips on disk."""
+        spec, mag, bufs = self.spec, self.spec.magnify, self.bufs
+        for y0 in range(0, spec.height, STRIP):
+            y, h = y0 * mag, min(STRIP, spec.height - y0) * mag
+            rgb, _, whole, viable = (
+                np.repeat(np.repeat(a, mag, axis=0), mag, axis=1) if mag > 1 else a
+                for a in render_region(self.scene, 0, y0, spec.width, h // mag)
+            )
+            if self.masks:  # mask strips wait on disk until the slide is written
+                for name, m in (("whole", whole), ("viable", viable)):
+                    if name not in self.mask_files:
+                        self.mask_files[name] = open(f"{self.tmp}.{name}.raw", "wb")  # noqa: SIM115 (closed in write_slide)
+                    self.mask_files[name].write(m.view(np.uint8).tobytes())
+            if bufs:
+                r = _shrink4(rgb)
+                bufs[0][y // 4 : y // 4 + r.shape[0], : r.shape[1]] = r
+            for ty in range(0, h, TILE):
+                yield from _tiles_of(rgb[ty : ty + TILE])
+
+    def _level_tiles(self, level):
+        """The tiles of ``level`` (1, 2 ...) from its buffer, filling the next level's."""
+        bufs = self.bufs
+        src = bufs[level - 1]
+        for y in range(0, src.shape[0], STRIP):
+            strip = np.asarray(src[y : y + STRIP])
+            if level < len(bufs):
+                r = _shrink4(strip)
+                bufs[level][y // 4 : y // 4 + r.shape[0], : r.shape[1]] = r
+            for ty in range(0, strip.shape[0], TILE):
+                yield from _tiles_of(strip[ty : ty + TILE])
+
+    def write_masks(self, paths):
+        """Write the masks kept on disk to ``paths["whole"]`` and ``paths["viable"]``."""
+        W, H = self.W, self.H
+        for name in ("whole", "viable"):
+            raw = np.memmap(f"{self.tmp}.{name}.raw", np.uint8, "r", shape=(H, W))
+            _write_mask(paths[name], lambda raw=raw: (np.asarray(raw[y : y + TILE]) for y in range(0, H, TILE)), (H, W))
+            del raw
+
+    def remove_buffers(self):
+        """Delete the level buffers and the mask strips (after success or failure)."""
+        for b in self.bufs:
+            fn = b.filename
+            del b
+            Path(fn).unlink(missing_ok=True)
+        self.bufs.clear()
+        for name in ("whole", "viable"):
+            Path(f"{self.tmp}.{name}.raw").unlink(missing_ok=True)
+
+
 def write_case(spec, folder, quality=90, masks=True):
     """Write one slide (and its masks) into ``folder``, each file atomically.
 
@@ -1227,92 +1365,17 @@ def write_case(spec, folder, quality=90, masks=True):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     scene = _Scene(spec)
-    mag = spec.magnify
-    W, H = spec.width * mag, spec.height * mag
     paths = {"slide": folder / f"{spec.case_id}.svs"}
     if masks:
         paths.update(whole=folder / f"{spec.case_id}_whole.tif", viable=folder / f"{spec.case_id}_viable.tif")
-    dims = [(W, H)]
-    while min(dims[-1]) // 4 >= 64 and len(dims) < 4:
-        dims.append((dims[-1][0] // 4, dims[-1][1] // 4))
-    bufs = []
     with atomic_path(paths["slide"], suffix=".svs") as tmp_slide:
+        pyramid = _Pyramid(spec, scene, tmp_slide, quality, masks)
         try:
-            for i, (lw, lh) in enumerate(dims[1:]):
-                bufs.append(_reserved_memmap(f"{tmp_slide}.l{i + 1}.npy", (lh, lw, 3)))
-            mask_files = {}
-
-            def level0_tiles():
-                for y0 in range(0, spec.height, STRIP):
-                    y, h = y0 * mag, min(STRIP, spec.height - y0) * mag
-                    rgb, _, whole, viable = (
-                        np.repeat(np.repeat(a, mag, axis=0), mag, axis=1) if mag > 1 else a
-                        for a in render_region(scene, 0, y0, spec.width, h // mag)
-                    )
-                    if masks:  # mask strips wait on disk until the slide is written
-                        for name, m in (("whole", whole), ("viable", viable)):
-                            if name not in mask_files:
-                                mask_files[name] = open(f"{tmp_slide}.{name}.raw", "wb")  # noqa: SIM115 (closed below)
-                            mask_files[name].write(m.view(np.uint8).tobytes())
-                    if bufs:
-                        r = _shrink4(rgb)
-                        bufs[0][y // 4 : y // 4 + r.shape[0], : r.shape[1]] = r
-                    for ty in range(0, h, TILE):
-                        yield from _tiles_of(rgb[ty : ty + TILE])
-
-            def level_tiles(level):
-                src = bufs[level - 1]
-                for y in range(0, src.shape[0], STRIP):
-                    strip = np.asarray(src[y : y + STRIP])
-                    if level < len(bufs):
-                        r = _shrink4(strip)
-                        bufs[level][y // 4 : y // 4 + r.shape[0], : r.shape[1]] = r
-                    for ty in range(0, strip.shape[0], TILE):
-                        yield from _tiles_of(strip[ty : ty + TILE])
-
-            res = (1e4 * mag / DEMO_MPP, 1e4 * mag / DEMO_MPP)
-            with tifffile.TiffWriter(tmp_slide, bigtiff=W * H * 3 > 2**31) as tw:
-                tw.write(
-                    level0_tiles(),
-                    shape=(H, W, 3),
-                    dtype=np.uint8,
-                    tile=(TILE, TILE),
-                    compression="jpeg",
-                    compressionargs={"level": quality},
-                    photometric="rgb",
-                    description=_aperio_description(W, H, magnify=mag),
-                    resolution=res,
-                    resolutionunit="CENTIMETER",
-                    metadata=None,
-                )
-                for f in mask_files.values():
-                    f.close()
-                for lvl, (lw, lh) in enumerate(dims[1:], start=1):
-                    tw.write(
-                        level_tiles(lvl),
-                        shape=(lh, lw, 3),
-                        dtype=np.uint8,
-                        tile=(TILE, TILE),
-                        compression="jpeg",
-                        compressionargs={"level": quality},
-                        photometric="rgb",
-                        description=_aperio_description(W, H, lw, lh),
-                        metadata=None,
-                    )
-            for name in ("whole", "viable") if masks else ():
-                raw = np.memmap(f"{tmp_slide}.{name}.raw", np.uint8, "r", shape=(H, W))
-                _write_mask(
-                    paths[name], lambda raw=raw: (np.asarray(raw[y : y + TILE]) for y in range(0, H, TILE)), (H, W)
-                )
-                del raw
+            pyramid.write_slide()
+            if masks:
+                pyramid.write_masks(paths)
         finally:
-            for b in bufs:
-                fn = b.filename
-                del b
-                Path(fn).unlink(missing_ok=True)
-            bufs.clear()
-            for name in ("whole", "viable"):
-                Path(f"{tmp_slide}.{name}.raw").unlink(missing_ok=True)
+            pyramid.remove_buffers()
     return paths
 
 

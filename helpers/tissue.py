@@ -334,6 +334,83 @@ def _iou(inter, union):
     return float(inter / union) if union else 1.0
 
 
+def _as_patches(strip, P, k, cols):
+    """A strip of one grid row, ``(P, >= cols * P)``, as its ``cols`` patches seen at every
+    ``k``-th pixel: ``(cols, P / k, P / k)``."""
+    q = P // k
+    return strip[::k, ::k][:, : cols * q].reshape(q, cols, q).transpose(1, 0, 2)
+
+
+class _MethodTally:
+    """What :func:`compare_methods` counts, row by row of the grid, for each method against each
+    of the others (the reference, and the truth when there is one).
+
+    Args:
+        methods: ``{name: function}`` as for :func:`compare_methods`.
+        with_truth: whether a truth is scored too (the reference is then scored against it).
+        tissue_threshold: a patch is kept when at least this share of it is tissue.
+    """
+
+    def __init__(self, methods, with_truth, tissue_threshold):
+        self.methods, self.tissue_threshold = methods, tissue_threshold
+        self.names = list(methods) + (["reference"] if with_truth else [])
+        self.against = ["reference"] + (["truth"] if with_truth else [])
+        self.inter = {(m, a): 0 for m in self.names for a in self.against}
+        self.union = dict(self.inter)
+        self.keep = {m: [] for m in self.names}
+        self.ref_keep = {a: [] for a in self.against}
+        self.seconds = {m: 0.0 for m in self.names}
+
+    def add_row(self, gray, others):
+        """Run every method on a row's ``gray`` patches (timed) and count them against
+        ``others`` (``{"reference": masks, "truth": masks}``)."""
+        masks = {}
+        for m, fn in self.methods.items():
+            t0 = time.perf_counter()
+            masks[m] = np.asarray(fn(gray), bool)
+            self.seconds[m] += time.perf_counter() - t0
+        if "truth" in others:
+            masks["reference"] = others["reference"]
+        for a, ref in others.items():
+            self.ref_keep[a].append(ref.mean(axis=(1, 2)) >= self.tissue_threshold)
+            for m, mk in masks.items():
+                if m == a:
+                    continue
+                self.inter[m, a] += int(np.count_nonzero(mk & ref))
+                self.union[m, a] += int(np.count_nonzero(mk | ref))
+        for m, mk in masks.items():
+            self.keep[m].append(mk.mean(axis=(1, 2)) >= self.tissue_threshold)
+
+    def results(self, patches):
+        """:func:`compare_methods`'s list of dicts, for a grid of ``patches`` patches."""
+
+        def cat(parts):
+            return np.concatenate(parts) if parts else np.zeros(0, bool)
+
+        out = []
+        for a in self.against:
+            r = cat(self.ref_keep[a])
+            for m in self.names:
+                if m == a:
+                    continue
+                kp = cat(self.keep[m])
+                out.append(
+                    {
+                        "method": m,
+                        "against": a,
+                        "patches": patches,
+                        "pixel_iou": _iou(self.inter[m, a], self.union[m, a]),
+                        "kept": int(kp.sum()),
+                        "ref_kept": int(r.sum()),
+                        "kept_iou": _iou(int((kp & r).sum()), int((kp | r).sum())),
+                        "tissue_lost": int((r & ~kp).sum()),
+                        "glass_kept": int((kp & ~r).sum()),
+                        "seconds": self.seconds[m],
+                    }
+                )
+        return out
+
+
 def compare_methods(slide, methods, scale=1, patch_size=224, tissue_threshold=0.5, tissue_subsample=4, truth=None):
     """Score tissue methods over a slide's patch grid against the reference mask (and a truth).
 
@@ -373,68 +450,16 @@ def compare_methods(slide, methods, scale=1, patch_size=224, tissue_threshold=0.
     W, H = s.dimensions
     rows, cols = int(H // scale) // P, int(W // scale) // P
     background = background_colour(s.thumbnail(1024)[0])
-    names = list(methods) + (["reference"] if truth is not None else [])
-    against = ["reference"] + (["truth"] if truth is not None else [])
-    inter = {(m, a): 0 for m in names for a in against}
-    union = dict(inter)
-    keep = {m: [] for m in names}
-    ref_keep = {a: [] for a in against}
-    seconds = {m: 0.0 for m in names}
-
-    def as_patches(strip):  # (P/k, cols P/k) -> (cols, P/k, P/k)
-        q = P // k
-        return strip[::k, ::k][:, : cols * q].reshape(q, cols, q).transpose(1, 0, 2)
-
+    tally = _MethodTally(methods, truth is not None, tissue_threshold)
     try:
         for row in range(rows):
             y = row * P * scale
             rgb = s.read_region(0, y, cols * P, P, downsample=scale)
-            gray = as_patches(to_gray(rgb))
-            others = {"reference": as_patches(reference_tissue_mask(rgb, background))}
+            others = {"reference": _as_patches(reference_tissue_mask(rgb, background), P, k, cols)}
             if truth is not None:
-                others["truth"] = as_patches(truth.read(0, y, cols * P, P, downsample=scale).astype(bool))
-            masks = {}
-            for m, fn in methods.items():
-                t0 = time.perf_counter()
-                masks[m] = np.asarray(fn(gray), bool)
-                seconds[m] += time.perf_counter() - t0
-            if truth is not None:
-                masks["reference"] = others["reference"]
-            for a, ref in others.items():
-                ref_keep[a].append(ref.mean(axis=(1, 2)) >= tissue_threshold)
-                for m, mk in masks.items():
-                    if m == a:
-                        continue
-                    inter[m, a] += int(np.count_nonzero(mk & ref))
-                    union[m, a] += int(np.count_nonzero(mk | ref))
-            for m, mk in masks.items():
-                keep[m].append(mk.mean(axis=(1, 2)) >= tissue_threshold)
+                others["truth"] = _as_patches(truth.read(0, y, cols * P, P, downsample=scale).astype(bool), P, k, cols)
+            tally.add_row(_as_patches(to_gray(rgb), P, k, cols), others)
     finally:
         if own:
             s.close()
-
-    def cat(parts):
-        return np.concatenate(parts) if parts else np.zeros(0, bool)
-
-    out = []
-    for a in against:
-        r = cat(ref_keep[a])
-        for m in names:
-            if m == a:
-                continue
-            kp = cat(keep[m])
-            out.append(
-                {
-                    "method": m,
-                    "against": a,
-                    "patches": rows * cols,
-                    "pixel_iou": _iou(inter[m, a], union[m, a]),
-                    "kept": int(kp.sum()),
-                    "ref_kept": int(r.sum()),
-                    "kept_iou": _iou(int((kp & r).sum()), int((kp | r).sum())),
-                    "tissue_lost": int((r & ~kp).sum()),
-                    "glass_kept": int((kp & ~r).sum()),
-                    "seconds": seconds[m],
-                }
-            )
-    return out
+    return tally.results(rows * cols)

@@ -12,6 +12,12 @@ The caller supplies the data as functions, so the loop knows nothing of patches 
 (and augments it, on the device, for training), ``evaluate(model, device)`` returns the
 validation metrics.
 
+Using a trained model: :func:`trained_network` reads a ``best.pt``, refuses one trained with
+settings that must agree and do not (the caller names them), and loads its weights into the
+network built from the settings it records; :func:`read_trained` only reads and checks. Every
+helper that applies a trained model loads it so (one error for a missing or unreadable file,
+other settings, or weights that do not fit).
+
 Exact resume: every random state lives in ``last.pt`` (torch, CUDA, numpy and Python, and the
 augmentation generators of a ``prepare`` that has ``state_dict()``, such as
 :class:`SeededPrepare`), and epoch ``e``'s batches depend only on ``e``, so a run killed at any
@@ -20,14 +26,28 @@ interrupted (same machine, same thread count).
 
 Several GPUs: when a ``torch.distributed`` process group of more than one process is
 initialised (see :mod:`helpers.distributed`; one process per GPU, started by ``torchrun``),
-:func:`fit` trains with ``DistributedDataParallel``: see its docstring.
+every process runs :func:`fit` with the same arguments and the model is wrapped in
+``DistributedDataParallel``:
+
+- each process takes its slice of every batch of ``train_batches`` (a global batch of
+  ``batch_size``, which must divide by the number of processes), and DDP averages the
+  gradients, so a step is the step of one process on the whole batch (a loss pooled over
+  the batch, such as a batch-pooled Dice, is pooled over each slice). The learning rate
+  is used as configured, not scaled with the number of processes;
+- on GPUs BatchNorm layers become ``SyncBatchNorm`` (statistics over the global batch);
+  on CPUs (gloo) torch has no SyncBatchNorm, so each process normalises over its slice
+  and rank 0's running statistics are the ones kept;
+- rank 0 alone validates, logs and writes the checkpoints and the history; the validation
+  metrics reach every process, so the learning-rate schedule and early stopping agree;
+- every process loads ``last.pt`` on resume (``out_dir`` must be visible to all of them),
+  and the random states of every rank are saved in it.
 """
 
 import contextlib
 import errno
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +140,8 @@ def save_checkpoint(path, payload):
 
 
 def load_checkpoint(path):
-    """Load a checkpoint written by :func:`fit` (on the CPU)."""
+    """Read a checkpoint written by :func:`fit` (on the CPU), as it is: the low-level reader of
+    resuming and of :func:`read_trained`. To use a trained model, see :func:`trained_network`."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
@@ -129,35 +150,105 @@ def load_checkpoint(path):
         ) from None
 
 
-def load_trained(model, checkpoint, meta):
-    """Load ``checkpoint`` (a ``best.pt``/``last.pt`` of :func:`helpers.train.fit`) into ``model``.
+def _load_weights(model, ck, path, what, fix):
+    """Load checkpoint ``ck``'s weights (read from ``path``) into ``model``; weights of another
+    network are an :class:`InputError` naming the file, ``what`` they do not fit and the ``fix``."""
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as exc:
+        raise InputError(f"{path}: its weights do not fit {what} ({str(exc)[:200]}); {fix}") from None
+
+
+def checkpoint_meta(ck):
+    """The ``meta`` a checkpoint of :func:`fit` records: the settings it was trained with."""
+    return (ck.get("identity") or {}).get("meta", {})
+
+
+#: What the error of a checkpoint trained with other settings says to do, unless told otherwise.
+OTHER_SETTINGS_FIX = "use the matching parameters or another run_name"
+
+
+def read_trained(checkpoint, meta=None, keys=None, fix=OTHER_SETTINGS_FIX):
+    """Read a trained model's checkpoint (``best.pt``/``last.pt`` of :func:`fit`) and check the
+    settings it was trained with, without loading its weights into a network (e.g. to plan).
+
+    Args:
+        checkpoint: the file.
+        meta: settings the checkpoint must have been trained with; ``None``: nothing to check.
+        keys: the keys of ``meta`` that must agree, for a model applied elsewhere (a key the
+            checkpoint does not record, as in an older one, is not compared); default: every
+            key of either, i.e. the same ``meta`` (another architecture, input size or mask
+            would give wrong results silently).
+        fix: what to do about other settings, said in the error.
+
+    Returns:
+        The checkpoint dict (``model`` weights, ``epoch``, ``history``, ``identity`` ...).
+
+    Raises:
+        InputError: naming the file and the fix: the file is missing, cannot be read as a
+            checkpoint, or was trained with other settings.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise InputError(f"{checkpoint}: no checkpoint; train first (the notebook's training section)")
+    ck = load_checkpoint(checkpoint)
+    if not isinstance(ck, dict) or "model" not in ck:
+        raise InputError(
+            f"{checkpoint}: cannot be read as a checkpoint (it holds no model weights: not a file of "
+            "helpers.train.fit); delete it and train again, or name another checkpoint"
+        )
+    if meta is None:
+        return ck
+    theirs = checkpoint_meta(ck)
+    names = set(theirs) | set(meta) if keys is None else [k for k in keys if k in theirs]
+    diff = sorted(k for k in names if theirs.get(k) != meta.get(k))
+    if diff:
+        raise InputError(
+            f"{checkpoint} was trained with other settings: "
+            + ", ".join(f"{k} {theirs.get(k)!r} (here {meta.get(k)!r})" for k in diff[:5])
+            + f"; {fix}"
+        )
+    return ck
+
+
+def trained_network(build, checkpoint, meta=None, keys=None, fix=OTHER_SETTINGS_FIX):
+    """A trained model, the one way every helper loads one: its checkpoint read and checked
+    (:func:`read_trained`), the network built by ``build`` from the settings the checkpoint
+    records, the weights loaded into it.
+
+    Args:
+        build: ``build(meta)`` -> the untrained network of the architecture that the
+            checkpoint's own ``meta`` names (e.g. ``lambda m: build_classifier(m["arch"])``).
+        checkpoint, meta, keys, fix: as for :func:`read_trained`.
+
+    Returns:
+        ``(network, checkpoint dict)``.
+
+    Raises:
+        InputError: as for :func:`read_trained`, or weights that do not fit the network built.
+    """
+    ck = read_trained(checkpoint, meta, keys, fix)
+    network = build(checkpoint_meta(ck))
+    fits = "the file holds another network than its settings name: train it again"
+    _load_weights(network, ck, checkpoint, "the network built for them", fits)
+    return network, ck
+
+
+def load_trained(model, checkpoint, meta, keys=None, fix=OTHER_SETTINGS_FIX):
+    """Load ``checkpoint`` (a ``best.pt``/``last.pt`` of :func:`helpers.train.fit`) into ``model``:
+    :func:`trained_network` for a network already built.
 
     Args:
         model: the network, built with the same settings as the one trained.
         checkpoint: the file.
         meta: the ``meta`` dict this notebook trains with; the checkpoint must hold the same
             (another architecture, input size or mask would give wrong masks silently).
+        keys, fix: as for :func:`read_trained`.
 
     Returns:
         The checkpoint dict (epoch, history, versions ...), weights loaded into ``model``.
     """
-    checkpoint = Path(checkpoint)
-    if not checkpoint.exists():
-        raise InputError(f"{checkpoint}: no checkpoint; train first (the notebook's training section)")
-    ck = load_checkpoint(checkpoint)
-    theirs = (ck.get("identity") or {}).get("meta", {})
-    diff = sorted(k for k in set(theirs) | set(meta) if theirs.get(k) != meta.get(k))
-    if diff:
-        raise InputError(
-            f"{checkpoint} was trained with other settings: "
-            + ", ".join(f"{k} {theirs.get(k)!r} (here {meta.get(k)!r})" for k in diff[:5])
-            + "; use the matching parameters or another run_name"
-        )
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as exc:
-        raise InputError(f"{checkpoint}: its weights do not fit this network ({str(exc)[:160]})") from None
-    return ck
+    return trained_network(lambda _: model, checkpoint, meta, keys, fix)[1]
 
 
 def default_prepare(x, y, device, train):
@@ -376,6 +467,356 @@ def _quiet(*_):
     pass
 
 
+@dataclass
+class _Loop:
+    """What :func:`fit` works with from one epoch to the next.
+
+    Attributes:
+        model: the network on its device (BatchNorm made ``SyncBatchNorm`` under DDP on GPUs):
+            the one validated, recalibrated and saved.
+        opt, sched: the optimiser and the plateau schedule.
+        config: the :class:`TrainConfig`.
+        device: this process's device.
+        out: the folder of the checkpoints and the history.
+        identity: what a ``last.pt`` must hold to be resumed (config, meta, model class).
+        prepare, progress, log: as for :func:`fit` (no bar and no log on ranks > 0).
+        world, rank: processes training together, and this one's rank.
+        net: what trains: ``model``, or its ``DistributedDataParallel`` wrapper.
+        versions: the library versions recorded in the checkpoints.
+        history, best, stale: the epochs' rows, the best monitored score so far and the epochs
+            since it last improved (all kept in ``last.pt``).
+        start: the first epoch to train (after those ``last.pt`` holds).
+        held: the epoch ``last.pt`` holds now.
+        announced: whether the distributed set-up has been logged.
+    """
+
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.ReduceLROnPlateau
+    config: TrainConfig
+    device: torch.device
+    out: Path
+    identity: dict
+    prepare: object
+    progress: bool
+    log: object
+    world: int = 1
+    rank: int = 0
+    net: torch.nn.Module = None
+    versions: dict = None
+    history: list = field(default_factory=list)
+    best: float = None
+    stale: int = 0
+    start: int = 0
+    held: int = 0
+    announced: bool = False
+
+    @property
+    def ddp(self):
+        """Whether several processes train together (``DistributedDataParallel``)."""
+        return self.world > 1
+
+    @property
+    def cuda(self):
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        """The context of every forward pass: bf16 autocast on CUDA (``config.amp``), else none."""
+        if self.cuda and self.config.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def stopped_early(self):
+        """Whether the monitored metric has not improved for ``early_stop_patience`` epochs."""
+        patience = self.config.early_stop_patience
+        return bool(patience and self.stale >= patience)
+
+
+def _check_fit_settings(config, read_ahead, batch_size):
+    """``config`` validated; an :class:`InputError` for a bad ``read_ahead`` or ``batch_size``
+    (one that does not divide by the number of processes training together)."""
+    config = config.validate()
+    if read_ahead:
+        check_positive("read_ahead", read_ahead, integer=True)
+    if batch_size is not None:
+        check_positive("batch_size", batch_size, integer=True)
+    world = dd.world_size()
+    if world > 1 and batch_size is not None and batch_size % world:
+        raise InputError(
+            f"parameter 'batch_size' ({batch_size}) must divide by the {world} processes training "
+            f"together (each takes an equal slice of every batch): use a multiple of {world}"
+        )
+    return config
+
+
+def _optimizer(model, config):
+    """The configured optimiser (SGD or Adam) over ``model``'s trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _set_up(model, config, meta, out, prepare, progress, log):
+    """The :class:`_Loop` of a run before any resume: the device picked and everything seeded,
+    the model on its device (channels-last and ``SyncBatchNorm`` where they apply), the
+    optimiser and the plateau schedule. Only rank 0 logs, shows a bar and makes ``out``."""
+    world, rank = dd.world_size(), dd.rank()
+    if rank != 0:
+        log, progress = _quiet, False
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+    device = _training_device(config, world > 1)
+    seed_everything(dd.rank_seed(config.seed))
+    identity = {
+        "config": {k: v for k, v in asdict(config).items() if k != "epochs"},
+        "meta": dict(meta or {}),
+        "model": type(model).__name__,
+    }
+    model.to(device)
+    if device.type == "cuda" and config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if world > 1 and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    opt = _optimizer(model, config)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode=config.mode, factor=config.lr_factor, patience=config.lr_patience
+    )
+    return _Loop(model, opt, sched, config, device, out, identity, prepare, progress, log, world, rank)
+
+
+def _identity_diff(old, new):
+    """The settings (``config.lr``, ``meta.arch``, ``model`` ...) in which two identities differ."""
+    diff = [
+        f"{sec}.{k}"
+        for sec in ("config", "meta")
+        for k in set(old.get(sec, {})) | set(new[sec])
+        if old.get(sec, {}).get(k) != new[sec].get(k)
+    ]
+    if old.get("model") != new["model"]:
+        diff.append("model")
+    return sorted(diff)
+
+
+def _resume(loop):
+    """Continue ``loop`` from ``out/last.pt`` when it is there: weights, optimiser, schedule,
+    history and every random state. A ``last.pt`` of a run with other settings is refused."""
+    last = loop.out / "last.pt"
+    if not last.exists():
+        return
+    ck = load_checkpoint(last)
+    if ck.get("identity") != loop.identity:
+        raise InputError(
+            f"{last} was written by a run with other settings "
+            f"({', '.join(_identity_diff(ck.get('identity') or {}, loop.identity)[:6])}); "
+            "use another output folder, or delete it to start again"
+        )
+    _load_weights(loop.model, ck, last, "this model", "use another output folder")
+    loop.opt.load_state_dict(ck["optimizer"])
+    loop.sched.load_state_dict(ck["scheduler"])
+    loop.history, loop.best, loop.start, loop.stale = ck["history"], ck["best"], ck["epoch"], ck["stale"]
+    _restore_rng(ck.get("rng"), loop.prepare, loop.device, loop.log)
+    loop.log(f"resumed from {last} after epoch {loop.start}")
+    epochs = loop.config.epochs
+    if loop.start > epochs:
+        loop.log(
+            f"note: {last} already holds {loop.start} epochs, more than epochs={epochs}; nothing is "
+            "trained and its checkpoints stay those of the longer run (use another output folder to "
+            f"train {epochs} epochs)"
+        )
+    if loop.stopped_early():
+        loop.start = epochs  # it had stopped early: nothing more to do
+
+
+def _distributed(loop):
+    """What trains: the model, or under DDP its ``DistributedDataParallel`` wrapper (which
+    broadcasts rank 0's weights and buffers, then averages the gradients in every step)."""
+    if not loop.ddp:
+        return loop.model
+    return torch.nn.parallel.DistributedDataParallel(
+        loop.model, device_ids=[loop.device.index] if loop.cuda else None, static_graph=True
+    )
+
+
+def _epoch_batches(loop, batches, read_ahead):
+    """``(x, y, whole)`` for each batch of ``batches``: this process's slice of it under DDP
+    (``whole``: the global batch's size; ``None`` in a single process), gathered ahead in a
+    thread when ``read_ahead`` (and pinned for asynchronous copies to a GPU)."""
+    take = _slicer(loop.rank, loop.world) if loop.ddp else None
+    transform = take
+    if read_ahead:
+        # The next batches are gathered (sliced, and pinned for asynchronous copies to a GPU)
+        # in a thread while the model works on this one; same batches, same order.
+        pin = pin_batch if loop.cuda else None
+        transform = (lambda b: pin(take(b))) if take and pin else (take or pin)
+        batches = ReadAhead(batches, read_ahead, transform)
+    for batch in batches:
+        if transform is not None and not read_ahead:
+            batch = transform(batch)
+        yield batch[0], batch[1], (batch[2] if loop.ddp else None)
+
+
+def _announce(loop, whole, batch_size):
+    """Log the distributed set-up once, at the first batch; refuse a first batch of a size that
+    does not divide by the number of processes (when ``batch_size`` was not given)."""
+    if loop.announced:
+        return
+    world = loop.world
+    if batch_size is None and whole % world:
+        raise InputError(
+            f"the first training batch holds {whole} patches, which does not divide "
+            f"by the {world} processes training together: use a batch_size that is "
+            f"a multiple of {world}"
+        )
+    loop.log(
+        f"distributed training: {world} processes ({torch.distributed.get_backend()}), global "
+        f"batch {batch_size or whole} = {(batch_size or whole) // world} per process; learning "
+        f"rate {loop.config.lr:g} as configured (not scaled with the number of processes); BatchNorm "
+        + (
+            "synchronised across processes (SyncBatchNorm)"
+            if loop.cuda
+            else "per process (torch's SyncBatchNorm needs GPUs)"
+        )
+    )
+    loop.announced = True
+
+
+def _train_step(loop, x, y, whole, loss_fn):
+    """One optimiser step on a batch (this process's slice under DDP).
+
+    Returns:
+        ``(loss, patches)``: the batch's loss (a tensor on the device) and its number of patches.
+    """
+    x, y = loop.prepare(x, y, loop.device, True)
+    if loop.cuda and loop.config.channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with loop.autocast():
+        outp = loop.net(x)
+        loss = loss_fn(outp, y)
+    loop.opt.zero_grad(set_to_none=True)
+    # DDP averages the processes' gradients; a slice of another size than the others
+    # (an uneven last batch) is weighted so that the step is the whole batch's mean.
+    weight = len(x) * loop.world / whole if loop.ddp else 1.0
+    (loss * weight if weight != 1.0 else loss).backward()
+    loop.opt.step()
+    return loss, len(x)
+
+
+def _mean_loss(loop, total, n):
+    """The epoch's mean training loss from this process's sum ``total`` over ``n`` patches
+    (summed over every process under DDP); an empty epoch is an :class:`InputError`."""
+    if loop.ddp:
+        sums = torch.stack([total, torch.tensor(float(n), dtype=torch.float64, device=loop.device)])
+        torch.distributed.all_reduce(sums)
+        total, n = sums[0], int(sums[1])
+    if n == 0:
+        raise InputError("train_batches yielded no batch: the training split is empty")
+    return float(total) / n
+
+
+def _train_epoch(loop, epoch, train_batches, loss_fn, read_ahead, batch_size):
+    """Train one epoch over ``train_batches(epoch)``; return its mean training loss."""
+    loop.net.train()
+    total, n = torch.zeros((), dtype=torch.float64, device=loop.device), 0
+    batches = train_batches(epoch)
+    bar = progress_bar(
+        len(batches) if hasattr(batches, "__len__") else None,
+        f"epoch {epoch + 1}/{loop.config.epochs}",
+        "batch",
+        loop.progress,
+    )
+    for x, y, whole in _epoch_batches(loop, batches, read_ahead):
+        if loop.ddp:
+            _announce(loop, whole, batch_size)
+            if whole < loop.world:  # a last batch too small to give every process a patch
+                bar.update()
+                continue
+        loss, k = _train_step(loop, x, y, whole, loss_fn)
+        # Summed on the device: reading the loss each step would make the host wait for the
+        # GPU, and the next batch would not be gathered while the GPU computes.
+        total = total + loss.detach().double() * k
+        n += k
+        bar.update()
+    bar.close()
+    return _mean_loss(loop, total, n)
+
+
+def _recalibrate(loop, batches):
+    """Recompute the BatchNorm statistics over ``batches`` (see :func:`recalibrate_batchnorm`);
+    under DDP each process over its slices, and on CPUs rank 0's statistics are kept."""
+    if loop.ddp:
+        take = _slicer(loop.rank, loop.world)
+        batches = ((xb, yb) for xb, yb, whole in map(take, batches) if whole >= loop.world)
+    recalibrate_batchnorm(loop.model, batches, loop.prepare, loop.device, loop.autocast)
+    if loop.ddp and not loop.cuda:  # without SyncBatchNorm the ranks' statistics differ: keep rank 0's
+        for buf in loop.model.buffers():
+            torch.distributed.broadcast(buf, 0)
+
+
+def _validate(loop, evaluate, epoch, train_loss, t0):
+    """The epoch's history row: its training loss, the validation metrics, the learning rate and
+    the seconds since ``t0``. Rank 0 validates; every rank gets the same row."""
+    lr, monitor = loop.opt.param_groups[0]["lr"], loop.config.monitor
+
+    def validate():
+        loop.model.eval()
+        with torch.no_grad(), loop.autocast():
+            val = dict(evaluate(loop.model, loop.device))
+        if monitor not in val:
+            raise InputError(f"evaluate() returned {sorted(val)}, which lacks the monitored {monitor!r}")
+        return {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            **{k: float(v) for k, v in val.items()},
+            "lr": lr,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+
+    return dd.run_on_main(validate)
+
+
+def _checkpoint(loop, epoch, improved):
+    """Write the checkpoints of ``epoch`` (0-based) and the history (rank 0; every rank's random
+    state is gathered into ``last.pt``): ``best.pt`` too when the score ``improved``."""
+    rng = dd.all_gather_object(_rng_state(loop.prepare, loop.device))  # every rank's random state
+    payload = {
+        "model": loop.model.state_dict(),
+        "optimizer": loop.opt.state_dict(),
+        "scheduler": loop.sched.state_dict(),
+        "epoch": epoch + 1,
+        "history": loop.history,
+        "best": loop.best,
+        "stale": loop.stale,
+        "identity": loop.identity,
+        "versions": loop.versions,
+        "rng": rng,
+        "world_size": loop.world,
+    }
+    held = loop.held
+    dd.run_on_main(lambda: _save_epoch(loop.out, payload, loop.history, improved, held))
+    loop.held = epoch + 1
+
+
+def _end_epoch(loop, epoch, row):
+    """Record the epoch's ``row``: the plateau schedule and the best score follow the monitored
+    metric, the checkpoints are written and the epoch's line is logged."""
+    loop.history.append(row)
+    score = row[loop.config.monitor]
+    loop.sched.step(score)
+    improved = _better(score, loop.best, loop.config.mode)
+    if improved:
+        loop.best, loop.stale = score, 0
+    else:
+        loop.stale += 1
+    _checkpoint(loop, epoch, improved)
+    loop.log(
+        f"epoch {epoch + 1}/{loop.config.epochs}: train_loss {row['train_loss']:.4f}, "
+        + ", ".join(f"{k} {row[k]:.4f}" for k in row if k not in ("epoch", "train_loss", "lr", "seconds"))
+        + f", lr {row['lr']:.2g}"
+        + (" (best)" if improved else "")
+    )
+
+
 def fit(
     model,
     train_batches,
@@ -393,22 +834,8 @@ def fit(
 ):
     """Train ``model``, resuming from ``out_dir/last.pt`` when it is there.
 
-    In distributed training (a ``torch.distributed`` process group of more than one process,
-    e.g. under ``torchrun``; see :mod:`helpers.distributed`) every process runs this function
-    with the same arguments and the model is wrapped in ``DistributedDataParallel``:
-
-    - each process takes its slice of every batch of ``train_batches`` (a global batch of
-      ``batch_size``, which must divide by the number of processes), and DDP averages the
-      gradients, so a step is the step of one process on the whole batch (a loss pooled over
-      the batch, such as a batch-pooled Dice, is pooled over each slice). The learning rate
-      is used as configured, not scaled with the number of processes;
-    - on GPUs BatchNorm layers become ``SyncBatchNorm`` (statistics over the global batch);
-      on CPUs (gloo) torch has no SyncBatchNorm, so each process normalises over its slice
-      and rank 0's running statistics are the ones kept;
-    - rank 0 alone validates, logs and writes the checkpoints and the history; the validation
-      metrics reach every process, so the learning-rate schedule and early stopping agree;
-    - every process loads ``last.pt`` on resume (``out_dir`` must be visible to all of them),
-      and the random states of every rank are saved in it.
+    In distributed training (a ``torch.distributed`` process group of more than one process)
+    every process runs this function with the same arguments: see the module's docstring.
 
     Args:
         model: a ``torch.nn.Module``.
@@ -443,218 +870,19 @@ def fit(
         InputError: bad settings, a ``last.pt`` of another run, a batch size that does not
             divide by the number of processes, or a full disk while saving.
     """
-    config = config.validate()
-    if read_ahead:
-        check_positive("read_ahead", read_ahead, integer=True)
-    if batch_size is not None:
-        check_positive("batch_size", batch_size, integer=True)
-    meta = dict(meta or {})
-    out = Path(out_dir)
-    world, rank = dd.world_size(), dd.rank()
-    ddp = world > 1
-    if ddp and batch_size is not None and batch_size % world:
-        raise InputError(
-            f"parameter 'batch_size' ({batch_size}) must divide by the {world} processes training "
-            f"together (each takes an equal slice of every batch): use a multiple of {world}"
-        )
-    if rank != 0:
-        log, progress = _quiet, False
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-    device = _training_device(config, ddp)
-    seed_everything(dd.rank_seed(config.seed))
-    cuda = device.type == "cuda"
-    identity = {
-        "config": {k: v for k, v in asdict(config).items() if k != "epochs"},
-        "meta": meta,
-        "model": type(model).__name__,
-    }
-    model.to(device)
-    if cuda and config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if ddp and cuda:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    else:
-        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode=config.mode, factor=config.lr_factor, patience=config.lr_patience
-    )
-    history, best, start, stale = [], None, 0, 0
-    last = out / "last.pt"
-    if last.exists():
-        ck = load_checkpoint(last)
-        if ck.get("identity") != identity:
-            old = ck.get("identity") or {}
-            diff = [
-                f"{sec}.{k}"
-                for sec in ("config", "meta")
-                for k in set(old.get(sec, {})) | set(identity[sec])
-                if old.get(sec, {}).get(k) != identity[sec].get(k)
-            ]
-            if old.get("model") != identity["model"]:
-                diff.append("model")
-            raise InputError(
-                f"{last} was written by a run with other settings ({', '.join(sorted(diff)[:6])}); "
-                "use another output folder, or delete it to start again"
-            )
-        try:
-            model.load_state_dict(ck["model"])
-        except RuntimeError as exc:
-            raise InputError(
-                f"{last}: its weights do not fit this model ({str(exc)[:200]}); use another output folder"
-            ) from None
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        history, best, start, stale = ck["history"], ck["best"], ck["epoch"], ck["stale"]
-        _restore_rng(ck.get("rng"), prepare, device, log)
-        log(f"resumed from {last} after epoch {start}")
-        if start > config.epochs:
-            log(
-                f"note: {last} already holds {start} epochs, more than epochs={config.epochs}; nothing is "
-                "trained and its checkpoints stay those of the longer run (use another output folder to "
-                f"train {config.epochs} epochs)"
-            )
-        if config.early_stop_patience and stale >= config.early_stop_patience:
-            start = config.epochs  # it had stopped early: nothing more to do
-    held = start  # the epoch last.pt holds
-    net = model
-    if ddp:
-        # Broadcasts rank 0's weights and buffers, then averages the gradients in every step.
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if cuda else None, static_graph=True
-        )
-    take = _slicer(rank, world) if ddp else None
-    announced = not ddp
-    versions = library_versions()
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and config.amp else contextlib.nullcontext
-    for epoch in range(start, config.epochs):
+    config = _check_fit_settings(config, read_ahead, batch_size)
+    loop = _set_up(model, config, meta, Path(out_dir), prepare, progress, log)
+    _resume(loop)
+    loop.held = loop.start
+    loop.net = _distributed(loop)
+    loop.versions = library_versions()
+    for epoch in range(loop.start, config.epochs):
         t0 = time.perf_counter()
-        net.train()
-        total, n = torch.zeros((), dtype=torch.float64, device=device), 0
-        batches = train_batches(epoch)
-        bar = progress_bar(
-            len(batches) if hasattr(batches, "__len__") else None,
-            f"epoch {epoch + 1}/{config.epochs}",
-            "batch",
-            progress,
-        )
-        transform = take
-        if read_ahead:
-            # The next batches are gathered (sliced, and pinned for asynchronous copies to a GPU)
-            # in a thread while the model works on this one; same batches, same order.
-            pin = pin_batch if cuda else None
-            transform = (lambda b: pin(take(b))) if take and pin else (take or pin)
-            batches = ReadAhead(batches, read_ahead, transform)
-        for batch in batches:
-            if transform is not None and not read_ahead:
-                batch = transform(batch)
-            x, y = batch[0], batch[1]
-            if ddp:
-                whole = batch[2]
-                if not announced:
-                    if batch_size is None and whole % world:
-                        raise InputError(
-                            f"the first training batch holds {whole} patches, which does not divide "
-                            f"by the {world} processes training together: use a batch_size that is "
-                            f"a multiple of {world}"
-                        )
-                    log(
-                        f"distributed training: {world} processes ({torch.distributed.get_backend()}), global "
-                        f"batch {batch_size or whole} = {(batch_size or whole) // world} per process; learning "
-                        f"rate {config.lr:g} as configured (not scaled with the number of processes); BatchNorm "
-                        + (
-                            "synchronised across processes (SyncBatchNorm)"
-                            if cuda
-                            else "per process (torch's SyncBatchNorm needs GPUs)"
-                        )
-                    )
-                    announced = True
-                if whole < world:  # a last batch too small to give every process a patch
-                    bar.update()
-                    continue
-            x, y = prepare(x, y, device, True)
-            if cuda and config.channels_last and x.ndim == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                outp = net(x)
-                loss = loss_fn(outp, y)
-            opt.zero_grad(set_to_none=True)
-            # DDP averages the processes' gradients; a slice of another size than the others
-            # (an uneven last batch) is weighted so that the step is the whole batch's mean.
-            weight = len(x) * world / whole if ddp else 1.0
-            (loss * weight if weight != 1.0 else loss).backward()
-            opt.step()
-            # Summed on the device: reading the loss each step would make the host wait for the
-            # GPU, and the next batch would not be gathered while the GPU computes.
-            total = total + loss.detach().double() * len(x)
-            n += len(x)
-            bar.update()
-        bar.close()
-        if ddp:
-            sums = torch.stack([total, torch.tensor(float(n), dtype=torch.float64, device=device)])
-            torch.distributed.all_reduce(sums)
-            total, n = sums[0], int(sums[1])
-        if n == 0:
-            raise InputError("train_batches yielded no batch: the training split is empty")
+        train_loss = _train_epoch(loop, epoch, train_batches, loss_fn, read_ahead, batch_size)
         if bn_batches is not None:
-            source = bn_batches(epoch)
-            if ddp:
-                source = ((xb, yb) for xb, yb, whole in map(take, source) if whole >= world)
-            recalibrate_batchnorm(model, source, prepare, device, autocast)
-            if ddp and not cuda:  # without SyncBatchNorm the ranks' statistics differ: keep rank 0's
-                for buf in model.buffers():
-                    torch.distributed.broadcast(buf, 0)
-        train_loss, lr = float(total) / n, opt.param_groups[0]["lr"]
-
-        def validate():
-            model.eval()
-            with torch.no_grad(), autocast():
-                val = dict(evaluate(model, device))
-            if config.monitor not in val:
-                raise InputError(f"evaluate() returned {sorted(val)}, which lacks the monitored {config.monitor!r}")
-            return {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                **{k: float(v) for k, v in val.items()},
-                "lr": lr,
-                "seconds": round(time.perf_counter() - t0, 2),
-            }
-
-        row = dd.run_on_main(validate)  # rank 0 validates; every rank gets the same row
-        history.append(row)
-        score = row[config.monitor]
-        sched.step(score)
-        improved = _better(score, best, config.mode)
-        if improved:
-            best, stale = score, 0
-        else:
-            stale += 1
-        rng = dd.all_gather_object(_rng_state(prepare, device))  # every rank's random state
-        payload = {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "epoch": epoch + 1,
-            "history": history,
-            "best": best,
-            "stale": stale,
-            "identity": identity,
-            "versions": versions,
-            "rng": rng,
-            "world_size": world,
-        }
-        dd.run_on_main(lambda: _save_epoch(out, payload, history, improved, held))
-        held = epoch + 1
-        log(
-            f"epoch {epoch + 1}/{config.epochs}: train_loss {row['train_loss']:.4f}, "
-            + ", ".join(f"{k} {row[k]:.4f}" for k in row if k not in ("epoch", "train_loss", "lr", "seconds"))
-            + f", lr {row['lr']:.2g}"
-            + (" (best)" if improved else "")
-        )
-        if config.early_stop_patience and stale >= config.early_stop_patience:
-            log(f"stopped early: {config.monitor} did not improve for {stale} epochs")
+            _recalibrate(loop, bn_batches(epoch))
+        _end_epoch(loop, epoch, _validate(loop, evaluate, epoch, train_loss, t0))
+        if loop.stopped_early():
+            loop.log(f"stopped early: {config.monitor} did not improve for {loop.stale} epochs")
             break
-    return pd.DataFrame(history)
+    return pd.DataFrame(loop.history)
