@@ -34,10 +34,10 @@ from pathlib import Path
 
 import yaml
 
-from .core.atomic import remove_stale_temporaries, write_json
+from .core.atomic import atomic_path, remove_stale_temporaries, write_json
 from .core.errors import InputError
 from .core.params import SPECS, check_parameters
-from .core.paths import REPO_ROOT, run_dir, runs_root
+from .core.paths import REPO_ROOT, figures_dir, run_dir, runs_root
 from .notebook.figures import STRICT_FIGURES_ENV
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -317,8 +317,6 @@ def _run(args):
     print(f"All {len(nbs)} notebooks ran in {record['seconds']:.0f} s. Outputs: {folder}", flush=True)
     summary = write_summary(folder, record)
     if summary:
-        from .core.paths import figures_dir
-
         print(
             f"Summary: {summary}\nReproduction report: {figures_dir(run_name) / '05_reproduction_report.md'}",
             flush=True,
@@ -638,7 +636,6 @@ def run_sweep(path, progress=True):
         collect(run_name, entry, summ["numbers"])
     table = pd.DataFrame(rows)
     out = run_dir(spec["name"])
-    from .core.atomic import atomic_path
 
     with atomic_path(out / "sweep.csv") as tmp:
         table.to_csv(tmp, index=False)

@@ -53,10 +53,7 @@ def helpers_imports(source, module, is_package, known):
 def import_graph(root=HELPERS):
     """``{module: [(line, imported module)]}`` over every ``.py`` file under ``root``."""
     files = {module_name(p, root): p for p in sorted(root.rglob("*.py"))}
-    return {
-        mod: helpers_imports(p.read_text(), mod, p.name == "__init__.py", files)
-        for mod, p in files.items()
-    }
+    return {mod: helpers_imports(p.read_text(), mod, p.name == "__init__.py", files) for mod, p in files.items()}
 
 
 def upward_imports(graph):
@@ -105,8 +102,7 @@ def import_circles(graph):
         if v not in index:
             visit(v)
     return [
-        "circle: "
-        + ", ".join(f"{m} line {line} -> {t}" for m in group for line, t in graph[m] if t in group)
+        "circle: " + ", ".join(f"{m} line {line} -> {t}" for m in group for line, t in graph[m] if t in group)
         for group in groups
     ]
 

@@ -55,6 +55,7 @@ from scipy import ndimage
 
 from ..core.atomic import atomic_dir, atomic_path, remove_stale_temporaries
 from ..core.errors import InputError
+from ..core.paths import demo_data_dir
 from ..core.progress import progress_bar
 
 #: Bump when the drawing changes, so cached demo data is regenerated.
@@ -1216,6 +1217,8 @@ def _tiles_of(strip, tile=TILE):
 
 def _aperio_description(w, h, level_w=None, level_h=None, magnify=1):
     """An Aperio ImageDescription: level 0 (with AppMag and MPP) or a lower level."""
+    # 'helpers.synthetic' is a fixed name in the slides' bytes (their hashes key the demo's caches),
+    # not this module's path
     head = f"Aperio Image Library v10.0.50 (synthetic demo, helpers.synthetic v{GENERATOR_VERSION})\r\n"
     if level_w is None:
         return (
@@ -1507,7 +1510,6 @@ def ensure_demo_dataset(folder=None, cases=None, workers=None, progress=True):
     Returns:
         The dataset folder (a :class:`pathlib.Path`).
     """
-    from ..core.paths import demo_data_dir
 
     folder = Path(folder) if folder is not None else demo_data_dir()
     cases = list(cases) if cases is not None else demo_cases()

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 
+from ..core.atomic import atomic_path
 from ..core.errors import DiskFullError
 from ..core.paths import figures_dir
 
@@ -24,8 +25,6 @@ def figure_saver(notebook, run_name):
     folder = figures_dir(run_name)
 
     def save_fig(fig, name, dpi=110):
-        from ..core.atomic import atomic_path
-
         path = folder / f"{notebook}_{name}.png"
         with atomic_path(path, suffix=".png") as tmp:
             fig.savefig(tmp, dpi=dpi, bbox_inches="tight", metadata={"Software": None})

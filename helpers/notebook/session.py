@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import InputError, check_type
-from ..core.paths import REPO_ROOT
+from ..core.paths import REPO_ROOT, run_dir
+from ..core.provenance import key_hash, read_stamp
 from ..core.seeding import library_versions, seed_everything
 
 
@@ -182,8 +183,6 @@ def load_run(run_name, data_dir):
     """
     import pandas as pd
 
-    from ..core.paths import run_dir
-    from ..core.provenance import read_stamp
     from ..patching.caches import load_extraction_record
     from ..wsi.dataset import list_cases
 
@@ -204,7 +203,6 @@ def load_run(run_name, data_dir):
             f"{split_path} names slides that are no longer in {rec['data_dir']} ({missing[:3]}); rerun notebook 02"
         )
     by_split = {s: [cases[i] for i in split.case_id[split.split == s]] for s in ("train", "val", "test")}
-    from ..core.provenance import key_hash
 
     return Run(
         run_name,

@@ -17,8 +17,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..core.atomic import atomic_path
 from ..core.errors import InputError
-from ..learning.metrics import classification_report
+from ..core.paths import runs_root
+from ..core.provenance import file_sha256, write_stamp
+from ..learning.metrics import bootstrap_interval, classification_report, majority_baseline, read_against_baseline
 from .classification_data import (
     PREDICTION_COLUMNS,
     load_class_patches,
@@ -180,7 +183,6 @@ def classification_plan(run, models_from, models, scales, strides):
     """
     from dataclasses import replace
 
-    from ..core.paths import runs_root
     from ..learning.train import checkpoint_meta, read_trained
 
     params = {
@@ -378,7 +380,6 @@ def table1_row(lab, seed=0):
     ``case_id``, ``label``, ``pred``): accuracy with its 95 % bootstrap interval over slides,
     the majority-class baseline of the same patches, the reading against it, sensitivity,
     specificity and the confusion matrix."""
-    from ..learning.metrics import bootstrap_interval, majority_baseline, read_against_baseline
 
     r = classification_report(lab.label, lab.pred)
     lo, hi = bootstrap_interval((lab.label == lab.pred).to_numpy(), lab.case_id.to_numpy(), seed=seed)
@@ -425,9 +426,6 @@ def predict_classifiers(run, plan, out_dir, input_size=224, device=None, val_per
     Returns:
         ``(predictions, table1)``.
     """
-    from ..core.atomic import atomic_path
-    from ..core.paths import runs_root
-    from ..core.provenance import file_sha256, write_stamp
     from .report import PAPER_TABLE1
 
     scored = plan.target_split()

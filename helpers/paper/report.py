@@ -10,6 +10,9 @@ Used by notebooks 04 and 05.
 import numpy as np
 import pandas as pd
 
+from ..core.atomic import atomic_path, write_json
+from ..core.paths import figures_dir
+from ..core.provenance import read_stamp
 from .voting import one_class_note
 
 #: The paper's Table 1 (patch accuracy, %), by model and scale.
@@ -40,7 +43,6 @@ def _row(what, paper, ours, convention, ci="-", baseline="-", reading="-"):
 def _segmentation_rows(run):
     """The report's rows of notebook 03 (over its test slides with tumour), each unmeasured one
     saying why, and the provenance of its ``metrics.csv`` (``None``: none for this run)."""
-    from ..core.provenance import read_stamp
 
     seg = run.folder / "segmentation" / "metrics.csv"
     seg_key = read_stamp(seg)
@@ -170,8 +172,6 @@ def reproduction_report(run, unit_rows, pred_info):
         holds its rows, the classifiers ``missing`` and the ``notes`` on the counts whose baseline
         is 100 %.
     """
-    from ..core.atomic import atomic_path, write_json
-    from ..core.paths import figures_dir
 
     seg_rows, seg_key = _segmentation_rows(run)
     votes, notes = _unit_rows(unit_rows)

@@ -18,9 +18,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..core.atomic import atomic_path
 from ..core.errors import InputError, check_fraction
+from ..core.paths import runs_root
+from ..core.provenance import file_fingerprint, file_sha256, read_stamp, write_stamp
 from ..learning.metrics import dice_jaccard, dice_jaccard_per_patch, paip_score
-from ..learning.unetpp import probabilities
+from ..learning.unetpp import build_segmenter, probabilities
 from ..patching.caches import cache_folder
 from .segmentation_data import (
     mask_fraction_map,
@@ -105,7 +108,6 @@ class _Segmenting:
     def key(self, case, downsample):
         """What ``case``'s prediction depends on: the slide's content, the weights and every
         inference setting (the canvas's ``downsample`` too under ``scale_reference``)."""
-        from ..core.provenance import file_fingerprint
 
         p = self.params
         key = {
@@ -127,7 +129,6 @@ class _Segmenting:
     def saved(self, case, key):
         """``(prob, coverage, info)`` of ``case``'s prediction saved with ``key``; ``None`` when
         there is none (or one with another key)."""
-        from ..core.provenance import read_stamp
 
         prob_path = self.out / f"{case.case_id}_prob.npy"
         info = read_stamp(prob_path)
@@ -146,8 +147,6 @@ class _Segmenting:
         """
         import warnings
 
-        from ..core.atomic import atomic_path
-        from ..core.provenance import write_stamp
         from ..learning.inference import predict_slide, save_mask_tiff
 
         with warnings.catch_warnings(record=True) as caught:
@@ -313,7 +312,6 @@ def segmentation_plan(run, models_from=""):
         InputError: ``models_from`` has no trained model; or, to train, the training or
             validation split has no slide with a mask, or no training patch holds tumour.
     """
-    from ..core.paths import runs_root
 
     if models_from:
         src = runs_root() / models_from / "segmentation"
@@ -435,9 +433,7 @@ def trained_segmenter(folder):
     it is applied at are its own (the resolution is checked by
     :meth:`helpers.notebook.session.Run.check_model_resolution`).
     """
-    from ..core.provenance import file_sha256
     from ..learning.train import checkpoint_meta, trained_network
-    from ..learning.unetpp import build_segmenter
 
     ck_path = Path(folder) / "best.pt"
     model, ck = trained_network(lambda meta: build_segmenter(meta.get("variant", "paper")), ck_path)
@@ -451,9 +447,6 @@ def segment_with(run, plan, out_dir, device=None, out_downsample=8, stride=0, th
     test is this run's. Returns :func:`segment_cases`'s ``(table, canvases)``.
     """
     from dataclasses import replace
-
-    from ..core.atomic import atomic_path
-    from ..core.provenance import write_stamp
 
     model, meta, ck_path, weights = trained_segmenter(plan.source)
     run.check_model_resolution(meta, ck_path)

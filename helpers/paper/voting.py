@@ -22,7 +22,10 @@ import math
 import numpy as np
 import pandas as pd
 
+from ..core.atomic import atomic_path
 from ..core.errors import InputError, check_fraction
+from ..core.paths import runs_root
+from ..core.provenance import file_sha256, read_stamp
 
 TIES = ("tumour", "non-tumour")
 
@@ -259,8 +262,6 @@ def load_predictions(run, models, scales):
         InputError: no predictions table (run notebook 04), or one made from other caches,
             another split or other weights (rerun notebook 04).
     """
-    from ..core.paths import runs_root
-    from ..core.provenance import file_sha256, read_stamp
 
     path = run.folder / "classification" / "predictions.csv"
     fix = f"rerun notebook 04 (python -m helpers.run --only 04 --run-name {run.name})"
@@ -343,7 +344,6 @@ def segmentation_areas(run, case_ids, threshold=0.5):
     """Per slide segmented by notebook 03 (with this run's split and caches): the predicted
     tumour's share of the slide's tissue (``segmentation area``) and the slide's true label.
     Slides notebook 03 did not segment are left out."""
-    from ..core.provenance import read_stamp
 
     seg = run.folder / "segmentation"
     key = read_stamp(seg / "metrics.csv")
@@ -367,7 +367,6 @@ def segmentation_areas(run, case_ids, threshold=0.5):
 
 def save_voting(run, prov, votes, slides):
     """Write ``voting/provenance.csv``, ``votes.csv`` and ``slides.csv``, atomically."""
-    from ..core.atomic import atomic_path
 
     folder = run.folder / "voting"
     for name, table, index in (("provenance", prov, False), ("votes", votes, False), ("slides", slides, True)):

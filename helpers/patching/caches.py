@@ -12,7 +12,7 @@
 - The run's extraction record (``extraction.json``) tells notebooks 03-05 which caches notebook
   02 made.
 
-Used by ``patches`` (extraction), ``segmentation``, ``classify`` and notebooks 02-05.
+Used by ``patches`` (extraction), ``segmentation``, ``classification`` and notebooks 02-05.
 """
 
 import json

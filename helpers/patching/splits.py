@@ -9,8 +9,10 @@ folder for notebooks 03-05.
 import numpy as np
 import pandas as pd
 
+from ..core.atomic import atomic_path
 from ..core.errors import InputError
 from ..core.params import check_fractions
+from ..core.provenance import write_stamp
 
 
 def split_cases(case_ids, labels=None, fractions=(0.6, 0.2, 0.2), seed=0, patients=None):
@@ -84,9 +86,6 @@ def save_split(run_folder, table, key):
             the fractions and the seed.
     """
     from pathlib import Path
-
-    from ..core.atomic import atomic_path
-    from ..core.provenance import write_stamp
 
     path = Path(run_folder) / "split.csv"
     with atomic_path(path) as tmp:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import InputError
-from .slides import MASK_KINDS, SLIDE_SUFFIXES, SlideWarning
+from .slides import MASK_KINDS, SLIDE_SUFFIXES, Mask, Slide, SlideWarning, check_viable_inside_whole
 
 #: Slides whose level-0 microns per pixel differ by more than this share were scanned at
 #: different magnifications (a 20x and a 40x scan differ by 100 %; one scanner's slides by < 1 %).
@@ -301,8 +301,6 @@ def check_masks(cases, step=8):
     """
     import pandas as pd
 
-    from .slides import Mask, Slide, check_viable_inside_whole
-
     rows, problems = [], []
     for c in cases:
         if c.whole is None or c.viable is None:
@@ -326,7 +324,6 @@ def check_masks(cases, step=8):
 
 def slide_resolutions(cases):
     """``{case_id: level-0 um/px, or None where the file does not say}``."""
-    from .slides import Slide
 
     out = {}
     for c in cases:
