@@ -22,6 +22,9 @@ from ..core.errors import InputError
 from ..core.paths import runs_root
 from ..core.provenance import file_sha256, write_stamp
 from ..learning.metrics import bootstrap_interval, classification_report, majority_baseline, read_against_baseline
+from ..learning.train import checkpoint_meta, read_trained, trained_network
+from ..patching.caches import too_small_reason
+from ..wsi.slides import Slide
 from .classification_data import (
     PREDICTION_COLUMNS,
     load_class_patches,
@@ -96,9 +99,7 @@ class ClassificationPlan:
             predicted ones (``("grid", split)`` keys, the table's ``grid`` rows) without
             overlap.
         """
-        from ..patching.caches import too_small_reason
         from ..patching.patches import extract_dataset
-        from ..wsi.slides import Slide
 
         cases = {"all": list(run.cases.values()), **run.by_split}
         fit = ("train", "val") if self.mode == "train" else ()
@@ -182,8 +183,6 @@ def classification_plan(run, models_from, models, scales, strides):
             does not fit the run's patches.
     """
     from dataclasses import replace
-
-    from ..learning.train import checkpoint_meta, read_trained
 
     params = {
         sc: replace(run.params, stride=st, mask_scale=run.params.mask_scale if st == run.params.stride else 0)
@@ -340,7 +339,6 @@ def _load_classifier(plan, key, input_size):
     size it was trained at (``input_size``, an int or ``{arch: int}``, only for checkpoints that
     do not record it). The checkpoint must be of that model and scale."""
     from ..learning.models import build_classifier
-    from ..learning.train import checkpoint_meta, trained_network
 
     arch, scale = key.rsplit("_x", 1)
     model, ck = trained_network(

@@ -23,8 +23,10 @@ from ..core.errors import InputError, check_fraction
 from ..core.paths import runs_root
 from ..core.provenance import file_fingerprint, file_sha256, read_stamp, write_stamp
 from ..learning.metrics import dice_jaccard, dice_jaccard_per_patch, paip_score
+from ..learning.train import checkpoint_meta, trained_network
 from ..learning.unetpp import build_segmenter, probabilities
 from ..patching.caches import cache_folder
+from ..wsi.slides import Slide
 from .segmentation_data import (
     mask_fraction_map,
 )
@@ -237,7 +239,6 @@ def segment_cases(
         ``(table, canvases)``: a DataFrame with one row per case (metrics NaN where the case
         has no mask) and ``{case_id: {"prob", "pred", "truth" or None, "coverage"}}``.
     """
-    from ..wsi.slides import Slide
 
     check_fraction("threshold", threshold)
     out = Path(out_folder)
@@ -433,7 +434,6 @@ def trained_segmenter(folder):
     it is applied at are its own (the resolution is checked by
     :meth:`helpers.notebook.session.Run.check_model_resolution`).
     """
-    from ..learning.train import checkpoint_meta, trained_network
 
     ck_path = Path(folder) / "best.pt"
     model, ck = trained_network(lambda meta: build_segmenter(meta.get("variant", "paper")), ck_path)
