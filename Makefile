@@ -34,7 +34,7 @@ test: $(STAMP) $(LAB_STAMP)
 	TQDM_DISABLE=1 $(PY) -m pytest tests -q
 	# nbval executes the notebooks into a fresh runs folder: a demo run already in runs/ would be
 	# reused ("reusing its prediction ...") and its outputs would differ from the committed ones
-	# PAIP_REPRO_STRICT_FIGURES=1: a figure cell that fails fails its nbval cell (helpers.figures)
+	# PAIP_REPRO_STRICT_FIGURES=1: a figure cell that fails fails its nbval cell (helpers.notebook.figures)
 	runs=$$(mktemp -d) && trap 'rm -rf "$$runs"' EXIT && PAIP_REPRO_RUNS="$$runs" TQDM_DISABLE=1 \
 		PAIP_REPRO_STRICT_FIGURES=1 $(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider notebooks -q
 

@@ -1,10 +1,10 @@
-"""Benchmark: patch extraction (``helpers.patches.extract_slide``) against the decode limit and
+"""Benchmark: patch extraction (``helpers.patching.patches.extract_slide``) against the decode limit and
 the paper's whole-level way, on a large synthetic PAIP-like slide.
 
 One run:
 
 1. generates (once, cached in ``bench/cache/``) a synthetic pyramidal Aperio slide of
-   ``--size`` x ``--size`` px with its ``_whole``/``_viable`` masks (``helpers.synthetic``);
+   ``--size`` x ``--size`` px with its ``_whole``/``_viable`` masks (``helpers.demo.synthetic``);
 2. for each scale in ``--scales`` runs each method in a fresh subprocess, so that peak memory
    is the method's own:
 
@@ -17,9 +17,9 @@ One run:
    * ``paper``: the paper's way: the whole scaled level assembled into one array (read in
      strips into a preallocated array), ``patchify`` into 224 x 224 patches, and per patch
      ``skimage.filters.threshold_otsu`` on the grayscale patch (full resolution) plus the same
-     white-glass rule as ``helpers.patches.tissue_fractions``; counts the kept patches, writes
+     white-glass rule as ``helpers.patching.patches.tissue_fractions``; counts the kept patches, writes
      nothing, reads no mask;
-   * ``ours``: ``helpers.patches.extract_slide(case, scale, <temp cache>, ExtractionParams(),
+   * ``ours``: ``helpers.patching.patches.extract_slide(case, scale, <temp cache>, ExtractionParams(),
      workers=--workers)`` with both masks (tumour fractions, labels, mask patches), writing the
      full patch cache to a temporary folder that is deleted afterwards;
 
@@ -82,7 +82,7 @@ def case_tag(size):
 
 def ensure_slide(size, seed, cache_dir):
     """Generate (or reuse) ``bench_<tag>`` in ``cache_dir/bench_<tag>/``; return its folder."""
-    from helpers.synthetic import GENERATOR_VERSION, CaseSpec, write_case
+    from helpers.demo.synthetic import GENERATOR_VERSION, CaseSpec, write_case
 
     spec = CaseSpec(f"bench_{case_tag(size)}", size, size, True, seed)
     folder = Path(cache_dir) / spec.case_id
@@ -144,8 +144,8 @@ def method_raw(folder, scale, strip, reader="helpers", **_):
     ``reader="helpers"`` reads as extraction does (``Slide.read_region``: its tile reader for
     tiled JPEG TIFFs); ``reader="openslide"`` forces OpenSlide's ``read_region``.
     """
-    from helpers.dataset import list_cases
-    from helpers.slides import Slide
+    from helpers.wsi.dataset import list_cases
+    from helpers.wsi.slides import Slide
 
     case = list_cases(folder)[0]
     with Slide(case.slide) as s:
@@ -186,9 +186,9 @@ def method_paper(folder, scale, strip, glass_level, tissue_threshold, **_):
     from patchify import patchify
     from skimage.filters import threshold_otsu
 
-    from helpers.dataset import list_cases
-    from helpers.slides import Slide
-    from helpers.tissue import to_gray
+    from helpers.wsi.dataset import list_cases
+    from helpers.wsi.slides import Slide
+    from helpers.wsi.tissue import to_gray
 
     case = list_cases(folder)[0]
     with Slide(case.slide) as s:
@@ -221,12 +221,12 @@ def method_ours(folder, scale, workers, tmp_root, warm=False, **_):
     cache write. The count maps' own time is reported beside it (``count_map_seconds``,
     measured by building them first inside the timed section).
     """
-    from helpers.caches import ExtractionParams
-    from helpers.dataset import list_cases
-    from helpers.handles import forget_inherited
-    from helpers.maskcounts import mask_count_map
-    from helpers.parallel import process_pool
-    from helpers.patches import extract_slide
+    from helpers.core.parallel import process_pool
+    from helpers.patching.caches import ExtractionParams
+    from helpers.patching.maskcounts import mask_count_map
+    from helpers.patching.patches import extract_slide
+    from helpers.wsi.dataset import list_cases
+    from helpers.wsi.handles import forget_inherited
 
     case = list_cases(folder)[0]
     Path(tmp_root).mkdir(parents=True, exist_ok=True)
@@ -301,10 +301,10 @@ def method_profile(folder, scale, tmp_root, **_):
     import pstats
     from dataclasses import asdict
 
-    from helpers.caches import ExtractionParams
-    from helpers.dataset import list_cases
-    from helpers.maskcounts import mask_count_map
-    from helpers.patches import extract_rows, extract_slide, rows_per_task
+    from helpers.patching.caches import ExtractionParams
+    from helpers.patching.maskcounts import mask_count_map
+    from helpers.patching.patches import extract_rows, extract_slide, rows_per_task
+    from helpers.wsi.dataset import list_cases
 
     case = list_cases(folder)[0]
     Path(tmp_root).mkdir(parents=True, exist_ok=True)
@@ -709,9 +709,9 @@ def main(argv=None):
     if args._child:
         return child_main(args._child)
 
-    from helpers.caches import ExtractionParams, grid_shape
-    from helpers.dataset import list_cases
-    from helpers.slides import Slide
+    from helpers.patching.caches import ExtractionParams, grid_shape
+    from helpers.wsi.dataset import list_cases
+    from helpers.wsi.slides import Slide
 
     t_start = time.perf_counter()
     folder = ensure_slide(args.size, args.seed, args.cache_dir)

@@ -110,7 +110,7 @@ def fingerprint(run):
 
 def stale(run):
     """Predictions or metrics whose recorded weights are not the final ``best.pt``'s."""
-    from helpers.provenance import file_sha256, read_stamp
+    from helpers.core.provenance import file_sha256, read_stamp
 
     seg = run / "segmentation"
     if not (seg / "best.pt").exists():
@@ -304,7 +304,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     random.seed(args.seed)
-    from helpers.synthetic import CaseSpec, ensure_demo_dataset
+    from helpers.demo.synthetic import CaseSpec, ensure_demo_dataset
 
     root = Path(tempfile.mkdtemp(prefix="paip-faults-"))
     env = {**os.environ, "PAIP_REPRO_RUNS": str(root / "runs"), "TQDM_DISABLE": "1", "MPLBACKEND": "Agg"}

@@ -13,7 +13,7 @@ inference). This script measures, on whatever machine runs it (no GPU needed):
 - ``strips``: tissue patches per second of the whole-slide reader of notebook 03
   (strip reading, tiling, per-patch tissue test) on a demo slide, with 1, 2 and all-core
   reader threads;
-- ``simulated``: :func:`helpers.train.fit` driving a stand-in model whose step sleeps for
+- ``simulated``: :func:`helpers.learning.train.fit` driving a stand-in model whose step sleeps for
   ``batch / ceiling`` seconds without holding the GIL (as a GPU step leaves the host free), fed
   by the real classification pipeline with and without read-ahead, against the same loop fed
   one resident batch (the bare ceiling, same run): the share of the ceiling the loop keeps
@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from train_benchmark import cls_source, seg_source  # noqa: E402
 
-from helpers.train import TrainConfig, fit  # noqa: E402
+from helpers.learning.train import TrainConfig, fit  # noqa: E402
 
 # Bare training step, H200, bf16 + channels_last, batch 256 (shared/bench/README.md, 2026-11-27).
 H200_TRAIN = {"efficientnet_b0": 5148, "resnet50": 4706, "unetpp": 1597}
@@ -62,11 +62,11 @@ def rate(batches, seconds=6.0):
 
 def strips_rate(case_id, workers, seconds=6.0):
     """Tissue (and grid) patches per second of the whole-slide reader over a demo slide at 1x."""
-    from helpers.caches import ExtractionParams, grid_shape
-    from helpers.dataset import list_cases
-    from helpers.inference import _strips
-    from helpers.slides import Slide
-    from helpers.synthetic import ensure_demo_dataset
+    from helpers.demo.synthetic import ensure_demo_dataset
+    from helpers.learning.inference import _strips
+    from helpers.patching.caches import ExtractionParams, grid_shape
+    from helpers.wsi.dataset import list_cases
+    from helpers.wsi.slides import Slide
 
     case = {c.case_id: c for c in list_cases(ensure_demo_dataset(progress=False))}[case_id]
     p = ExtractionParams()
@@ -216,7 +216,10 @@ def main(argv=None):
         + ", ".join(f"{g:,.0f} with {w}" for w, g in grids.items())
         + f"; {os.cpu_count()} cores here)\n"
     )
-    print("Simulated GPU step (sleeps batch / ceiling), fed by notebook 04's pipeline through helpers.train.fit\n")
+    print(
+        "Simulated GPU step (sleeps batch / ceiling), fed by notebook 04's pipeline through "
+        "helpers.learning.train.fit\n"
+    )
     print("| model | H200 ceiling img/s | read_ahead | bare loop img/s | real pipeline img/s | pipeline / bare |")
     print("|---|---|---|---|---|---|")
     for name, ra, got, bare in sims:

@@ -2,7 +2,7 @@
 
 Measures, on one machine, and prints one table with the ratios and their targets:
 
-- training (target >= 0.9 of bare): ``helpers.train.fit`` fed by notebook 04's pipeline
+- training (target >= 0.9 of bare): ``helpers.learning.train.fit`` fed by notebook 04's pipeline
   (EfficientNet-B0 and ResNet-50 on balanced 4x batches) and notebook 03's (the paper's UNet++
   on 1x patches with masks, half from tumour patches), memory-mapped caches, augmentation on
   the device, bf16 autocast and channels_last, against the bare training step of the same
@@ -11,7 +11,7 @@ Measures, on one machine, and prints one table with the ratios and their targets
   second epoch; checkpoint writing is reported apart. The bare step is measured twice: with
   the cuDNN settings ``fit`` uses (``deterministic``, no autotuning: ``seed_everything``) and
   with ``cudnn.benchmark`` (the shared ceiling's);
-- whole-slide inference (target >= 0.8 of bare): ``helpers.inference.predict_slide`` with one
+- whole-slide inference (target >= 0.8 of bare): ``helpers.learning.inference.predict_slide`` with one
   reader thread per core against bare UNet++ inference on device-resident batches
   (``bench/inference_benchmark.py``), both bf16 + channels_last;
 - DDP scaling: the EfficientNet-B0 loop under ``torchrun`` with 1 process and with one per
@@ -53,8 +53,8 @@ from feed_benchmark import long_epochs  # noqa: E402
 from inference_benchmark import measure as measure_inference  # noqa: E402
 from train_benchmark import bare, cls_source, make, seg_source  # noqa: E402
 
-from helpers import distributed as dd  # noqa: E402
-from helpers.train import TrainConfig, fit, select_device  # noqa: E402
+from helpers.learning import distributed as dd  # noqa: E402
+from helpers.learning.train import TrainConfig, fit, select_device  # noqa: E402
 
 TRAIN_TARGET, INFER_TARGET = 0.9, 0.8
 MODELS = ("efficientnet_b0", "resnet50", "unetpp_paper")
@@ -103,11 +103,11 @@ def make_data(quick, run, stride):
     Returns:
         The slide to segment for the inference check.
     """
-    from helpers.caches import ExtractionParams
-    from helpers.dataset import list_cases
-    from helpers.patches import extract_dataset
-    from helpers.paths import run_dir
-    from helpers.synthetic import CaseSpec, demo_cases, ensure_demo_dataset
+    from helpers.core.paths import run_dir
+    from helpers.demo.synthetic import CaseSpec, demo_cases, ensure_demo_dataset
+    from helpers.patching.caches import ExtractionParams
+    from helpers.patching.patches import extract_dataset
+    from helpers.wsi.dataset import list_cases
 
     if quick:  # the tests' tiny cases: two with tumour, one without
         specs = [
@@ -126,7 +126,7 @@ def make_data(quick, run, stride):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # slides too small at 4x in the quick set
         extract_dataset(cases, [1, 4], folder / "patches", params, progress=False)
-    from helpers.caches import save_extraction_record
+    from helpers.patching.caches import save_extraction_record
 
     save_extraction_record(folder, data, [1, 4], params, cases)
     pd.DataFrame({"case_id": [c.case_id for c in cases], "split": "train"}).to_csv(folder / "split.csv", index=False)
@@ -180,9 +180,9 @@ class Timed:
 def loop_rate(name, s, device):
     """Images/s of ``fit``'s training phase through the notebooks' pipeline (second epoch), and
     the seconds per epoch spent outside it (validation stub, checkpoints, history)."""
-    from helpers.classify import class_prepare
-    from helpers.segmentation import segmentation_prepare
-    from helpers.unetpp import deep_supervision_dice_loss
+    from helpers.learning.unetpp import deep_supervision_dice_loss
+    from helpers.paper.classification_data import class_prepare
+    from helpers.paper.segmentation_data import segmentation_prepare
 
     model, seg = make(name)
     if seg:
@@ -226,7 +226,7 @@ def bare_rates(name, s, device):
 def ddp_worker(args):
     """One torchrun process of the scaling check: EfficientNet-B0 through notebook 04's pipeline,
     a global batch of ``batch`` patches per process; rank 0 writes the rate of epoch 2."""
-    from helpers.classify import class_prepare
+    from helpers.paper.classification_data import class_prepare
 
     dd.init_from_env()
     world = dd.world_size()

@@ -3,7 +3,7 @@
 In one run on one device it measures
 
 - ``bare``: the paper's UNet++ on batches already on the device (no reading, no tiling);
-- ``slide``: ``helpers.inference.predict_slide`` on a demo slide: strips read by a read-ahead
+- ``slide``: ``helpers.learning.inference.predict_slide`` on a demo slide: strips read by a read-ahead
   thread, glass skipped, tissue patches batched through the same network, probabilities
   stitched at 1/16,
 
@@ -24,11 +24,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from helpers.dataset import list_cases  # noqa: E402
-from helpers.inference import default_read_workers, predict_slide  # noqa: E402
-from helpers.synthetic import ensure_demo_dataset  # noqa: E402
-from helpers.train import select_device  # noqa: E402
-from helpers.unetpp import build_segmenter, probabilities  # noqa: E402
+from helpers.demo.synthetic import ensure_demo_dataset  # noqa: E402
+from helpers.learning.inference import default_read_workers, predict_slide  # noqa: E402
+from helpers.learning.train import select_device  # noqa: E402
+from helpers.learning.unetpp import build_segmenter, probabilities  # noqa: E402
+from helpers.wsi.dataset import list_cases  # noqa: E402
 
 
 def measure(slide, input_size=128, batch=16, read_workers=None, seconds=8.0, amp=False, device=None):
@@ -101,7 +101,7 @@ def main(argv=None):
         "--read-workers",
         type=int,
         default=None,
-        help="reader threads (default: helpers.inference.default_read_workers(), half the cores)",
+        help="reader threads (default: helpers.learning.inference.default_read_workers(), half the cores)",
     )
     args = ap.parse_args(argv)
     device = select_device("auto")

@@ -1,10 +1,10 @@
-"""Benchmark and sanity check of the built-in demo data (:mod:`helpers.synthetic`).
+"""Benchmark and sanity check of the built-in demo data (:mod:`helpers.demo.synthetic`).
 
 - ``generation``: writes the demo dataset (45 slides, about 1.2 Gpx) into a fresh temporary
   folder and reports wall and CPU seconds (this process and its worker processes together:
   other load on the machine stretches the wall time, not the CPU time), then each zoo shape.
 - ``learnability``: cuts 64 px patches at 4x, 16x and 64x from the demo
-  (:func:`helpers.patches.extract_dataset`, labels from the viable mask), splits the slides by
+  (:func:`helpers.patching.patches.extract_dataset`, labels from the viable mask), splits the slides by
   patient (0.6 / 0.2 / 0.2, several split seeds) and fits two logistic regressions on the
   training slides' patches, scored on the held-out slides (validation and test together):
   per-channel colour histograms, the shortcut a stain-blind model would take, and
@@ -40,11 +40,11 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import helpers.synthetic as syn  # noqa: E402
-from helpers.caches import ExtractionParams  # noqa: E402
-from helpers.dataset import list_cases  # noqa: E402
-from helpers.patches import extract_dataset  # noqa: E402
-from helpers.splits import split_cases  # noqa: E402
+import helpers.demo.synthetic as syn  # noqa: E402
+from helpers.patching.caches import ExtractionParams  # noqa: E402
+from helpers.patching.patches import extract_dataset  # noqa: E402
+from helpers.patching.splits import split_cases  # noqa: E402
+from helpers.wsi.dataset import list_cases  # noqa: E402
 
 
 class Clock:

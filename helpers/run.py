@@ -34,11 +34,11 @@ from pathlib import Path
 
 import yaml
 
-from .atomic import remove_stale_temporaries, write_json
-from .errors import InputError
-from .figures import STRICT_FIGURES_ENV
-from .params import SPECS, check_parameters
-from .paths import REPO_ROOT, run_dir, runs_root
+from .core.atomic import atomic_path, remove_stale_temporaries, write_json
+from .core.errors import InputError
+from .core.params import SPECS, check_parameters
+from .core.paths import REPO_ROOT, figures_dir, run_dir, runs_root
+from .notebook.figures import STRICT_FIGURES_ENV
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 PROFILE_DIR = REPO_ROOT / "profiles"
@@ -86,7 +86,7 @@ def load_profile(name):
 
 def resolve_parameters(profile, overrides, nbs, check_files=True):
     """Merge the profile and the overrides; check every name against the notebooks and every
-    value against :data:`helpers.params.SPECS` (types, ranges, the rules tying them), before
+    value against :data:`helpers.core.params.SPECS` (types, ranges, the rules tying them), before
     anything runs.
 
     Returns:
@@ -116,8 +116,8 @@ def resolve_parameters(profile, overrides, nbs, check_files=True):
         if merged.get(k) in (None, ""):
             raise InputError(f"this profile needs parameter {k!r}: pass -p {k} VALUE")
     unchecked = sorted(k for k in merged if k not in SPECS)
-    if unchecked:  # a notebook declares a parameter that helpers.params does not know
-        raise InputError(f"parameters {unchecked} have no entry in helpers.params.SPECS; add them there")
+    if unchecked:  # a notebook declares a parameter that helpers.core.params does not know
+        raise InputError(f"parameters {unchecked} have no entry in helpers.core.params.SPECS; add them there")
     merged = {**merged, **check_parameters(merged, check_files=check_files)}
     # Each notebook gets all its parameters (its defaults where the profile and the command line
     # say nothing), so params.json records exactly what ran.
@@ -238,8 +238,8 @@ def _check_resolutions(merged):
     """Say before any notebook runs what notebook 01 says: that the slides' resolutions differ
     while scales are level-0 downsamples (one line), or that a physical-scale run has a slide
     without mpp (the error)."""
-    from .dataset import list_cases, resolution_warning, slide_resolutions
-    from .notebook import resolve_data_dir
+    from .notebook.session import resolve_data_dir
+    from .wsi.dataset import list_cases, resolution_warning, slide_resolutions
 
     cases = list_cases(resolve_data_dir(merged["data_dir"], progress=False))
     line = resolution_warning(slide_resolutions(cases), merged.get("scale_reference", 0.0))
@@ -273,7 +273,7 @@ def _run(args):
     if args.overwrite:
         clear_outputs(folder, nbs)
     if "data_dir" in merged and merged["data_dir"] == "":
-        from .synthetic import ensure_demo_dataset
+        from .demo.synthetic import ensure_demo_dataset
 
         print("demo data:", ensure_demo_dataset(progress=not args.no_progress), flush=True)
     if "data_dir" in merged:
@@ -317,8 +317,6 @@ def _run(args):
     print(f"All {len(nbs)} notebooks ran in {record['seconds']:.0f} s. Outputs: {folder}", flush=True)
     summary = write_summary(folder, record)
     if summary:
-        from .paths import figures_dir
-
         print(
             f"Summary: {summary}\nReproduction report: {figures_dir(run_name) / '05_reproduction_report.md'}",
             flush=True,
@@ -638,7 +636,6 @@ def run_sweep(path, progress=True):
         collect(run_name, entry, summ["numbers"])
     table = pd.DataFrame(rows)
     out = run_dir(spec["name"])
-    from .atomic import atomic_path
 
     with atomic_path(out / "sweep.csv") as tmp:
         table.to_csv(tmp, index=False)

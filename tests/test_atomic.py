@@ -1,4 +1,4 @@
-"""helpers.atomic, and atomic patch caches: an interrupted run leaves nothing half-written."""
+"""helpers.core.atomic, and atomic patch caches: an interrupted run leaves nothing half-written."""
 
 import json
 import os
@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import helpers.patches as hp
-from helpers.atomic import atomic_dir, atomic_path, remove_stale_temporaries, write_json
-from helpers.caches import ExtractionParams, load_patch_set
-from helpers.dataset import list_cases
-from helpers.patches import extract_slide
+import helpers.patching.patches as hp
+from helpers.core.atomic import atomic_dir, atomic_path, remove_stale_temporaries, write_json
+from helpers.patching.caches import ExtractionParams, load_patch_set
+from helpers.patching.patches import extract_slide
+from helpers.wsi.dataset import list_cases
 
 
 def _tmp_leftovers(root):
@@ -19,7 +19,7 @@ def _tmp_leftovers(root):
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers.atomic
+# helpers.core.atomic
 # ---------------------------------------------------------------------------------------------
 
 
@@ -150,7 +150,7 @@ def test_stale_temporaries_of_a_killed_run_are_removed(t1, tmp_path):
     assert not cached and not stale.exists()
     assert _tmp_leftovers(root) == []
     # A folder without meta.json is not a cache.
-    from helpers.errors import InputError
+    from helpers.core.errors import InputError
 
     with pytest.raises(InputError, match="meta.json"):
         load_patch_set(stale.parent)

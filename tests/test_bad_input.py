@@ -1,4 +1,4 @@
-"""Bad input: each case gives one clear helpers.errors.InputError naming the file or parameter."""
+"""Bad input: each case gives one clear helpers.core.errors.InputError naming the file or parameter."""
 
 import shutil
 import subprocess
@@ -12,11 +12,11 @@ import pytest
 import tifffile
 from conftest import write_tiff_mask
 
-from helpers.caches import ExtractionParams, check_scales
-from helpers.dataset import Case, list_cases
-from helpers.errors import InputError, check_fraction, check_positive, check_type
-from helpers.patches import extract_dataset, extract_slide
-from helpers.slides import Mask, Slide
+from helpers.core.errors import InputError, check_fraction, check_positive, check_type
+from helpers.patching.caches import ExtractionParams, check_scales
+from helpers.patching.patches import extract_dataset, extract_slide
+from helpers.wsi.dataset import Case, list_cases
+from helpers.wsi.slides import Mask, Slide
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -165,8 +165,8 @@ _HANG_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, "tests")
     from pathlib import Path
     from test_bad_input import _damaged_mask_case
-    from helpers.errors import InputError
-    from helpers.patches import extract_slide
+    from helpers.core.errors import InputError
+    from helpers.patching.patches import extract_slide
     case = _damaged_mask_case(Path(sys.argv[1]), Path(sys.argv[2]) / "data")
     print("READY", flush=True)
     try:
@@ -337,7 +337,7 @@ def test_extract_slide_bad_scale(small_dataset, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers.errors
+# helpers.core.errors
 # ---------------------------------------------------------------------------------------------
 
 
@@ -365,7 +365,7 @@ def test_disk_full_during_extraction_is_one_clear_error_and_a_rerun_resumes(smal
     import errno
     from collections import namedtuple
 
-    import helpers.patches as hp
+    import helpers.patching.patches as hp
 
     cases = [c for c in list_cases(small_dataset) if c.case_id in ("tiny_n0", "tiny_t1")]
     cache = tmp_path / "cache"

@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers.caches import ExtractionParams
-from helpers.classify import (
+from helpers.core.errors import InputError
+from helpers.learning.models import build_classifier
+from helpers.paper.classification_data import (
     PREDICTION_COLUMNS,
     class_batches,
     class_prepare,
@@ -17,10 +18,9 @@ from helpers.classify import (
     prediction_table,
     require_both_classes,
 )
-from helpers.dataset import list_cases
-from helpers.errors import InputError
-from helpers.models import build_classifier
-from helpers.patches import extract_dataset
+from helpers.patching.caches import ExtractionParams
+from helpers.patching.patches import extract_dataset
+from helpers.wsi.dataset import list_cases
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_a_fresh_classifier_starts_at_chance(arch):
 def test_checkpoints_are_chosen_on_balanced_accuracy_and_validation_is_sampled(cls_run):
     from types import SimpleNamespace
 
-    from helpers.classify import ClassificationPlan, _job, sample_per_slide
+    from helpers.paper.classification import ClassificationPlan, _job, sample_per_slide
 
     root, cases, params = cls_run
     plan = ClassificationPlan("train", ["resnet50"], [4], [112], {4: params}, {}, grid_params={4: params})
@@ -190,7 +190,7 @@ def test_checkpoints_are_chosen_on_balanced_accuracy_and_validation_is_sampled(c
 
 
 def test_table1_row_reads_accuracy_against_the_test_sets_majority():
-    from helpers.classify import table1_row
+    from helpers.paper.classification import table1_row
 
     lab = pd.DataFrame({"case_id": ["a"] * 6 + ["b"] * 4, "label": [0] * 6 + [1] * 4, "pred": [0] * 10})
     r = table1_row(lab)

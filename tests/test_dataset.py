@@ -1,12 +1,12 @@
-"""helpers.dataset: the dataset contract (slides, masks, labels.csv layouts, patients)."""
+"""helpers.wsi.dataset: the dataset contract (slides, masks, labels.csv layouts, patients)."""
 
 import numpy as np
 import pytest
 from conftest import write_png, write_tiff_mask
 
-from helpers.dataset import Case, describe_cases, list_cases, read_labels
-from helpers.errors import InputError
-from helpers.slides import SlideWarning
+from helpers.core.errors import InputError
+from helpers.wsi.dataset import Case, describe_cases, list_cases, read_labels
+from helpers.wsi.slides import SlideWarning
 
 
 def _folder(tmp_path, names=("a", "b", "c")):

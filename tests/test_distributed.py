@@ -36,7 +36,7 @@ N_TRAIN, BATCH = 61, 8  # 7 full batches of 8, then one of 5: uneven slices (3 +
 def small_setup():
     from conftest import batches_from_arrays
 
-    from helpers.train import TrainConfig
+    from helpers.learning.train import TrainConfig
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, N_TRAIN + 20)
@@ -67,9 +67,9 @@ def small_setup():
 
 def worker(out_dir):
     """One process of a torchrun'd group: the refusals first, then the training."""
-    from helpers import distributed as dd
-    from helpers.errors import InputError
-    from helpers.train import fit
+    from helpers.core.errors import InputError
+    from helpers.learning import distributed as dd
+    from helpers.learning.train import fit
 
     torch.set_num_threads(1)
     assert dd.init_from_env() and dd.world_size() == 2
@@ -97,7 +97,7 @@ def worker(out_dir):
 
 
 if __name__ == "__main__":
-    from helpers.distributed import exit_process
+    from helpers.learning.distributed import exit_process
 
     worker(sys.argv[1])
     exit_process(0)  # see its docstring: DDP's process group and interpreter shutdown
@@ -105,13 +105,13 @@ if __name__ == "__main__":
 
 # -- the tests ------------------------------------------------------------------------------
 
-from helpers import distributed as dd  # noqa: E402
-from helpers.caches import ExtractionParams  # noqa: E402
-from helpers.dataset import list_cases  # noqa: E402
-from helpers.errors import InputError  # noqa: E402
-from helpers.jobs import ClassifierJob, SegmentationJob, run_distributed, run_jobs, write_spec  # noqa: E402
-from helpers.patches import extract_dataset  # noqa: E402
-from helpers.train import fit  # noqa: E402
+from helpers.core.errors import InputError  # noqa: E402
+from helpers.learning import distributed as dd  # noqa: E402
+from helpers.learning.train import fit  # noqa: E402
+from helpers.paper.jobs import ClassifierJob, SegmentationJob, run_distributed, run_jobs, write_spec  # noqa: E402
+from helpers.patching.caches import ExtractionParams  # noqa: E402
+from helpers.patching.patches import extract_dataset  # noqa: E402
+from helpers.wsi.dataset import list_cases  # noqa: E402
 
 ENV = {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
@@ -241,7 +241,7 @@ def test_a_killed_distributed_run_resumes_from_last_pt(caches, tmp_path):
     job = classifier_job(caches, tmp_path / "killed")
     spec = write_spec(job)
     out = Path(job.out_dir)
-    cmd = dd.torchrun_command(["helpers.jobs", spec], nproc_per_node=2)
+    cmd = dd.torchrun_command(["helpers.paper.jobs", spec], nproc_per_node=2)
     agent = subprocess.Popen(
         cmd, cwd=REPO, env=dd.child_environment(ENV), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
     )
@@ -293,7 +293,7 @@ def test_jobs_side_by_side_give_what_they_give_one_after_another(caches, tmp_pat
 
 
 def test_bad_job_specs_and_launcher_arguments_are_named(caches, tmp_path):
-    from helpers.jobs import as_job, build_job
+    from helpers.paper.jobs import as_job, build_job
 
     with pytest.raises(InputError, match="'kind' must be one of"):
         as_job({"kind": "detector"})
@@ -312,8 +312,8 @@ def test_bad_job_specs_and_launcher_arguments_are_named(caches, tmp_path):
     with pytest.raises(InputError, match="same out_dir"):
         run_jobs([classifier_job(caches, tmp_path / "d")] * 2, devices=[])
     with pytest.raises(InputError, match="rdzv_endpoint"):
-        dd.torchrun_command(["helpers.jobs", "x.json"], 8, nnodes=2)
-    cmd = dd.torchrun_command(["helpers.jobs", "x.json"], 8, nnodes=2, rdzv_endpoint="node1:29400")
+        dd.torchrun_command(["helpers.paper.jobs", "x.json"], 8, nnodes=2)
+    cmd = dd.torchrun_command(["helpers.paper.jobs", "x.json"], 8, nnodes=2, rdzv_endpoint="node1:29400")
     assert cmd[1:] == [
         "-m",
         "torch.distributed.run",
@@ -328,7 +328,7 @@ def test_bad_job_specs_and_launcher_arguments_are_named(caches, tmp_path):
         "--rdzv-id",
         "paip-repro",
         "-m",
-        "helpers.jobs",
+        "helpers.paper.jobs",
         "x.json",
     ]
     with pytest.raises(InputError, match="no such job spec"):

@@ -3,7 +3,7 @@
 Every repository path they cite (in backticks, in a code block or as a link: ``helpers/x.py``,
 ``notebooks/...``, ``bench/...``, ``tools/...``, ``sweeps/...``, ``profiles/...``, ...) must be
 in the repository, and every ``helpers.<module>[.<name>]`` must import and be defined where it
-is cited (not merely imported there: ``helpers.patches.to_gray`` lives in ``helpers.tissue``).
+is cited (not merely imported there: ``helpers.patching.patches.to_gray`` lives in ``helpers.wsi.tissue``).
 Generated paths (``runs/``, ``data/``, ``bench/results/``, ``bench/cache/``) and templates
 (``<run_name>``, ``*``) are not checked.
 """
@@ -126,7 +126,9 @@ def test_the_checks_catch_a_stale_reference():
     assert bare == ["no_tool.py"]
     assert not bare_name_exists("README.md", "no_tool.py") and bare_name_exists("README.md", "py2nb.py")
     assert not bare_name_exists("bench/README.md", "py2nb.py")  # beside bench/README.md: bench/py2nb.py
-    assert "only imported into helpers.patches: cite helpers.tissue.to_gray" in resolve("helpers.patches.to_gray")
-    assert "has no 'no_such_name'" in resolve("helpers.tissue.no_such_name")
+    assert "only imported into helpers.patching.patches: cite helpers.wsi.tissue.to_gray" in resolve(
+        "helpers.patching.patches.to_gray"
+    )
+    assert "has no 'no_such_name'" in resolve("helpers.wsi.tissue.no_such_name")
     assert resolve("helpers.no_such_module") == "helpers.no_such_module: module helpers has no 'no_such_module'"
-    assert resolve("helpers.tissue.to_gray") is None and resolve("helpers.jobs") is None
+    assert resolve("helpers.wsi.tissue.to_gray") is None and resolve("helpers.paper.jobs") is None

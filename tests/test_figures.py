@@ -1,4 +1,4 @@
-"""helpers.figures.figure_guard: one line on a user's data, the error itself under tests and CI."""
+"""helpers.notebook.figures.figure_guard: one line on a user's data, the error itself under tests and CI."""
 
 import os
 from pathlib import Path
@@ -6,8 +6,8 @@ from pathlib import Path
 import matplotlib
 import pytest
 
-from helpers.errors import DiskFullError
-from helpers.figures import STRICT_FIGURES_ENV, figure_guard, strict_figures
+from helpers.core.errors import DiskFullError
+from helpers.notebook.figures import STRICT_FIGURES_ENV, figure_guard, strict_figures
 
 matplotlib.use("Agg")
 REPO = Path(__file__).resolve().parent.parent
@@ -83,7 +83,7 @@ def test_a_notebook_kernel_started_under_pytest_reraises(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     km, kc = start_new_kernel(kernel_name="python3", cwd=str(REPO), startup_timeout=60)
     try:
-        code = 'from helpers.figures import figure_guard\nwith figure_guard("thumbnails"):\n    1 / 0\n'
+        code = 'from helpers.notebook.figures import figure_guard\nwith figure_guard("thumbnails"):\n    1 / 0\n'
         reply = kc.execute_interactive(code, timeout=60, output_hook=lambda msg: None)
         assert reply["content"]["status"] == "error", reply["content"]
         assert reply["content"]["ename"] == "ZeroDivisionError"

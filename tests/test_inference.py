@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.dataset import list_cases
-from helpers.errors import InputError
-from helpers.inference import predict_slide, save_mask_tiff
-from helpers.slides import Mask, Slide
+from helpers.core.errors import InputError
+from helpers.learning.inference import predict_slide, save_mask_tiff
+from helpers.wsi.dataset import list_cases
+from helpers.wsi.slides import Mask, Slide
 
 
 class Purple(torch.nn.Module):
@@ -150,7 +150,7 @@ def test_every_tissue_pixel_is_predicted_up_to_the_edges(tmp_path, size, scale):
 
 
 def test_grid_positions_reach_the_end():
-    from helpers.inference import grid_positions
+    from helpers.learning.inference import grid_positions
 
     assert grid_positions(1000, 224, 224).tolist() == [0, 224, 448, 672, 776]
     assert grid_positions(896, 224, 224).tolist() == [0, 224, 448, 672]  # exact: nothing added

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-import helpers.patches as hp
-from helpers.dataset import list_cases
-from helpers.parallel import WorkerDied
-from helpers.patches import extract_slide
+import helpers.patching.patches as hp
+from helpers.core.parallel import WorkerDied
+from helpers.patching.patches import extract_slide
+from helpers.wsi.dataset import list_cases
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,9 +70,9 @@ def _alive(pid):
 def test_workers_die_with_their_parent(small_dataset, tmp_path):
     """A kernel killed mid-extraction (OOM, kill -9) must not leave its workers running on."""
     script = textwrap.dedent(f"""
-        import time, helpers.patches as hp
-        from helpers.dataset import list_cases
-        from helpers.patches import extract_slide
+        import time, helpers.patching.patches as hp
+        from helpers.wsi.dataset import list_cases
+        from helpers.patching.patches import extract_slide
         real = hp._extract_rows_job
         def slow(args):
             time.sleep(60)
@@ -106,8 +106,8 @@ def test_a_checkpoint_trained_on_other_patches_is_never_resumed(tmp_path):
     (which holds every cache's key) changes, and fit refuses last.pt instead of resuming it."""
     import torch
 
-    from helpers.errors import InputError
-    from helpers.train import TrainConfig, fit
+    from helpers.core.errors import InputError
+    from helpers.learning.train import TrainConfig, fit
 
     def batches(epoch):
         g = torch.Generator().manual_seed(epoch)
@@ -168,7 +168,7 @@ def test_caches_survive_a_moved_dataset(small_dataset, tmp_path):
     """Keys hold the content of the files, not their paths: the same slides elsewhere reuse them."""
     import shutil
 
-    from helpers.patches import extract_dataset
+    from helpers.patching.patches import extract_dataset
 
     cases = list_cases(small_dataset)
     summary, _ = extract_dataset(cases, [4], tmp_path / "cache", workers=1, progress=False)
@@ -190,8 +190,8 @@ def test_a_full_disk_in_an_extraction_worker_is_the_one_disk_full_error(monkeypa
     import errno
     import pickle
 
-    import helpers.patches as hp
-    from helpers.errors import DiskFullError
+    import helpers.patching.patches as hp
+    from helpers.core.errors import DiskFullError
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -208,8 +208,8 @@ def test_file_sha256_hashes_the_whole_file_and_names_a_missing_one(tmp_path):
     """The one file hash of the project (checkpoint weights, the CMU test slide)."""
     import hashlib
 
-    from helpers.errors import InputError
-    from helpers.provenance import file_sha256
+    from helpers.core.errors import InputError
+    from helpers.core.provenance import file_sha256
 
     p = tmp_path / "f.bin"
     p.write_bytes(b"abc" * 1000)

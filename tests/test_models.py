@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
-from helpers import models
-from helpers.errors import InputError
+from helpers.core.errors import InputError
+from helpers.learning import models
 
 
 @pytest.fixture

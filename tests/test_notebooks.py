@@ -2,7 +2,7 @@
 
 Every figure is visible (a cell that draws carries an image), the parameters cell holds the demo
 profile's values (nbval runs the notebooks as committed, ``make demo`` with the profile: both
-must be the same run), every parameter is checked by ``helpers.params``, set-up cells stay short,
+must be the same run), every parameter is checked by ``helpers.core.params``, set-up cells stay short,
 and no output holds a machine-specific path.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import run as runner
-from helpers.params import SPECS
+from helpers.core.params import SPECS
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 DRAWS = ("save_fig(", "plt.subplots(", "plt.figure(", ".imshow(", "plt.show(")
@@ -65,7 +65,7 @@ def test_notebook_defaults_are_the_demo_profile():
 def test_every_parameter_is_checked_and_the_set_up_cell_is_short():
     for path in NOTEBOOKS:
         params = runner.notebook_parameters(path)
-        assert set(params) <= set(SPECS), f"{path.name}: {sorted(set(params) - set(SPECS))} not in helpers.params"
+        assert set(params) <= set(SPECS), f"{path.name}: {sorted(set(params) - set(SPECS))} not in helpers.core.params"
         cells = _cells(path)
         assert "parameters" in cells[0]["metadata"].get("tags", [])
         setup = "".join(cells[1]["source"])

@@ -42,7 +42,7 @@ OVERRIDES = {
 
 @pytest.fixture(scope="module")
 def paper_run(tmp_path_factory):
-    from helpers.synthetic import CaseSpec, ensure_demo_dataset
+    from helpers.demo.synthetic import CaseSpec, ensure_demo_dataset
 
     root = tmp_path_factory.mktemp("paper")
     cases = [

@@ -9,9 +9,9 @@ import pytest
 import torch
 from test_train_metrics import _loss, _setup
 
-from helpers.errors import InputError
-from helpers.parallel import ReadAhead
-from helpers.train import fit
+from helpers.core.errors import InputError
+from helpers.core.parallel import ReadAhead
+from helpers.learning.train import fit
 
 
 def _read_ahead_threads():
@@ -100,7 +100,7 @@ def test_training_is_the_same_with_and_without_read_ahead(tmp_path):
 
 
 def test_ordered_map_keeps_the_order_bounds_the_work_and_stops_on_errors():
-    from helpers.parallel import ordered_map
+    from helpers.core.parallel import ordered_map
 
     started = []
 

@@ -1,4 +1,4 @@
-"""helpers.patches: Otsu tissue detection, the grid, labels, extraction and its caches."""
+"""helpers.patching.patches: Otsu tissue detection, the grid, labels, extraction and its caches."""
 
 import json
 import os
@@ -15,11 +15,11 @@ import pytest
 from conftest import forget_open_slides, write_png
 from skimage.filters import threshold_otsu
 
-from helpers.caches import TABLE_COLUMNS, ExtractionParams, grid_shape, label_patches, load_patch_set
-from helpers.dataset import Case, list_cases
-from helpers.patches import extract_dataset, extract_slide
-from helpers.slides import Mask, Slide, SlideWarning
-from helpers.tissue import otsu_thresholds, tissue_fractions, to_gray
+from helpers.patching.caches import TABLE_COLUMNS, ExtractionParams, grid_shape, label_patches, load_patch_set
+from helpers.patching.patches import extract_dataset, extract_slide
+from helpers.wsi.dataset import Case, list_cases
+from helpers.wsi.slides import Mask, Slide, SlideWarning
+from helpers.wsi.tissue import otsu_thresholds, tissue_fractions, to_gray
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -298,7 +298,7 @@ def test_coarse_scale_tumour_fractions_match_direct_reads(small_dataset, tmp_pat
 @pytest.mark.parametrize("scale", [2, 4])
 def test_odd_sized_slide_fractions_at_coarse_scales(tmp_path, scale):
     """A slide whose sides are not multiples of the tile or block size (2000 x 1500)."""
-    from helpers.synthetic import CaseSpec, write_case
+    from helpers.demo.synthetic import CaseSpec, write_case
 
     paths = write_case(CaseSpec("odd", 2000, 1500, True, 5), tmp_path / "data")
     case = Case("odd", paths["slide"], paths["whole"], paths["viable"])
@@ -330,7 +330,7 @@ def test_workers_1_and_2_give_identical_caches(small_dataset, tmp_path):
 def test_tasks_hand_offsets_on_and_write_the_grid_order_from_two_workers(small_dataset, tmp_path, monkeypatch):
     """One row per task, two worker processes: each task writes its patches straight into the
     cache at the offset the task before it handed on; the file is the serial one, byte for byte."""
-    import helpers.patches as hp
+    import helpers.patching.patches as hp
 
     case = [c for c in list_cases(small_dataset) if c.case_id == "tiny_t2"][0]
     p = ExtractionParams(tissue_threshold=0.3)
@@ -349,7 +349,7 @@ _REAL_ROWS_JOB = None
 
 
 def _fail_on_row_2(args):
-    from helpers.errors import InputError
+    from helpers.core.errors import InputError
 
     if args[2] == 2:
         raise InputError("row 2 failed (test)")
@@ -360,7 +360,7 @@ def test_a_failed_task_ends_the_tasks_waiting_for_its_offsets(small_dataset, tmp
     """Tasks after a failed one wait for an offset that never comes: the abort ends them, so the
     extraction raises at once (no hang), leaves nothing half-written, and a rerun works."""
     global _REAL_ROWS_JOB
-    import helpers.patches as hp
+    import helpers.patching.patches as hp
 
     case = [c for c in list_cases(small_dataset) if c.case_id == "tiny_t2"][0]
     _REAL_ROWS_JOB = hp._extract_rows_job
@@ -380,7 +380,7 @@ def test_a_failed_task_ends_the_tasks_waiting_for_its_offsets(small_dataset, tmp
 def test_importing_extraction_does_not_load_torch():
     """Extraction's workers are forked from the importing process: they need no deep-learning
     framework (torch alone is ~500 MB of memory per process tree)."""
-    code = "import sys, helpers.patches, helpers.parallel; print('torch' in sys.modules)"
+    code = "import sys, helpers.patching.patches, helpers.core.parallel; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -518,9 +518,9 @@ _FORK_SCRIPT = textwrap.dedent("""
     threading.Timer(float(sys.argv[3]), lambda: os._exit(3)).start()   # a hang is a failure
     warnings.simplefilter("ignore")
     import numpy as np
-    from helpers.caches import ExtractionParams
-    from helpers.dataset import list_cases
-    from helpers.patches import extract_slide
+    from helpers.patching.caches import ExtractionParams
+    from helpers.wsi.dataset import list_cases
+    from helpers.patching.patches import extract_slide
     case = [c for c in list_cases(sys.argv[1]) if c.case_id == "tiny_t1"][0]
     p = ExtractionParams(tissue_threshold=0.0)
     ps1, _ = extract_slide(case, 1, sys.argv[2] + "/serial", p, workers=1)
@@ -568,7 +568,7 @@ def test_tumour_fraction_never_exceeds_one_for_thumbnail_masks(tmp_path):
 
 
 def test_count_rows_read_bands_of_a_count_map_without_mapping_it(tmp_path):
-    from helpers.handles import CountRows
+    from helpers.wsi.handles import CountRows
 
     a = np.random.default_rng(0).integers(0, 257, (50, 37)).astype(np.uint16)
     np.save(tmp_path / "c.npy", a)

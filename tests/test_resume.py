@@ -2,9 +2,9 @@
 ends bit for bit where an uninterrupted run ends (weights, optimizer, history, random states).
 
 The runs use notebook 03's and 04's own pipelines (patch caches of the tiny dataset, the
-``helpers.segmentation`` / ``helpers.classify`` batches, augmentation on the device, BatchNorm
+``helpers.paper.segmentation`` / ``helpers.paper.classification`` batches, augmentation on the device, BatchNorm
 recalibration, the paper's UNet++ and EfficientNet-B0), built from a job spec by
-``helpers.jobs.build_job``, at tiny sizes. Each run is a subprocess of this file (one torch
+``helpers.paper.jobs.build_job``, at tiny sizes. Each run is a subprocess of this file (one torch
 thread, so that the numbers are comparable); the subprocess stops at a chosen moment (a training
 step, or the end of an epoch: after its checkpoint) and waits there until the test kills it
 with SIGKILL.
@@ -37,8 +37,8 @@ def child(spec, hook):
     (copy ``last.pt`` to ``epoch<E>.pt`` after every epoch). Stopping = write ``<spec>.stopped``
     and sleep until killed."""
     torch.set_num_threads(1)
-    from helpers.jobs import build_job
-    from helpers.train import fit
+    from helpers.learning.train import fit
+    from helpers.paper.jobs import build_job
 
     args = build_job(spec)
     out = Path(args["out_dir"])
@@ -77,11 +77,11 @@ if __name__ == "__main__":
 
 # -- the tests ------------------------------------------------------------------------------
 
-from helpers.caches import ExtractionParams  # noqa: E402
-from helpers.dataset import list_cases  # noqa: E402
-from helpers.jobs import ClassifierJob, SegmentationJob, write_spec  # noqa: E402
-from helpers.patches import extract_dataset  # noqa: E402
-from helpers.train import SeededPrepare  # noqa: E402
+from helpers.learning.train import SeededPrepare  # noqa: E402
+from helpers.paper.jobs import ClassifierJob, SegmentationJob, write_spec  # noqa: E402
+from helpers.patching.caches import ExtractionParams  # noqa: E402
+from helpers.patching.patches import extract_dataset  # noqa: E402
+from helpers.wsi.dataset import list_cases  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +205,7 @@ def test_killed_runs_resume_exactly(kind, caches, tmp_path):
     spec = write_spec(make_job(kind, caches, tmp_path / "killed"), tmp_path / "run.json")
     out = tmp_path / "killed"
     ref = start(ref_spec, "keep")  # the uninterrupted run, alongside (one thread each)
-    from helpers.jobs import build_job
+    from helpers.paper.jobs import build_job
 
     steps = len(build_job(spec)["train_batches"](0))
 

@@ -8,7 +8,7 @@ import nbformat
 import pytest
 
 from helpers import run as runner
-from helpers.errors import InputError
+from helpers.core.errors import InputError
 
 
 def test_notebooks_are_numbered_in_order():
@@ -70,7 +70,7 @@ def test_run_folder_refuses_to_mix(tmp_path):
 
 def _fake_series(tmp_path, monkeypatch, body):
     """A one-notebook series whose second cell runs ``body`` (parameters: run_name, seed, mode)."""
-    from helpers.params import SPECS, Spec
+    from helpers.core.params import SPECS, Spec
 
     nbdir = tmp_path / "notebooks"
     nbdir.mkdir()
@@ -124,13 +124,13 @@ def test_failing_notebook_is_named_and_the_good_one_kept(tmp_path, monkeypatch, 
 
 
 def test_a_broken_figure_is_one_line_on_users_data_and_fails_with_strict_figures(tmp_path, monkeypatch, capsys):
-    from helpers.figures import STRICT_FIGURES_ENV
+    from helpers.notebook.figures import STRICT_FIGURES_ENV
 
     runs = _fake_series(
         tmp_path,
         monkeypatch,
         """
-        from helpers.figures import figure_guard
+        from helpers.notebook.figures import figure_guard
         with figure_guard("thumbnails"):
             raise ValueError("no slide to show")
         print("after the figure")""",
@@ -151,7 +151,7 @@ def test_a_killed_kernel_is_one_line_with_the_cell_and_the_cause(tmp_path, monke
         monkeypatch,
         """
         import os, signal
-        from helpers.paths import run_dir
+        from helpers.core.paths import run_dir
         (run_dir(run_name) / ".half.npy.tmp").write_bytes(b"x")   # what a killed writer leaves
         if mode == "oom":
             os.kill(os.getpid(), signal.SIGKILL)""",

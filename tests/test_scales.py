@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers.caches import ExtractionParams, load_patch_set
-from helpers.dataset import Case, resolution_warning
-from helpers.errors import InputError
-from helpers.inference import predict_slide
-from helpers.patches import extract_slide
-from helpers.segmentation import mask_fraction_map
-from helpers.slides import Slide, scale_downsample
-from helpers.synthetic import CaseSpec, write_case
+from helpers.core.errors import InputError
+from helpers.demo.synthetic import CaseSpec, write_case
+from helpers.learning.inference import predict_slide
+from helpers.paper.segmentation_data import mask_fraction_map
+from helpers.patching.caches import ExtractionParams, load_patch_set
+from helpers.patching.patches import extract_slide
+from helpers.wsi.dataset import Case, resolution_warning
+from helpers.wsi.slides import Slide, scale_downsample
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,7 @@ def test_whole_slide_inference_at_a_physical_scale(twins):
 
 
 def test_a_model_is_not_applied_at_another_resolution():
-    from helpers.dataset import check_trained_resolution, scale_resolution
+    from helpers.wsi.dataset import check_trained_resolution, scale_resolution
 
     at20, at40 = {"a": 0.5, "b": 0.503}, {"c": 0.25, "d": 0.25}
     assert scale_resolution(at20, 4) == pytest.approx(2.012) and scale_resolution(at40, 4, 0.5) == 2.0  # the median
@@ -150,7 +150,7 @@ def test_voting_regions_are_one_area_in_microns(twins):
 
     import pandas as pd
 
-    from helpers.voting import assign_units, region_labels, region_sides
+    from helpers.paper.voting import assign_units, region_labels, region_sides
 
     run = SimpleNamespace(params=ExtractionParams(scale_reference=0.5), cases={c.case_id: c for c in twins})
     assert region_sides(run, 512) == {"t20": 512, "t40": 1024}

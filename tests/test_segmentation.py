@@ -9,21 +9,20 @@ import torch
 from conftest import write_tiff_mask
 from test_inference import Purple
 
-from helpers.caches import ExtractionParams, load_extraction_record, save_extraction_record
-from helpers.dataset import Case, list_cases
-from helpers.errors import InputError
-from helpers.patches import extract_dataset
-from helpers.segmentation import (
+from helpers.core.errors import InputError
+from helpers.learning.train import TrainConfig, fit, load_trained
+from helpers.paper.segmentation import segment_cases, slide_metrics
+from helpers.paper.segmentation_data import (
     load_segmentation_patches,
     make_evaluator,
     mask_fraction_map,
-    segment_cases,
     segmentation_batches,
     segmentation_prepare,
-    slide_metrics,
 )
-from helpers.slides import Mask, Slide
-from helpers.train import TrainConfig, fit, load_trained
+from helpers.patching.caches import ExtractionParams, load_extraction_record, save_extraction_record
+from helpers.patching.patches import extract_dataset
+from helpers.wsi.dataset import Case, list_cases
+from helpers.wsi.slides import Mask, Slide
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""helpers.slides: the real CMU slide, plain images as slides, masks."""
+"""helpers.wsi.slides: the real CMU slide, plain images as slides, masks."""
 
 import warnings
 
@@ -7,8 +7,8 @@ import pytest
 from conftest import write_png, write_tiff_mask
 from PIL import Image
 
-from helpers.errors import InputError
-from helpers.slides import Mask, Slide, SlideWarning, box_reduce, check_viable_inside_whole, rgba_to_rgb
+from helpers.core.errors import InputError
+from helpers.wsi.slides import Mask, Slide, SlideWarning, box_reduce, check_viable_inside_whole, rgba_to_rgb
 
 CMU_DIMS = (2220, 2967)
 
@@ -361,7 +361,7 @@ def test_an_impossibly_large_read_is_refused_as_a_parameter_problem(cmu):
 def test_levels_a_fraction_of_a_percent_off_are_read_as_the_scale(small_dataset, tmp_path):
     """A slide whose side does not divide by 4 has a level 1 at 4.002x, not 4x: a 4x read must
     come from level 1 (not decode level 0, 16 times the pixels), and match it pixel for pixel."""
-    from helpers.synthetic import CaseSpec, write_case
+    from helpers.demo.synthetic import CaseSpec, write_case
 
     paths = write_case(CaseSpec("odd", 2050, 1030, True, 5), tmp_path)
     with Slide(paths["slide"]) as s:

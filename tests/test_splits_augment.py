@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.augment import augment_batch, balance_indices
-from helpers.errors import InputError
-from helpers.splits import split_cases
+from helpers.core.errors import InputError
+from helpers.patching.augment import augment_batch, balance_indices
+from helpers.patching.splits import split_cases
 
 
 def test_split_is_by_slide_stratified_and_seeded():

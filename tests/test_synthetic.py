@@ -1,4 +1,4 @@
-"""helpers.synthetic: deterministic PAIP-like demo slides, their masks, labels, cache and the zoo."""
+"""helpers.demo.synthetic: deterministic PAIP-like demo slides, their masks, labels, cache and the zoo."""
 
 import csv
 import json
@@ -12,12 +12,12 @@ import pytest
 import tifffile
 from PIL import Image
 
-import helpers.synthetic as syn
-from helpers.dataset import describe_cases, list_cases, read_labels
-from helpers.errors import InputError
-from helpers.slides import Mask, Slide, SlideWarning, box_reduce, check_viable_inside_whole
-from helpers.synthetic import CaseSpec, ensure_demo_dataset, write_case, write_zoo_dataset
-from helpers.tissue import to_gray
+import helpers.demo.synthetic as syn
+from helpers.core.errors import InputError
+from helpers.demo.synthetic import CaseSpec, ensure_demo_dataset, write_case, write_zoo_dataset
+from helpers.wsi.dataset import describe_cases, list_cases, read_labels
+from helpers.wsi.slides import Mask, Slide, SlideWarning, box_reduce, check_viable_inside_whole
+from helpers.wsi.tissue import to_gray
 
 
 def _leftovers(folder):
@@ -471,7 +471,7 @@ def _masks(folder, sid, suffix=".tif"):
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:.*no microns per pixel:helpers.slides.SlideWarning")
+@pytest.mark.filterwarnings("ignore:.*no microns per pixel:helpers.wsi.slides.SlideWarning")
 def test_zoo_mixed(zoo):
     folder = zoo["mixed"]
     svs = ["mix_01", "mix_02", "mix_03", "mix_05", "mix_06", "mix_08", "mix_09", "mix_10"]

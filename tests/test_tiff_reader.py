@@ -3,7 +3,7 @@
 import numpy as np
 import openslide
 
-from helpers.slides import Slide
+from helpers.wsi.slides import Slide
 
 
 def _openslide_rgb(o, x, y, level, w, h):

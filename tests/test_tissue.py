@@ -1,4 +1,4 @@
-"""helpers.tissue: the paper's per-patch Otsu, the per-slide threshold, the colour reference and
+"""helpers.wsi.tissue: the paper's per-patch Otsu, the per-slide threshold, the colour reference and
 the comparison over a slide's grid."""
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 from conftest import write_png, write_tiff_mask
 from skimage.filters import threshold_otsu
 
-from helpers.slides import Mask, Slide
-from helpers.tissue import (
+from helpers.wsi.slides import Mask, Slide
+from helpers.wsi.tissue import (
     background_colour,
     compare_methods,
     find_glass,
@@ -21,7 +21,7 @@ from helpers.tissue import (
     to_gray,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::helpers.slides.SlideWarning")  # PNG slides: no mpp
+pytestmark = pytest.mark.filterwarnings("ignore::helpers.wsi.slides.SlideWarning")  # PNG slides: no mpp
 
 GLASS = (243, 242, 246)
 PALE = (236, 204, 222)  # pale eosin stroma: gray 215, between nuclei and glass (gray 242)
@@ -57,7 +57,7 @@ def glass_and_pale_slide(tmp_path, glass_cols=302, W=1344, H=896):
 
 
 # ---------------------------------------------------------------------------------------------
-# The paper's per-patch method (moved here from helpers.patches, same behaviour)
+# The paper's per-patch method (moved here from helpers.patching.patches, same behaviour)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -137,7 +137,7 @@ def test_pale_stroma_patch_kept_by_slide_threshold_dropped_per_patch(tmp_path):
 
 
 def test_slide_threshold_read_in_bands_equals_whole_thumbnail(tmp_path, monkeypatch):
-    import helpers.tissue as ht
+    import helpers.wsi.tissue as ht
 
     path, _, _ = glass_and_pale_slide(tmp_path)
     with Slide(path) as s:
@@ -202,7 +202,7 @@ def test_edge_cases(tmp_path):
 
 @pytest.mark.slow
 def test_reference_mask_matches_exact_synthetic_tissue():
-    from helpers.synthetic import CaseSpec, _Scene, render_region
+    from helpers.demo.synthetic import CaseSpec, _Scene, render_region
 
     for lab in (0, 3):  # usual stain; faded stain on yellowish glass
         scene = _Scene(CaseSpec("t", 2048, 2048, True, 7, lab=lab, pale_stroma=0.35))

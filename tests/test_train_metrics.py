@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import batches_from_arrays
 
-from helpers import metrics
-from helpers.errors import InputError
-from helpers.train import TrainConfig, fit
+from helpers.core.errors import InputError
+from helpers.learning import metrics
+from helpers.learning.train import TrainConfig, fit
 
 # -- metrics --------------------------------------------------------------------------------
 
@@ -185,7 +185,7 @@ def test_batch_pooled_dice_is_not_dominated_by_empty_patches():
 
 
 def test_recalibrate_batchnorm_gives_the_data_statistics():
-    from helpers.train import default_prepare, recalibrate_batchnorm
+    from helpers.learning.train import default_prepare, recalibrate_batchnorm
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))

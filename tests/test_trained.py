@@ -1,4 +1,4 @@
-"""One way to load a trained model (``helpers.train.trained_network``): every helper that applies
+"""One way to load a trained model (``helpers.learning.train.trained_network``): every helper that applies
 a checkpoint goes through it, and it gives one error naming the file and the fix for a missing
 file, an unreadable one, settings that must agree and do not, and weights that do not fit."""
 
@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.classify import ClassificationPlan, _load_classifier
-from helpers.errors import InputError
-from helpers.models import build_classifier
-from helpers.segmentation import trained_segmenter
-from helpers.train import checkpoint_meta, read_trained, trained_network
+from helpers.core.errors import InputError
+from helpers.learning.models import build_classifier
+from helpers.learning.train import checkpoint_meta, read_trained, trained_network
+from helpers.paper.classification import ClassificationPlan, _load_classifier
+from helpers.paper.segmentation import trained_segmenter
 
 HELPERS = Path(__file__).resolve().parent.parent / "helpers"
 
@@ -80,7 +80,7 @@ def test_a_segmenter_checkpoint_of_another_network_is_named(tmp_path):
 def test_checkpoints_are_read_only_through_the_one_loader():
     """``load_checkpoint`` (the raw reader) is used by resuming and by the loader, in train.py
     alone, and no helper loads a checkpoint's weights by itself."""
-    for path in sorted(HELPERS.glob("*.py")):
+    for path in sorted(HELPERS.rglob("*.py")):
         text = path.read_text()
         if path.name != "train.py":
             assert "load_checkpoint" not in text, path.name

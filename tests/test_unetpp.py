@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from helpers.errors import InputError
-from helpers.unetpp import as_head_list, build_segmenter, deep_supervision_dice_loss, probabilities
+from helpers.core.errors import InputError
+from helpers.learning.unetpp import as_head_list, build_segmenter, deep_supervision_dice_loss, probabilities
 
 
 @pytest.fixture(scope="module")

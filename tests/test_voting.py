@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers.errors import InputError
-from helpers.voting import assign_units, combine_votes, load_predictions, provenance, region_truth, vote_units
+from helpers.core.errors import InputError
+from helpers.paper.voting import assign_units, combine_votes, load_predictions, provenance, region_truth, vote_units
 
 
 def _pred(rows):
@@ -86,7 +86,7 @@ def test_provenance_traces_every_patch(pred):
 def test_predictions_are_used_only_for_this_runs_data_and_weights(pred, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from helpers.provenance import file_sha256, write_stamp
+    from helpers.core.provenance import file_sha256, write_stamp
 
     monkeypatch.setenv("PAIP_REPRO_RUNS", str(tmp_path))
     run = SimpleNamespace(name="r", folder=tmp_path / "r", extraction_key="E1", split_key="S1")
@@ -202,7 +202,7 @@ def test_sweep_with_an_unknown_parameter_fails_before_running(tmp_path, monkeypa
 
 
 def test_majority_baseline_and_reading():
-    from helpers.metrics import majority_baseline, read_against_baseline
+    from helpers.learning.metrics import majority_baseline, read_against_baseline
 
     assert majority_baseline([1, 1, 1, 0]) == 0.75 and majority_baseline([0, 0, 1]) == pytest.approx(2 / 3)
     assert np.isnan(majority_baseline([]))
@@ -212,7 +212,7 @@ def test_majority_baseline_and_reading():
 
 
 def test_bootstrap_interval_resamples_slides_not_patches():
-    from helpers.metrics import bootstrap_interval
+    from helpers.learning.metrics import bootstrap_interval
 
     # Two slides: one all right (100 patches), one all wrong (100 patches). Resampling patches
     # would give a narrow interval around 0.5; resampling the two slides gives 0, 0.5 or 1.
@@ -228,7 +228,7 @@ def test_bootstrap_interval_resamples_slides_not_patches():
 
 
 def test_threshold_chosen_on_validation_separates_and_sits_in_the_gap():
-    from helpers.voting import choose_threshold, unit_score
+    from helpers.paper.voting import choose_threshold, unit_score
 
     # Tumour slides with small tumour (shares 0.2-0.4) and tumour-free ones (0-0.05): the paper's
     # 0.5 calls every one non-tumour; the chosen cut lies in the middle of the gap.
@@ -264,12 +264,12 @@ def test_sweep_spread_counts_shares_and_numbers():
 
 def _segmented_run(tmp_path, monkeypatch):
     """A run folder whose notebook 03 segmented two test slides with tumour, one without and a
-    validation slide (``segmentation/metrics.csv`` of :func:`helpers.segmentation.slide_metrics`,
+    validation slide (``segmentation/metrics.csv`` of :func:`helpers.paper.segmentation.slide_metrics`,
     stamped)."""
     from types import SimpleNamespace
 
-    from helpers.provenance import write_stamp
-    from helpers.segmentation import slide_metrics
+    from helpers.core.provenance import write_stamp
+    from helpers.paper.segmentation import slide_metrics
 
     monkeypatch.setenv("PAIP_REPRO_RUNS", str(tmp_path))
     run = SimpleNamespace(name="r", folder=tmp_path / "r", extraction_key="E1", split_key="S1", cases={})
@@ -291,9 +291,9 @@ def _segmented_run(tmp_path, monkeypatch):
 def test_a_run_whose_notebook_04_trained_nothing_still_gets_its_report(tmp_path, monkeypatch):
     """Every classifier skipped (as on a folder without a non-tumour patch): notebook 05 votes on
     nothing, but the report and summary.json hold the segmentation and say why the rest is missing."""
-    from helpers.classify import ClassificationPlan, predict_classifiers
+    from helpers.paper.classification import ClassificationPlan, predict_classifiers
+    from helpers.paper.report import reproduction_report
     from helpers.run import write_summary
-    from helpers.voting import reproduction_report
 
     run = _segmented_run(tmp_path, monkeypatch)
     run.by_split = {"val": [], "test": []}
@@ -322,7 +322,7 @@ def test_a_run_whose_notebook_04_trained_nothing_still_gets_its_report(tmp_path,
 
 
 def test_segmentation_rows_say_why_they_are_not_measured(tmp_path, monkeypatch):
-    from helpers.voting import reproduction_report
+    from helpers.paper.report import reproduction_report
 
     run = _segmented_run(tmp_path, monkeypatch)
     info = {"skipped": {}, "key": None}
@@ -343,8 +343,9 @@ def test_a_slide_count_where_every_slide_holds_tumour_says_it_cannot_fail(tmp_pa
     """As on PAIP 2019: calling every slide tumour scores 100 %, so 9 of 9 slides right shows
     nothing; the score, the report, report.json and summary.json say so. Regions of both classes
     are read against their baseline as before."""
+    from helpers.paper.report import reproduction_report
+    from helpers.paper.voting import one_class, one_class_note, unit_score
     from helpers.run import write_summary
-    from helpers.voting import one_class, one_class_note, reproduction_report, unit_score
 
     all_right = unit_score([1, 1, 1, 1], [1, 1, 1, 1])
     assert all_right["one_class"] == "tumour" and all_right["baseline"] == 1.0

@@ -23,7 +23,7 @@ TIMES = {}
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    from helpers.synthetic import write_zoo_dataset
+    from helpers.demo.synthetic import write_zoo_dataset
 
     root = tmp_path_factory.mktemp("zoo")
     env = {**os.environ, "PAIP_REPRO_RUNS": str(root / "runs"), "TQDM_DISABLE": "1", "MPLBACKEND": "Agg"}

@@ -27,7 +27,7 @@ def main(argv=None):
     sys.path.insert(0, str(REPO))
     import papermill as pm
 
-    from helpers.paths import figures_dir
+    from helpers.core.paths import figures_dir
     from helpers.run import notebooks
 
     os.environ.pop("MPLBACKEND", None)  # the kernel's default: inline figures

@@ -1,0 +1,8 @@
+"""The lowest layer: plumbing every other layer uses; imports no other helpers layer.
+
+``paths`` (where data and runs live), ``errors`` (the one error type for bad input, and
+``DiskFullError``), ``progress`` (progress bars), ``atomic`` (atomic writes), ``provenance``
+(content keys of derived results, never absolute paths), ``params`` (every notebook parameter
+checked in one place), ``parallel`` (ordered maps over threads or processes that never hang on
+a dead worker), ``seeding`` (seeds and library versions).
+"""

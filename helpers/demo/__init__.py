@@ -1,0 +1,4 @@
+"""The built-in demo data and the dataset zoo (``synthetic``): PAIP-like slides, masks and labels.
+
+May import: ``core``.
+"""

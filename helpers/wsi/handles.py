@@ -1,0 +1,87 @@
+"""Files a worker process keeps open between its tasks (a slide, its masks, count maps).
+
+Extraction's workers each read many strips of one slide: opening the slide once per process
+instead of once per task saves the header parsing. A forked worker must not use the handles it
+inherited (file positions shared with the parent would interleave reads): it forgets them
+(:func:`forget_inherited`, the worker pool's initializer) and opens its own. Used by
+``patches`` and ``maskcounts``.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import InputError
+from .slides import Mask, Slide
+
+_OPEN = {}
+_OPEN_PID = [os.getpid()]
+
+
+def forget_inherited():
+    """Drop handles inherited from another process, without closing the parent's."""
+    _OPEN.clear()
+    _OPEN_PID[0] = os.getpid()
+
+
+def open_cached(path, kind):
+    """Open a ``slide``, a ``mask`` (``path`` = ``(mask, slide)``) or ``counts`` (a count
+    map's rows, see :class:`CountRows`) once per process; reopened when the
+    file has changed on disk."""
+    if _OPEN_PID[0] != os.getpid():
+        forget_inherited()
+    f = Path(path[0] if isinstance(path, tuple) else path)
+    try:
+        st = f.stat()
+    except FileNotFoundError:
+        raise InputError(f"{f}: no such file (was it moved or deleted during the run?)") from None
+    key = (kind, str(path), st.st_size, st.st_mtime_ns)
+    obj = _OPEN.get(key)
+    if obj is None:
+        if len(_OPEN) > 8:
+            close_all()
+        if kind == "slide":
+            obj = Slide(path, verify=False)  # verified once by the caller
+        elif kind == "mask":
+            obj = Mask(path[0], open_cached(path[1], "slide").dimensions)
+        else:
+            obj = CountRows(path)
+        _OPEN[key] = obj
+    return obj
+
+
+class CountRows:
+    """Rows of a count map (a 2-D ``.npy``) read with plain reads, not a memory map: a map read
+    band after band by a worker must not stay mapped (its pages would count in the worker's
+    memory and grow with the slide)."""
+
+    def __init__(self, path):
+        self._f = open(path, "rb")  # noqa: SIM115 (kept open between reads, closed by close())
+        fmt = np.lib.format
+        version = fmt.read_magic(self._f)
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        self.shape, fortran, self.dtype = read_header(self._f)
+        if fortran or len(self.shape) != 2:
+            self._f.close()
+            raise InputError(f"{path}: not a count map (a 2-D C-ordered array); delete it, it is rebuilt")
+        self._start = self._f.tell()
+
+    def __getitem__(self, rows):
+        """``counts[r0:r1]`` as an array (rows clipped to the map)."""
+        r0, r1, _ = rows.indices(self.shape[0])
+        n = max(0, r1 - r0) * self.shape[1]
+        buf = os.pread(
+            self._f.fileno(), n * self.dtype.itemsize, self._start + r0 * self.shape[1] * self.dtype.itemsize
+        )
+        return np.frombuffer(buf, self.dtype).reshape(-1, self.shape[1])
+
+    def close(self):
+        self._f.close()
+
+
+def close_all():
+    """Close every handle this process keeps (tests call it between tests)."""
+    for v in _OPEN.values():
+        getattr(v, "close", lambda: None)()
+    _OPEN.clear()
