@@ -148,9 +148,7 @@ def method_raw(folder, scale, strip, reader="helpers", **_):
     from helpers.wsi.slides import Slide
 
     case = list_cases(folder)[0]
-    with Slide(case.slide) as s:
-        if reader == "openslide":
-            s._tiff = None
+    with Slide(case.slide, tile_reader=reader != "openslide") as s:
         ws, hs = _level_size(s, scale)
         t0 = time.perf_counter()
         nstrips = -(-hs // strip)

@@ -63,7 +63,7 @@ def rate(batches, seconds=6.0):
 def strips_rate(case_id, workers, seconds=6.0):
     """Tissue (and grid) patches per second of the whole-slide reader over a demo slide at 1x."""
     from helpers.demo.synthetic import ensure_demo_dataset
-    from helpers.learning.inference import _strips
+    from helpers.learning.inference import tissue_strips
     from helpers.patching.caches import ExtractionParams, grid_shape
     from helpers.wsi.dataset import list_cases
     from helpers.wsi.slides import Slide
@@ -75,7 +75,7 @@ def strips_rate(case_id, workers, seconds=6.0):
     tissue = grid = 0
     t = time.perf_counter()
     while time.perf_counter() - t < seconds:
-        for _, xs, _ in _strips(
+        for _, xs, _ in tissue_strips(
             case.slide, rows, cols, 224, 224, p.tissue_subsample, p.glass_level, p.tissue_threshold, workers=workers
         ):
             tissue += len(xs)

@@ -71,7 +71,7 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from helpers.demo.synthetic import GENERATOR_VERSION, CaseSpec, _Scene, render_region  # noqa: E402
+from helpers.demo.synthetic import GENERATOR_VERSION, CaseSpec, Scene, render_region  # noqa: E402
 from helpers.wsi import tissue as T  # noqa: E402
 from helpers.wsi.slides import Mask, Slide, box_reduce  # noqa: E402
 
@@ -184,7 +184,7 @@ def synthetic_slide(name, size, seed, style, fade_share, vignette, cache):
         return paths[0], paths[1], json.loads(paths[2].read_text())
     log(f"writing {name} ({size} x {size}) into {folder}")
     folder.mkdir(parents=True, exist_ok=True)
-    scene = _Scene(CaseSpec(name, size, size, True, seed, **style))
+    scene = Scene(CaseSpec(name, size, size, True, seed, **style))
     rng = np.random.default_rng(seed)
     region = smooth_field(np.random.default_rng(seed), size, 1024)
     region = region > np.quantile(region, 1 - fade_share) if fade_share > 0 else np.zeros_like(region, bool)

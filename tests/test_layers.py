@@ -145,3 +145,73 @@ def test_the_checks_see_lazy_relative_and_absolute_imports(tmp_path):
     assert len(circles) == 2
     assert any("helpers.core.c line 1 -> helpers.core.d" in c and "helpers.core.d line 1" in c for c in circles)
     assert any("helpers.core.a line 2 -> helpers.paper.b" in c for c in circles)
+
+
+def _notebook_imports():
+    """``{(subpackage, module): {names}}`` that the notebooks' code cells import from helpers."""
+    import nbformat
+
+    used = {}
+    for nb in sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb")):
+        for cell in nbformat.read(nb, as_version=4).cells:
+            if cell.cell_type != "code":
+                continue
+            for node in ast.walk(ast.parse(cell.source)):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("helpers."):
+                    parts = node.module.split(".")
+                    assert len(parts) == 3, f"{nb.name} imports {node.module}: import from a module of a layer"
+                    used.setdefault((parts[1], parts[2]), set()).update(a.name for a in node.names)
+    return used
+
+
+def test_the_notebooks_use_the_public_face_each_layer_lists():
+    """Every name a notebook imports is listed in its subpackage's ``NOTEBOOK_API``, and every
+    listed name is used by a notebook, exists, and is not private."""
+    import importlib
+
+    used = _notebook_imports()
+    listed = {}
+    for sub in LAYERS:
+        if (HELPERS / sub).is_dir():
+            for mod, names in importlib.import_module(f"helpers.{sub}").NOTEBOOK_API.items():
+                listed[(sub, mod)] = set(names)
+    assert used == listed, {
+        k: (used.get(k), listed.get(k)) for k in set(used) | set(listed) if used.get(k) != listed.get(k)
+    }
+    for (sub, mod), names in listed.items():
+        module = importlib.import_module(f"helpers.{sub}.{mod}")
+        for name in names:
+            assert not name.startswith("_") and hasattr(module, name), f"helpers.{sub}.{mod}.{name}"
+
+
+def _private_reaches(path):
+    """``[(line, what)]``: private names of helpers modules imported or reached through a module
+    object in ``path`` (a leading underscore marks a module's own)."""
+    tree = ast.parse(path.read_text())
+    modules, out = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules.update((a.asname or a.name).split(".")[0] for a in node.names if a.name.startswith("helpers"))
+        elif isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("helpers")):
+            for a in node.names:
+                if a.name.startswith("_") and not a.name.startswith("__"):
+                    out.append((node.lineno, f"from {node.module} import {a.name}"))
+                elif (HELPERS / (node.module or "").replace(".", "/") / f"{a.name}.py").exists() or a.name[0].islower():
+                    modules.add(a.asname or a.name)
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
+            out.append((node.lineno, f"{node.value.id}.{node.attr}"))
+    return out
+
+
+def test_no_private_name_is_reached_from_another_module_or_bench():
+    root = HELPERS.parent
+    files = [*HELPERS.rglob("*.py"), *(root / "bench").glob("*.py"), *(root / "tools").glob("*.py")]
+    bad = [f"{p.relative_to(root)}:{line}: {what}" for p in files for line, what in _private_reaches(p)]
+    assert not bad, "private names reached from outside their module:\n" + "\n".join(bad)

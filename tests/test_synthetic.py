@@ -77,11 +77,11 @@ def test_same_spec_gives_identical_pixels_and_masks(tmp_path):
 @pytest.mark.parametrize("spec", [CaseSpec("r", 1024, 1024, True, 3), BUSY], ids=["plain", "busy"])
 def test_any_window_has_the_pixels_it_has_in_the_whole_slide(spec):
     """The writer renders strip by strip: windows must join without seams, bit for bit."""
-    full = syn.render_region(syn._Scene(spec), 0, 0, spec.width, spec.height)
-    again = syn.render_region(syn._Scene(spec), 0, 0, spec.width, spec.height)
+    full = syn.render_region(syn.Scene(spec), 0, 0, spec.width, spec.height)
+    again = syn.render_region(syn.Scene(spec), 0, 0, spec.width, spec.height)
     for a, b in zip(full, again):
         assert np.array_equal(a, b)
-    scene = syn._Scene(spec)
+    scene = syn.Scene(spec)
     rng = np.random.default_rng(spec.seed)
     windows = [
         (128, 200, 256, 100),
@@ -106,7 +106,7 @@ def test_written_strips_match_the_render(tmp_path):
     too up to JPEG error (so the strips were stitched in place)."""
     spec = CaseSpec("tall", 700, syn.STRIP * 2 + 77, True, 21, tumor_share=0.5)
     rgb, whole, viable = _read_all(write_case(spec, tmp_path))
-    ref, _, ref_whole, ref_viable = syn.render_region(syn._Scene(spec), 0, 0, spec.width, spec.height)
+    ref, _, ref_whole, ref_viable = syn.render_region(syn.Scene(spec), 0, 0, spec.width, spec.height)
     assert np.array_equal(whole, ref_whole.view(np.uint8)) and np.array_equal(viable, ref_viable.view(np.uint8))
     assert whole.max() == 1 and whole.min() == 0
     err = np.abs(box_reduce(rgb, 8).astype(int) - box_reduce(ref, 8).astype(int))
@@ -124,7 +124,7 @@ def test_written_strips_match_the_render(tmp_path):
     "spec", [BUSY, CaseSpec("free", 1200, 1000, False, 9, mimics=0.9, pale_stroma=0.3)], ids=["tumour", "tumour-free"]
 )
 def test_masks_nest_and_agree_with_pixels(spec):
-    scene = syn._Scene(spec)
+    scene = syn.Scene(spec)
     rgb, tissue, whole, viable = syn.render_region(scene, 0, 0, spec.width, spec.height)
     assert not np.any(viable & ~whole) and not np.any(whole & ~tissue)
     if spec.tumor:
@@ -146,11 +146,11 @@ def test_coverage_follows_the_spec():
     for share in (0.55, 0.8):
         for tumor_share in (0.2, 0.7):
             spec = CaseSpec("c", 3001, 2599, True, 5, tissue_share=share, tumor_share=tumor_share, necrosis=0.2)
-            tissue, whole, viable = syn._Scene(spec).coverage(step=16)
+            tissue, whole, viable = syn.Scene(spec).coverage(step=16)
             assert abs(tissue - share) < 0.05
             assert abs(whole - tumor_share) < 0.05
             assert abs(viable - tumor_share * 0.8) < 0.06
-    assert syn._Scene(CaseSpec("g", 900, 800, False, 1, tissue_share=0.0)).coverage() == (0.0, 0.0, 0.0)
+    assert syn.Scene(CaseSpec("g", 900, 800, False, 1, tissue_share=0.0)).coverage() == (0.0, 0.0, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def test_coverage_follows_the_spec():
 
 
 def _render(spec):
-    return syn.render_region(syn._Scene(spec), 0, 0, spec.width, spec.height)
+    return syn.render_region(syn.Scene(spec), 0, 0, spec.width, spec.height)
 
 
 def test_stain_families_differ():
@@ -171,7 +171,7 @@ def test_stain_families_differ():
 
 def test_pale_stroma_is_nearly_as_bright_as_glass():
     spec = CaseSpec("p", 2000, 1800, False, 11, pale_stroma=0.35, blur=0.0)
-    scene = syn._Scene(spec)
+    scene = syn.Scene(spec)
     rgb, tissue, _, _ = syn.render_region(scene, 0, 0, spec.width, spec.height)
     win = syn._Window(np.arange(spec.width), np.arange(spec.height), scene.grid_shape)
     loose = (win.field(scene.loose) > 0.8) & tissue
@@ -247,7 +247,7 @@ def test_demo_slides_cover_what_their_specs_say():
     cases = syn.demo_cases()
     picked = [c for c in cases if c.biopsy][:2] + [c for c in cases if not c.biopsy][:6]
     for c in picked:
-        tissue, whole, viable = syn._Scene(c).coverage(step=48)
+        tissue, whole, viable = syn.Scene(c).coverage(step=48)
         if c.biopsy:
             assert 0.05 < tissue < 0.45, c
         else:

@@ -202,10 +202,10 @@ def test_edge_cases(tmp_path):
 
 @pytest.mark.slow
 def test_reference_mask_matches_exact_synthetic_tissue():
-    from helpers.demo.synthetic import CaseSpec, _Scene, render_region
+    from helpers.demo.synthetic import CaseSpec, Scene, render_region
 
     for lab in (0, 3):  # usual stain; faded stain on yellowish glass
-        scene = _Scene(CaseSpec("t", 2048, 2048, True, 7, lab=lab, pale_stroma=0.35))
+        scene = Scene(CaseSpec("t", 2048, 2048, True, 7, lab=lab, pale_stroma=0.35))
         rgb, tissue, _, _ = render_region(scene, 0, 0, 2048, 2048)
         assert 0.3 < tissue.mean() < 0.9  # both tissue and glass in view
         bg = background_colour(rgb)

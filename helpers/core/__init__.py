@@ -6,3 +6,10 @@
 checked in one place), ``parallel`` (ordered maps over threads or processes that never hang on
 a dead worker), ``seeding`` (seeds and library versions).
 """
+
+#: The names notebooks 01-05 import from this layer, by module: their public face here
+#: (``tests/test_layers.py`` keeps it exact). Everything else is the layer's own.
+NOTEBOOK_API = {
+    "params": ("check_parameters",),
+    "paths": ("run_dir",),
+}

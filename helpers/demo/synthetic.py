@@ -506,11 +506,11 @@ _INKS = {"blue": (1.05, 0.62, 0.12), "green": (0.95, 0.22, 0.78), "black": (1.0,
 
 
 class _Stamps:
-    """The objects of one window of a scene (see ``_Scene._objects``), gathered before they are
+    """The objects of one window of a scene (see ``Scene._objects``), gathered before they are
     stamped: each kind of cell lies on a jittered grid of its own random stream.
 
     Attributes:
-        scene: the :class:`_Scene`.
+        scene: the :class:`Scene`.
         X0, Y0, x1, y1: the window's level-0 bounds (``x1``, ``y1`` excluded).
         shape: the window's ``(height, width)``.
         nuclei, clear: ``(x, y, stamp ids, weights)`` parts of the nuclei and the clear spaces.
@@ -555,7 +555,7 @@ class _Stamps:
         return _stamp(self.shape, y - self.Y0, x - self.X0, ids, wt).astype(np.float32)
 
 
-class _Scene:
+class Scene:
     """Everything that defines one slide: coarse fields, objects and drawing constants.
 
     Fields live on a grid of ``GRID`` px cells (cell ``i`` centred at ``(i + 0.5) * GRID``);
@@ -1175,7 +1175,7 @@ def render_region(scene, x0, y0, w, h):
     Any region gives the pixels that region has in the whole slide (the writer draws strips).
 
     Args:
-        scene: the slide (a :class:`_Scene`).
+        scene: the slide (a :class:`Scene`).
         x0, y0: top-left corner, level-0 pixels.
         w, h: size, level-0 pixels.
 
@@ -1246,7 +1246,7 @@ class _Pyramid:
 
     Args:
         spec: the slide.
-        scene: its :class:`_Scene`.
+        scene: its :class:`Scene`.
         tmp_slide: the temporary slide file (the buffers and mask strips lie beside it).
         quality: JPEG quality of the slide's tiles.
         masks: keep the masks, for :meth:`write_masks`.
@@ -1367,7 +1367,7 @@ def write_case(spec, folder, quality=90, masks=True):
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    scene = _Scene(spec)
+    scene = Scene(spec)
     paths = {"slide": folder / f"{spec.case_id}.svs"}
     if masks:
         paths.update(whole=folder / f"{spec.case_id}_whole.tif", viable=folder / f"{spec.case_id}_viable.tif")
@@ -1410,7 +1410,7 @@ def _write_plain(spec, folder, kind, masks):
     TIFF has no Aperio description and no resolution: readers find no microns per pixel.
     """
     folder = Path(folder)
-    rgb, _, whole, viable = render_region(_Scene(spec), 0, 0, spec.width, spec.height)
+    rgb, _, whole, viable = render_region(Scene(spec), 0, 0, spec.width, spec.height)
     path = folder / f"{spec.case_id}.{kind}"
     with atomic_path(path, suffix=f".{kind}") as tmp:
         if kind == "tif":

@@ -53,7 +53,7 @@ def grid_positions(length, patch, stride, align=1):
     return pos
 
 
-def _strips(slide_path, downsample, ys, xs, P, tissue, level, workers=1, band=4):
+def tissue_strips(slide_path, downsample, ys, xs, P, tissue, level, workers=1, band=4):
     """``(y, xs_kept, patches_kept)`` for each grid row (level-0 ``y``, scaled ``xs``), in order,
     read ahead by threads.
 
@@ -154,7 +154,7 @@ class _SlideGrid:
 
     def strips(self, workers):
         """``(y, xs_kept, patches_kept)`` for each grid row, read ahead by ``workers`` threads."""
-        return _strips(self.path, self.downsample, self.ys, self.xs, self.patch, self.tissue, self.level, workers)
+        return tissue_strips(self.path, self.downsample, self.ys, self.xs, self.patch, self.tissue, self.level, workers)
 
 
 class _Stitcher:

@@ -40,7 +40,7 @@ def hub_reachable(hosts=HUB_HOSTS, timeout=2.0):
     return False
 
 
-def _offline_error(what):
+def offline_error(what):
     return InputError(
         f"ImageNet weights for {what} come from the model hub, which cannot be reached from here. "
         "Either train from scratch (pretrained=False, as the demo profile does), or download the "
@@ -125,7 +125,7 @@ def build_classifier(arch, num_classes=2, pretrained=False, weights_path=None, f
     check_type("pretrained", pretrained, bool)
     use_hub = pretrained and weights_path is None
     if use_hub and not hub_reachable():
-        raise _offline_error(arch)
+        raise offline_error(arch)
     model = timm.create_model(arch, pretrained=use_hub, num_classes=num_classes)
     # A new head starts at zero: timm initialises EfficientNet's linear layers uniformly in
     # +-1/sqrt(out_features), i.e. +-0.71 for two classes, so a fresh network starts with logits
@@ -152,7 +152,7 @@ def build_smp_unetpp(pretrained=False, weights_path=None, encoder="efficientnet-
     check_type("pretrained", pretrained, bool)
     use_hub = pretrained and weights_path is None
     if use_hub and not hub_reachable():
-        raise _offline_error(f"the {encoder} encoder")
+        raise offline_error(f"the {encoder} encoder")
     model = smp.UnetPlusPlus(encoder_name=encoder, encoder_weights="imagenet" if use_hub else None, classes=1)
     if weights_path is not None:
         load_weights(model, weights_path, f"UNet++/{encoder}")

@@ -148,7 +148,7 @@ def build_segmenter(variant="paper", pretrained=False, weights_path=None):
 
     use_hub = pretrained and weights_path is None
     if use_hub and not models.hub_reachable():
-        raise models._offline_error("the efficientnet-b0 encoder")
+        raise models.offline_error("the efficientnet-b0 encoder")
     enc = smp.encoders.get_encoder("efficientnet-b0", in_channels=3, depth=5, weights="imagenet" if use_hub else None)
     model = UNetPlusPlus(enc)
     if weights_path is not None:

@@ -146,6 +146,8 @@ class Slide:
         path: the slide file.
         verify: decode the smallest pyramid level on opening, so that a truncated or damaged
             file fails here with a clear message rather than halfway through a run.
+        tile_reader: read Aperio and generic tiled TIFFs with this module's own tile reader
+            (the default, faster for strips); ``False`` reads every region through OpenSlide.
 
     Attributes:
         path, name: the file and its stem (the case id in PAIP naming).
@@ -160,7 +162,7 @@ class Slide:
         ...     patch = s.read_region(0, 0, 224, 224, downsample=16)
     """
 
-    def __init__(self, path, verify=True):
+    def __init__(self, path, verify=True, tile_reader=True):
         self.path = Path(path)
         self.name = self.path.stem
         if not self.path.exists():
@@ -183,7 +185,7 @@ class Slide:
             )
         power = _float_pair(self.properties, "openslide.objective-power", "openslide.objective-power")
         self.objective_power = None if power is None else power[0]
-        self._tiff = self._tiff_levels() if self.vendor in ("aperio", "generic-tiff") else None
+        self._tiff = self._tiff_levels() if tile_reader and self.vendor in ("aperio", "generic-tiff") else None
         if verify:
             self._verify()
 
