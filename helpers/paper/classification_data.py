@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..core.errors import InputError, check_positive
 from ..learning.train import SeededPrepare
 from ..patching.augment import augment_batch, balance_indices
-from ..patching.caches import cache_folder, load_patch_set
+from ..patching.caches import open_cache
 
 #: Columns of a prediction table (one row per patch, model and scale).
 PREDICTION_COLUMNS = ["case_id", "split", "model", "scale", "x", "y", "footprint", "prob", "pred", "label"]
@@ -103,13 +103,8 @@ def load_class_patches(cases, cache_root, params, scale, what="training", labell
     """
     sets, owner, local, labels, rows, none = [], [], [], [], [], []
     for case in cases:
-        folder, _ = cache_folder(cache_root, case, scale, params)
-        if not (folder / "meta.json").exists():
-            raise InputError(
-                f"no {scale}x patch cache for {case.case_id} at {folder}: run the patch "
-                f"extraction for this scale first (notebook 02, or notebook 04's section 1)"
-            )
-        ps = load_patch_set(folder)
+        fix = "run the patch extraction for this scale first (notebook 02, or notebook 04's section 1)"
+        ps = open_cache(cache_root, case, scale, params, fix)
         k = ps.kept
         if labelled_only:
             k = k[k["label"] >= 0]

@@ -27,7 +27,7 @@ from ..learning.metrics import soft_dice_loss
 from ..learning.train import SeededPrepare
 from ..learning.unetpp import as_head_list, probabilities
 from ..patching.augment import augment_batch
-from ..patching.caches import cache_folder, load_patch_set
+from ..patching.caches import open_cache
 from ..wsi.slides import Mask
 
 
@@ -85,13 +85,8 @@ def load_segmentation_patches(cases, cache_root, params, what="training"):
     col = f"{params.label_mask}_frac"
     scale = params.mask_scale
     for case in cases:
-        folder, _ = cache_folder(cache_root, case, scale, params)
-        if not (folder / "meta.json").exists():
-            raise InputError(
-                f"no {scale}x patch cache for {case.case_id} at {folder}: run notebook 02 "
-                f"(with {scale} among its scales and the same parameters) first"
-            )
-        ps = load_patch_set(folder)
+        fix = f"run notebook 02 (with {scale} among its scales and the same parameters) first"
+        ps = open_cache(cache_root, case, scale, params, fix)
         if ps.masks is None:
             raise InputError(
                 f"{case.case_id}: its patch cache holds no masks (the slide has no "

@@ -320,6 +320,15 @@ def load_patch_set(folder):
     return PatchSet(folder, meta, table, patches, masks)
 
 
+def open_cache(cache_root, case, scale, params, fix):
+    """The :class:`PatchSet` of ``case``'s finished cache at ``scale``, or one
+    :class:`InputError` naming the case, the folder and ``fix`` (how to make it)."""
+    folder, _ = cache_folder(cache_root, case, scale, params)
+    if not (folder / "meta.json").exists():
+        raise InputError(f"no {scale}x patch cache for {case.case_id} at {folder}: {fix}")
+    return load_patch_set(folder)
+
+
 def cache_keys(cases, scale, cache_root, params):
     """``{case_id: cache hash}`` of existing caches of ``cases`` at ``scale`` (what a model trained
     on them, or predictions made from them, record as their data)."""
