@@ -14,7 +14,7 @@ from helpers.learning.inference import predict_slide
 from helpers.paper.segmentation_data import mask_fraction_map
 from helpers.patching.caches import ExtractionParams, load_patch_set
 from helpers.patching.patches import extract_slide
-from helpers.wsi.dataset import Case, resolution_warning
+from helpers.wsi.dataset import Case, resolution_warning, slide_resolutions
 from helpers.wsi.slides import Slide, scale_downsample
 
 
@@ -152,9 +152,10 @@ def test_voting_regions_are_one_area_in_microns(twins):
 
     from helpers.paper.voting import assign_units, region_labels, region_sides
 
-    run = SimpleNamespace(params=ExtractionParams(scale_reference=0.5), cases={c.case_id: c for c in twins})
+    cases = {c.case_id: c for c in twins}
+    run = SimpleNamespace(params=ExtractionParams(scale_reference=0.5), cases=cases, mpps=slide_resolutions(twins))
     assert region_sides(run, 512) == {"t20": 512, "t40": 1024}
-    level0 = SimpleNamespace(params=ExtractionParams(), cases=run.cases)
+    level0 = SimpleNamespace(params=ExtractionParams(), cases=run.cases, mpps=run.mpps)
     assert region_sides(level0, 512) == {"t20": 512, "t40": 512}
     pred = pd.DataFrame({"case_id": ["t20", "t40"], "x": [600, 1200], "y": [0, 0], "footprint": [64, 128]})
     assert list(assign_units(pred, region_sides(run, 512)).unit) == ["t20:r0c1", "t40:r0c1"]

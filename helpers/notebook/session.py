@@ -9,6 +9,7 @@
   checked to belong together.
 """
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,22 +138,28 @@ class Run:
         """The patch caches' folder."""
         return self.folder / "patches"
 
+    @functools.cached_property
+    def mpps(self):
+        """``{slide id: level-0 um/px or None}``, read from the slides once per run."""
+        from ..wsi.dataset import slide_resolutions
+
+        return slide_resolutions(self.cases.values())
+
     def resolution(self, scale, splits=None):
         """The um/px ``scale`` means on this run's slides (those of ``splits``; default all), or
         ``None`` where unknown (see :func:`helpers.wsi.dataset.scale_resolution`)."""
-        from ..wsi.dataset import scale_resolution, slide_resolutions
+        from ..wsi.dataset import scale_resolution
 
-        cases = list(self.cases.values()) if splits is None else [c for s in splits for c in self.by_split[s]]
-        return scale_resolution(slide_resolutions(cases), scale, self.params.scale_reference)
+        ids = self.cases if splits is None else [c.case_id for s in splits for c in self.by_split[s]]
+        return scale_resolution({k: self.mpps[k] for k in ids}, scale, self.params.scale_reference)
 
     def check_model_resolution(self, meta, checkpoint):
         """Refuse a model trained at another um/px than this run reads its scale at (see
         :func:`helpers.wsi.dataset.check_trained_resolution`)."""
-        from ..wsi.dataset import check_trained_resolution, slide_resolutions
+        from ..wsi.dataset import check_trained_resolution
 
         scale = int(meta.get("scale", 0))
-        mpps = slide_resolutions(self.cases.values())
-        check_trained_resolution(meta.get("um_per_px"), mpps, scale, self.params.scale_reference, checkpoint)
+        check_trained_resolution(meta.get("um_per_px"), self.mpps, scale, self.params.scale_reference, checkpoint)
 
     def data_key(self, scale, splits=("train", "val"), params=None):
         """What a model trained (or predictions made) on ``splits`` at ``scale`` records as its

@@ -308,10 +308,8 @@ def region_sides(run, region_size):
     ref = run.params.scale_reference
     if not ref or not region_size:
         return dict.fromkeys(run.cases, region_size)
-    from ..wsi.dataset import slide_resolutions
-
-    mpps = slide_resolutions(run.cases.values())  # every one known: extraction refused a slide without
-    return {cid: round(region_size * ref / mpps[cid]) for cid in run.cases}
+    # every mpp is known: extraction refused a slide without one
+    return {cid: round(region_size * ref / run.mpps[cid]) for cid in run.cases}
 
 
 def region_labels(run, case_ids, region_size, min_tumour=0.5):

@@ -332,6 +332,12 @@ def slide_resolutions(cases):
     return out
 
 
+def _one_resolution(mpps):
+    """Whether resolutions (um/px, none missing) lie within :data:`MPP_SPREAD` of each other."""
+    mpps = list(mpps)
+    return max(mpps) <= min(mpps) * (1 + MPP_SPREAD)
+
+
 def resolution_warning(mpps, scale_reference=0.0):
     """The one line saying that a run mixes magnifications, or ``None`` when it does not.
 
@@ -357,7 +363,7 @@ def resolution_warning(mpps, scale_reference=0.0):
             )
         return None
     known = {k: v for k, v in mpps.items() if v is not None}
-    if not known or max(known.values()) <= min(known.values()) * (1 + MPP_SPREAD):
+    if not known or _one_resolution(known.values()):
         return None
     groups = {}
     for k, v in sorted(known.items()):
@@ -383,7 +389,7 @@ def scale_resolution(mpps, scale, scale_reference=0.0):
     if scale_reference:
         return scale * scale_reference
     known = [v for v in mpps.values() if v is not None]
-    if not known or len(known) < len(mpps) or max(known) > min(known) * (1 + MPP_SPREAD):
+    if not known or len(known) < len(mpps) or not _one_resolution(known):
         return None
     return scale * sorted(known)[len(known) // 2]
 
