@@ -216,10 +216,52 @@ def _disk_full_on(monkeypatch, target, name, calls):
     monkeypatch.setattr(target, name, fake)
 
 
+class _FillingFile:
+    """A file that takes ``room`` bytes and then fails as a full disk does (``ENOSPC``)."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        n = len(memoryview(data).cast("B"))
+        if n > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= n
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def _torch_save_fills_disk_on(monkeypatch, calls):
+    """Make the ``calls``-th ``torch.save`` run out of disk part way through, as on a real disk:
+    torch's zip writer then raises its own ``RuntimeError`` ("unexpected pos"), not the ENOSPC."""
+    real, seen = torch.save, [0]
+
+    def fake(obj, f, *args, **kwargs):
+        seen[0] += 1
+        return real(obj, _FillingFile(f, 4096) if seen[0] == calls else f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fake)
+
+
+def test_torch_reports_a_full_disk_as_its_own_error_and_it_is_still_the_disk_full_error(tmp_path, monkeypatch):
+    from helpers.core.errors import DiskFullError
+    from helpers.learning.train import save_checkpoint
+
+    with open(tmp_path / "raw.pt", "wb") as f, pytest.raises(RuntimeError, match="unexpected pos") as raw:
+        torch.save({"w": torch.zeros(10_000)}, _FillingFile(f, 4096))  # what torch itself raises
+    assert isinstance(raw.value.__context__, OSError)
+    _torch_save_fills_disk_on(monkeypatch, 1)
+    with pytest.raises(DiskFullError, match="is full"):
+        save_checkpoint(tmp_path / "c.pt", {"w": torch.zeros(10_000)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.pt"]  # nothing half-written kept
+
+
 def test_full_disk_while_saving_a_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
     model, tb, ev, cfg = _setup(tmp_path, epochs=3)
     # Epoch 1 writes best.pt and last.pt (calls 1, 2); epoch 2's best.pt is call 3, its last.pt 4.
-    _disk_full_on(monkeypatch, torch, "save", 4)
+    _torch_save_fills_disk_on(monkeypatch, 4)
     with pytest.raises(InputError) as exc:
         fit(model, tb, ev, _loss, cfg, tmp_path / "d", progress=False, log=lambda *_: None)
     msg = str(exc.value)
@@ -236,7 +278,7 @@ def test_full_disk_while_saving_a_checkpoint_is_one_clear_error(tmp_path, monkey
 
 def test_full_disk_before_any_checkpoint_and_for_the_history(tmp_path, monkeypatch):
     model, tb, ev, cfg = _setup(tmp_path, epochs=2)
-    _disk_full_on(monkeypatch, torch, "save", 1)
+    _torch_save_fills_disk_on(monkeypatch, 1)
     with pytest.raises(InputError, match=r"best\.pt: the disk is full .* no checkpoint was written yet"):
         fit(model, tb, ev, _loss, cfg, tmp_path / "e", progress=False, log=lambda *_: None)
     monkeypatch.undo()

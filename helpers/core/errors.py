@@ -40,10 +40,18 @@ def disk_full(path, what=None):
 
 
 def is_disk_full(exc):
-    """Whether an exception is the operating system saying the disk (or quota) is full."""
+    """Whether an exception is the operating system saying the disk (or quota) is full, or was
+    raised while handling that: torch's zip writer turns a write's ``ENOSPC`` into its own
+    ``RuntimeError: ... unexpected pos`` (the ``OSError`` left only as its ``__context__``)."""
     import errno
 
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def check_type(name, value, types, what=None):

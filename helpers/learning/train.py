@@ -44,7 +44,6 @@ every process runs :func:`fit` with the same arguments and the model is wrapped 
 """
 
 import contextlib
-import errno
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -56,14 +55,11 @@ import torch
 from torch.optim.swa_utils import update_bn
 
 from ..core.atomic import atomic_path
-from ..core.errors import InputError, check_positive, check_type
+from ..core.errors import DiskFullError, InputError, check_positive, check_type, is_disk_full
 from ..core.parallel import ReadAhead, pin_batch
 from ..core.progress import progress_bar
 from ..core.seeding import library_versions, seed_everything
 from . import distributed as dd
-
-#: ``OSError.errno`` values that mean the disk (or the user's quota) is full.
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -132,8 +128,9 @@ def select_device(pref="auto"):
 def save_checkpoint(path, payload):
     """``torch.save`` through a temporary file: an interrupted save leaves the old checkpoint.
 
-    The file is written through a Python file object, so a full disk raises ``OSError``
-    (``ENOSPC``) rather than torch's unspecific ``RuntimeError`` for a path.
+    A full disk is :class:`helpers.core.errors.DiskFullError`, although torch reports it as its
+    own ``RuntimeError`` ("unexpected pos"): :func:`helpers.core.atomic.atomic_path` finds the
+    ``ENOSPC`` behind it.
     """
     with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as f:
         torch.save(payload, f)
@@ -446,9 +443,9 @@ def _save_epoch(out, payload, history, improved, held):
                 with atomic_path(path) as tmp:
                     pd.DataFrame(history).to_csv(tmp, index=False)
         except OSError as exc:
-            # ENOSPC/EDQUOT, or the disk-full error that helpers.core.atomic may already have made of it
-            # (an InputError that is also an OSError): either way, say which checkpoint is intact.
-            if exc.errno not in DISK_FULL and not isinstance(exc, InputError):
+            # The DiskFullError that helpers.core.atomic made of ENOSPC/EDQUOT (torch's own error for
+            # it too): say which checkpoint is intact.
+            if not is_disk_full(exc) and not isinstance(exc, DiskFullError):
                 raise
             state = (
                 f"{last} holds epoch {held} and is intact (files are replaced only by complete new ones): "
