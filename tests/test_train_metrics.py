@@ -107,6 +107,12 @@ def test_fit_learns_and_writes_checkpoints(tmp_path):
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert ck["epoch"] == 5 and ck["identity"]["meta"] == {"arch": "linear"} and "torch" in ck["versions"]
     assert not list((tmp_path / "run").glob(".*tmp*"))
+    # best.pt is the model to use: what resuming alone needs (the optimiser's state: twice the
+    # weights with Adam) stays in last.pt.
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    assert not set(best) & {"optimizer", "scheduler", "rng"} and {"optimizer", "rng"} <= set(ck)
+    assert best["identity"] == ck["identity"] and best["best"] == ck["best"] and best["epoch"] <= 5
+    model.load_state_dict(best["model"])
 
 
 def test_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
@@ -279,7 +285,7 @@ def test_full_disk_while_saving_a_checkpoint_is_one_clear_error(tmp_path, monkey
 def test_full_disk_before_any_checkpoint_and_for_the_history(tmp_path, monkeypatch):
     model, tb, ev, cfg = _setup(tmp_path, epochs=2)
     _torch_save_fills_disk_on(monkeypatch, 1)
-    with pytest.raises(InputError, match=r"best\.pt: the disk is full .* no checkpoint was written yet"):
+    with pytest.raises(InputError, match=r"best\.pt: the disk is full .* no last\.pt to resume from yet"):
         fit(model, tb, ev, _loss, cfg, tmp_path / "e", progress=False, log=lambda *_: None)
     monkeypatch.undo()
     model, tb, ev, cfg = _setup(tmp_path, epochs=2)

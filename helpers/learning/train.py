@@ -430,15 +430,23 @@ def _slicer(rank, world):
     return take
 
 
+#: What only resuming needs: ``last.pt`` holds it, ``best.pt`` (the model to use) does not, which
+#: makes it a third of the size with Adam (ResNet-50: 94 MB instead of 283 MB).
+RESUME_ONLY = ("optimizer", "scheduler", "rng", "stale")
+
+
 def _save_epoch(out, payload, history, improved, held):
-    """Write ``best.pt`` (if improved), ``last.pt`` and ``history.csv``; a full disk is one
-    :class:`InputError` naming the file. ``held``: the epoch ``last.pt`` holds before this."""
+    """Write ``best.pt`` (if improved; without :data:`RESUME_ONLY`), ``last.pt`` and
+    ``history.csv``; a full disk is one :class:`InputError` naming the file. ``held``: the epoch
+    ``last.pt`` holds before this."""
     last = out / "last.pt"
     files = ([out / "best.pt"] if improved else []) + [last, out / "history.csv"]
     for path in files:
         try:
-            if path.suffix == ".pt":
+            if path == last:
                 save_checkpoint(path, payload)
+            elif path.suffix == ".pt":
+                save_checkpoint(path, {k: v for k, v in payload.items() if k not in RESUME_ONLY})
             else:
                 with atomic_path(path) as tmp:
                     pd.DataFrame(history).to_csv(tmp, index=False)
@@ -451,7 +459,7 @@ def _save_epoch(out, payload, history, improved, held):
                 f"{last} holds epoch {held} and is intact (files are replaced only by complete new ones): "
                 "free some space and rerun; training resumes from it"
                 if held
-                else "no checkpoint was written yet: free some space and rerun to train from the start"
+                else "there is no last.pt to resume from yet: free some space and rerun to train from the start"
             )
             raise InputError(
                 f"{path}: the disk is full (no space left on the device) while saving epoch {payload['epoch']}; {state}"
