@@ -9,8 +9,10 @@
   written by :func:`helpers.demo.synthetic.ensure_demo_dataset` into a session temporary folder.
 """
 
+import contextlib
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,6 +87,18 @@ def _fetch_cmu(dest):
         Path(part).unlink(missing_ok=True)
         raise
     return dest
+
+
+@contextlib.contextmanager
+def module_scratch(tmp_path_factory, request, name):
+    """A folder for a module-wide fixture's runs (``with module_scratch(...) as root``, around the
+    fixture's ``yield``): removed when the module ends if none of the session's tests failed
+    meanwhile, so the suite's disk use peaks at one module's runs rather than at all of them."""
+    root = tmp_path_factory.mktemp(name)
+    failed = request.session.testsfailed
+    yield root
+    if request.session.testsfailed == failed:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import module_scratch
 
 pytestmark = pytest.mark.slow  # the paper profile's whole series in a subprocess: minutes
 REPO = Path(__file__).resolve().parent.parent
@@ -41,10 +42,14 @@ OVERRIDES = {
 
 
 @pytest.fixture(scope="module")
-def paper_run(tmp_path_factory):
+def paper_run(tmp_path_factory, request):
+    with module_scratch(tmp_path_factory, request, "paper") as root:
+        yield _run_paper(root)
+
+
+def _run_paper(root):
     from helpers.demo.synthetic import CaseSpec, ensure_demo_dataset
 
-    root = tmp_path_factory.mktemp("paper")
     cases = [
         CaseSpec(
             f"p{i}",

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import module_scratch
 
 pytestmark = pytest.mark.slow  # the whole series on eight datasets, in subprocesses: minutes
 REPO = Path(__file__).resolve().parent.parent
@@ -22,43 +23,43 @@ TIMES = {}
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
+def zoo(tmp_path_factory, request):
     from helpers.demo.synthetic import write_zoo_dataset
 
-    root = tmp_path_factory.mktemp("zoo")
-    env = {**os.environ, "PAIP_REPRO_RUNS": str(root / "runs"), "TQDM_DISABLE": "1", "MPLBACKEND": "Agg"}
+    with module_scratch(tmp_path_factory, request, "zoo") as root:
+        env = {**os.environ, "PAIP_REPRO_RUNS": str(root / "runs"), "TQDM_DISABLE": "1", "MPLBACKEND": "Agg"}
 
-    def run(shape, *extra, run_name=None):
-        data = root / "data" / shape
-        if not data.exists():
-            write_zoo_dataset(shape, data)
-        t0 = time.monotonic()
-        p = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "helpers.run",
-                "--profile",
-                "smoke",
-                "--no-progress",
-                "-p",
-                "data_dir",
-                str(data),
-                "--run-name",
-                run_name or shape,
-                *extra,
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        TIMES[run_name or shape] = time.monotonic() - t0
-        return p, root / "runs" / (run_name or shape)
+        def run(shape, *extra, run_name=None):
+            data = root / "data" / shape
+            if not data.exists():
+                write_zoo_dataset(shape, data)
+            t0 = time.monotonic()
+            p = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "helpers.run",
+                    "--profile",
+                    "smoke",
+                    "--no-progress",
+                    "-p",
+                    "data_dir",
+                    str(data),
+                    "--run-name",
+                    run_name or shape,
+                    *extra,
+                ],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            TIMES[run_name or shape] = time.monotonic() - t0
+            return p, root / "runs" / (run_name or shape)
 
-    yield run
-    print("\nzoo run times:", {k: round(v) for k, v in TIMES.items()})
+        yield run
+        print("\nzoo run times:", {k: round(v) for k, v in TIMES.items()})
 
 
 def text(run_folder, notebook):
