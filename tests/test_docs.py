@@ -1,4 +1,4 @@
-"""The README and bench/README.md name only files and functions that exist.
+"""The README, bench/README.md and the notebooks name only files and functions that exist.
 
 Every repository path they cite (in backticks, in a code block or as a link: ``helpers/x.py``,
 ``notebooks/...``, ``bench/...``, ``tools/...``, ``sweeps/...``, ``profiles/...``, ...) must be
@@ -10,6 +10,7 @@ Generated paths (``runs/``, ``data/``, ``bench/results/``, ``bench/cache/``) and
 
 import importlib
 import inspect
+import json
 import re
 from pathlib import Path
 
@@ -68,8 +69,13 @@ def bare_name_exists(doc, name):
 
 
 def cited_names(doc):
-    """Every dotted ``helpers.<module>[.<name>...]`` that ``doc`` cites."""
-    text = (REPO / doc).read_text()
+    """Every dotted ``helpers.<module>[.<name>...]`` that ``doc`` cites (a notebook: in its cells'
+    text, prose and code alike)."""
+    path = REPO / doc
+    if path.suffix == ".ipynb":
+        text = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"])
+    else:
+        text = path.read_text()
     return sorted(set(re.findall(r"\bhelpers(?:\.[A-Za-z_]\w*)+", text)))
 
 
@@ -107,7 +113,10 @@ def test_every_cited_path_exists(doc):
     assert not missing, f"{doc} cites files that are not in the repository: {missing}"
 
 
-@pytest.mark.parametrize("doc", DOCS)
+NOTEBOOKS = sorted(str(p.relative_to(REPO)) for p in (REPO / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("doc", DOCS + NOTEBOOKS)
 def test_every_cited_helpers_name_exists_where_it_is_cited(doc):
     names = cited_names(doc)
     assert names, f"{doc}: the parser found no helpers name"

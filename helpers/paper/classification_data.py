@@ -35,7 +35,7 @@ class ClassPatches:
 
     Attributes:
         scale: the downscale factor.
-        sets: the :class:`helpers.patching.patches.PatchSet` of each slide with patches.
+        sets: the :class:`helpers.patching.caches.PatchSet` of each slide with patches.
         owner, local: which set and which row each patch comes from.
         labels: ``(n,)`` 0/1.
         rows: the cache-table rows of the patches (case_id, x, y, footprint, fractions ...).

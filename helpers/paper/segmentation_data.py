@@ -36,7 +36,7 @@ class SegmentationPatches:
     """The kept 1x patches (and their masks) of several slides, as one dataset.
 
     Attributes:
-        sets: the :class:`helpers.patching.patches.PatchSet` of each slide.
+        sets: the :class:`helpers.patching.caches.PatchSet` of each slide.
         case_ids: one per set.
         owner: ``(n,)`` which set each patch comes from.
         local: ``(n,)`` the patch's row in its set.
