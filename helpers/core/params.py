@@ -160,6 +160,7 @@ SPECS = {
     "effnet_input_size": _i(16, MAX_PATCH),
     "resnet_input_size": _i(16, MAX_PATCH),
     "class_batch_size": _i(1, 4096),
+    "class_color_jitter": FRACTION,
     "class_steps_per_epoch": _i(0, 10**7),
     "effnet_epochs": _i(1, 100000),
     "effnet_lr": _f(positive=True, hi=10),
