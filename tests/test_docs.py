@@ -116,6 +116,19 @@ def test_every_cited_path_exists(doc):
 NOTEBOOKS = sorted(str(p.relative_to(REPO)) for p in (REPO / "notebooks").glob("*.ipynb"))
 
 
+def notebook_prose(doc):
+    """The markdown cells of notebook ``doc``, as one markdown text."""
+    cells = json.loads((REPO / doc).read_text())["cells"]
+    return "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+
+
+@pytest.mark.parametrize("doc", NOTEBOOKS)
+def test_every_path_a_notebook_cites_exists(doc):
+    paths, _ = cited_paths(doc, notebook_prose(doc))
+    missing = [p for p in paths if not (REPO / p).exists()]
+    assert not missing, f"{doc} cites files that are not in the repository: {missing}"
+
+
 @pytest.mark.parametrize("doc", DOCS + NOTEBOOKS)
 def test_every_cited_helpers_name_exists_where_it_is_cited(doc):
     names = cited_names(doc)
