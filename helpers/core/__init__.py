@@ -4,7 +4,7 @@
 ``DiskFullError``), ``progress`` (progress bars), ``atomic`` (atomic writes), ``provenance``
 (content keys of derived results, never absolute paths), ``params`` (every notebook parameter
 checked in one place), ``parallel`` (ordered maps over threads or processes that never hang on
-a dead worker), ``seeding`` (seeds and library versions).
+a dead worker; the CPUs a process may use under a container's quota), ``seeding`` (seeds and library versions).
 """
 
 #: The names notebooks 01-05 import from this layer, by module: their public face here

@@ -55,6 +55,7 @@ from scipy import ndimage
 
 from ..core.atomic import atomic_dir, atomic_path, remove_stale_temporaries
 from ..core.errors import InputError
+from ..core.parallel import usable_cpus
 from ..core.paths import demo_data_dir
 from ..core.progress import progress_bar
 
@@ -1517,7 +1518,7 @@ def ensure_demo_dataset(folder=None, cases=None, workers=None, progress=True):
     if _cached(folder, want):
         return folder
     remove_stale_temporaries(folder.parent)
-    workers = workers or min(len(cases), os.cpu_count() or 1)
+    workers = workers or min(len(cases), usable_cpus())
     with atomic_dir(folder) as tmp:
         _write_all([("svs", c, tmp, True) for c in cases], workers, "demo slides", progress)
         _write_labels(
@@ -1762,6 +1763,6 @@ def write_zoo_dataset(shape, folder, seed=0):
     with atomic_dir(folder) as tmp:
         rng = np.random.default_rng([int(seed), ZOO_SHAPES.index(shape)])
         jobs = _ZOO[shape](rng, tmp)
-        _write_all(jobs, (os.cpu_count() or 1) if len(jobs) > 20 else 1, f"zoo {shape}", False)
+        _write_all(jobs, usable_cpus() if len(jobs) > 20 else 1, f"zoo {shape}", False)
         (tmp / "manifest.json").write_text(json.dumps(want, indent=2) + "\n")
     return folder

@@ -10,7 +10,6 @@ reaches every edge of the slide. The canvas is ``(H / d) x (W / d)`` floats: 39 
 50,000 px slide at ``d = 16``, never a full-resolution array. Used by notebook 03.
 """
 
-import os
 import threading
 import time
 import warnings
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 
 from ..core.atomic import atomic_path
 from ..core.errors import InputError, check_positive
-from ..core.parallel import ordered_map
+from ..core.parallel import ordered_map, usable_cpus
 from ..core.progress import progress_bar
 from ..patching.caches import ExtractionParams
 from ..wsi.slides import Slide
@@ -35,7 +34,7 @@ def default_read_workers():
     One thread decodes ~1,500 tissue patches of 224 px a second (2-core CPU, demo slides); a GPU
     segments ~4,700 (H200, bf16), so a GPU machine needs several.
     """
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+    return max(1, min(8, usable_cpus() // 2))
 
 
 def grid_positions(length, patch, stride, align=1):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import InputError, check_type
+from ..core.parallel import cap_torch_threads
 from ..core.paths import REPO_ROOT, run_dir
 from ..core.provenance import key_hash, read_stamp
 from ..core.seeding import library_versions, seed_everything
@@ -37,6 +38,7 @@ def setup_notebook(seed, show_versions=True):
     # and nbval compares the outputs of checked cells).
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"{category.__name__}: {message}\n"
     seed_everything(seed)
+    cap_torch_threads()  # under a CPU quota (a container), as many threads as CPUs to run them
     mpl.rcParams.update(
         {"figure.dpi": 72, "savefig.dpi": 110, "font.size": 9, "axes.titlesize": 9, "image.interpolation": "nearest"}
     )

@@ -19,6 +19,7 @@ import torch
 
 from ..core.atomic import atomic_path
 from ..core.errors import InputError
+from ..core.parallel import usable_cpus
 from ..core.paths import runs_root
 from ..core.provenance import file_sha256, write_stamp
 from ..learning.metrics import bootstrap_interval, classification_report, majority_baseline, read_against_baseline
@@ -320,10 +321,8 @@ def train_classifiers(run, plan, out_dir, recipes, settings, seed=0, device="aut
         return dict(zip(keys, run_jobs(jobs, devices=list(range(n_gpu)))))
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if on_cpu and cpu_jobs > 1 and len(jobs) > 1:
-        import os
-
         n = min(cpu_jobs, len(jobs))
-        threads = max(1, len(os.sched_getaffinity(0)) // n)
+        threads = max(1, usable_cpus() // n)
         # The longest jobs (most epochs, ResNet-50's heavier steps) first, so both processes end together.
         order = sorted(range(len(jobs)), key=lambda i: -jobs[i].config["epochs"] * (2 if "resnet" in keys[i] else 1))
         done = run_jobs([jobs[i] for i in order], devices=["cpu"] * n, threads=threads)

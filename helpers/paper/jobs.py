@@ -42,6 +42,7 @@ from pathlib import Path
 
 from ..core.atomic import write_json
 from ..core.errors import InputError, check_type
+from ..core.parallel import cap_torch_threads
 from ..learning import distributed as dd
 
 KINDS = ("classifier", "segmentation")
@@ -460,6 +461,8 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.split("\n\n")[0] + "\n\nusage: python -m helpers.paper.jobs SPEC.json [SPEC2.json ...]")
         return 0 if argv else 2
+    if "OMP_NUM_THREADS" not in os.environ:  # run_jobs and torchrun set it; a bare job runs under a CPU quota too
+        cap_torch_threads()
     try:
         dd.init_from_env()
         for path in argv:

@@ -28,7 +28,7 @@ from patchify import patchify
 
 from ..core.atomic import atomic_dir, remove_stale_temporaries
 from ..core.errors import DiskFullError, InputError, check_positive, disk_full, is_disk_full
-from ..core.parallel import WorkerDied, ordered_map, process_pool
+from ..core.parallel import WorkerDied, ordered_map, process_pool, usable_cpus
 from ..core.progress import progress_bar
 from ..wsi.handles import forget_inherited, open_cached
 from ..wsi.slides import MASK_KINDS, Mask, Slide
@@ -420,7 +420,7 @@ def extract_dataset(cases, scales, cache_root, params=None, workers=None, progre
     scales = check_scales(scales)
     if not cases:
         raise InputError("no cases to extract: the dataset folder is empty")
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cpus()
     check_positive("workers", workers, integer=True)
     dims, ds = {}, {}
     for c in cases:  # a slide that cannot be read at some scale (no mpp ...) stops here, before any work
