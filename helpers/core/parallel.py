@@ -128,7 +128,7 @@ def _cgroup_quota(cgroup_root, proc_cgroup):
         if controllers == "":  # v2: one unified hierarchy
             mounts, files = [cgroup_root, os.path.join(cgroup_root, "unified")], ("cpu.max",)
         elif "cpu" in controllers.split(","):
-            mounts = [os.path.join(cgroup_root, n) for n in (controllers, "cpu", "cpu,cpuacct")]
+            mounts = [os.path.join(cgroup_root, n) for n in dict.fromkeys((controllers, "cpu", "cpu,cpuacct"))]
             files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
         else:
             continue
