@@ -77,7 +77,7 @@ def fingerprint(run):
 
     out = {}
     for p in sorted((run / "patches").rglob("*")):
-        if p.is_file() and p.name in ("patches.u8", "masks.u8", "table.csv"):
+        if p.is_file() and p.name in ("patches.u8", "masks.bits", "table.csv"):
             out[str(p.relative_to(run))] = sha(p)
         elif p.name == "meta.json":
             meta = json.loads(p.read_text())

@@ -15,7 +15,14 @@ import pytest
 from conftest import forget_open_slides, write_png
 from skimage.filters import threshold_otsu
 
-from helpers.patching.caches import TABLE_COLUMNS, ExtractionParams, grid_shape, label_patches, load_patch_set
+from helpers.patching.caches import (
+    TABLE_COLUMNS,
+    ExtractionParams,
+    PackedMasks,
+    grid_shape,
+    label_patches,
+    load_patch_set,
+)
 from helpers.patching.patches import extract_dataset, extract_slide
 from helpers.wsi.dataset import Case, list_cases
 from helpers.wsi.slides import Mask, Slide, SlideWarning
@@ -240,6 +247,35 @@ def test_cached_patches_and_tumour_fractions_match_direct_reads(t1_scale1):
     assert ps.table["viable_frac"].notna().all()
 
 
+def test_packed_masks_unpack_to_the_masks_for_any_index():
+    rng = np.random.default_rng(7)
+    m = (rng.random((5, 36, 36)) < 0.4).astype(np.uint8)  # 36 px: rows end mid-byte
+    packed = PackedMasks(PackedMasks.pack(m), 36)
+    assert packed.bits.shape == (5, 36, 5) and packed.shape == m.shape and len(packed) == 5
+    assert np.array_equal(packed[3], m[3]) and np.array_equal(packed[1:4], m[1:4])
+    assert np.array_equal(packed[np.array([4, 0, 2])], m[[4, 0, 2]])
+    assert np.array_equal(np.asarray(packed), m) and np.asarray(packed).dtype == np.uint8
+
+
+def test_mask_patches_read_only_across_a_boundary_and_match_direct_reads(small_dataset, tmp_path, monkeypatch):
+    """A 40 px patch (rows of 5 packed bytes): patches all inside or all outside the tumour are
+    filled without reading the mask; every stored mask equals a direct read of its window."""
+    case = [c for c in list_cases(small_dataset) if c.case_id == "tiny_t1"][0]
+    reads = []
+    real_read = Mask.read
+    monkeypatch.setattr(Mask, "read", lambda self, *a, **k: reads.append(a) or real_read(self, *a, **k))
+    ps, _ = extract_slide(case, 1, tmp_path, ExtractionParams(patch_size=40, stride=40), workers=1)
+    forget_open_slides()
+    kept = ps.kept
+    mixed = kept[(kept["viable_frac"] > 0) & (kept["viable_frac"] < 1)]
+    assert len(mixed) > 0 and (kept["viable_frac"] == 0).any() and (kept["viable_frac"] == 1).any()
+    assert len(reads) == len(mixed) < len(kept) // 2
+    assert (ps.folder / "masks.bits").stat().st_size == len(kept) * 40 * 5
+    with Slide(case.slide) as s, Mask(case.viable, s.dimensions) as v:
+        for r in kept.itertuples():
+            assert np.array_equal(ps.masks[r.index], real_read(v, r.x, r.y, 40, 40)), r
+
+
 def test_second_call_returns_cache(t1_scale1):
     case, root, ps = t1_scale1
     t0 = time.perf_counter()
@@ -266,7 +302,7 @@ def test_different_params_different_cache(t1_scale1):
     assert cached is False and ps2.folder != ps.folder
     assert ps2.folder.parent == ps.folder.parent
     assert ps2.meta["n_kept"] > ps.meta["n_kept"]  # a lower tissue threshold keeps more
-    assert ps2.masks is None and not (ps2.folder / "masks.u8").exists()
+    assert ps2.masks is None and not (ps2.folder / "masks.bits").exists()
     # Labels now come from the whole-tumour mask.
     assert (ps2.table["label"] == label_patches(ps2.table["whole_frac"])).all()
     # The cache key names every parameter.

@@ -36,12 +36,14 @@ from ..wsi.tissue import slide_tissue_threshold, tissue_fractions, tissue_fracti
 from .caches import (
     TABLE_COLUMNS,
     ExtractionParams,
+    PackedMasks,
     cache_bytes_estimate,
     cache_folder,
     check_scales,
     finish_table,
     grid_shape,
     load_patch_set,
+    packed_width,
     stores_masks,
     too_small_reason,
 )
@@ -84,7 +86,7 @@ def extract_rows(
         count_maps: ``{kind: path}`` of :func:`mask_count_map` files, used where the windows
             align with their blocks (else the masks are read).
         cache_dir: the cache being written: the kept patches (and masks) go straight into its
-            ``patches.u8`` (and ``masks.u8``) at the offset that task ``task - 1`` hands on
+            ``patches.u8`` (and ``masks.bits``) at the offset that task ``task - 1`` hands on
             (see :func:`_take_offsets`), and only the small per-row arrays are returned (a
             worker sends back little, and no byte of a patch is written twice).
         tissue_level: the slide's gray threshold for ``tissue_method = "slide"``.
@@ -95,7 +97,7 @@ def extract_rows(
     Returns:
         A list with, per row, a dict: ``row``, ``tissue_frac``, ``otsu``, ``kept``,
         ``whole_frac`` and ``viable_frac`` (NaN without masks), and, without ``cache_dir``, the
-        kept ``patches`` and, at the mask scale, their ``masks``.
+        kept ``patches`` and, at the mask scale, their ``masks`` (packed as stored: :class:`PackedMasks`).
     """
     p = params if isinstance(params, ExtractionParams) else ExtractionParams(**params)
     masks = masks or {}
@@ -138,20 +140,31 @@ def extract_rows(
             else:
                 out[f"{kind}_frac"] = open_cached((mp, slide_path), "mask").window_fractions(y, xs, footprint)
             if kind == p.label_mask and scale == p.mask_scale:
-                out["masks"] = _mask_patches(mp, slide_path, y, width, ds, p, kept, out[f"{kind}_frac"])
+                out["masks"] = _mask_patches(mp, slide_path, y, xs, ds, p, kept, out[f"{kind}_frac"])
         results.append(out)
     if cache_dir is not None:
         _write_kept(cache_dir, task, results)
     return results
 
 
-def _mask_patches(mask_path, slide_path, y, width, downsample, p, kept, fractions):
-    """The kept patches' mask pixels along one row (no read where the row holds no tumour)."""
-    P, S = p.patch_size, p.stride
-    if not np.any(fractions[kept] > 0):
-        return np.zeros((int(kept.sum()), P, P), np.uint8)
-    mstrip = open_cached((mask_path, slide_path), "mask").read(0, y, width, P, downsample=downsample)
-    return np.ascontiguousarray(patchify(mstrip, (P, P), step=S)[0][kept])
+def _mask_patches(mask_path, slide_path, y, xs, downsample, p, kept, fractions):
+    """The kept patches' mask pixels along one row, packed as stored (:class:`PackedMasks`).
+
+    A patch all outside (fraction 0) or all inside (fraction 1) the tumour is filled without a
+    read; only the patches across a boundary are read from the mask, window by window.
+    """
+    P = p.patch_size
+    f, x = fractions[kept], np.asarray(xs)[kept]
+    out = np.zeros((f.size, P, packed_width(P)), np.uint8)
+    if not np.any(f > 0):
+        return out
+    mask = open_cached((mask_path, slide_path), "mask")
+    footprint = P * downsample
+    inside = (x + footprint <= mask.width * mask.downsample) & (y + footprint <= mask.height * mask.downsample)
+    out[(f >= 1) & inside] = PackedMasks.pack(np.ones((1, P, P), np.uint8))[0]
+    for i in np.flatnonzero((f > 0) & ~((f >= 1) & inside)):
+        out[i] = PackedMasks.pack(mask.read(x[i], y, P, P, downsample=downsample)[None])[0]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +239,7 @@ def _write_kept(cache_dir, task, results):
     folder = Path(cache_dir)
     _write_at(folder / "patches.u8", at_patches, [out.pop("patches") for out in results])
     if "masks" in results[0]:
-        _write_at(folder / "masks.u8", at_masks, [out.pop("masks") for out in results])
+        _write_at(folder / "masks.bits", at_masks, [out.pop("masks") for out in results])
 
 
 def _extract_rows_job(args):
@@ -349,7 +362,7 @@ def _write_cache(case, scales, cache_root, params, pool, workers, rows, cols, st
     n_kept = 0
     done = False
     try:
-        for name in ("patches.u8", "masks.u8") if store else ("patches.u8",):
+        for name in ("patches.u8", "masks.bits") if store else ("patches.u8",):
             (tmp / name).touch()
         (tmp / HANDOFF).mkdir()
         _hand_on(tmp, 0, (0, 0))
@@ -385,7 +398,7 @@ def _write_cache(case, scales, cache_root, params, pool, workers, rows, cols, st
 def _check_sizes(tmp, n_kept, params, store, case, scale):
     """The cache files hold exactly the kept patches (a task that wrote short is a bug, not data)."""
     P = params.patch_size
-    want = {"patches.u8": n_kept * P * P * 3, **({"masks.u8": n_kept * P * P} if store else {})}
+    want = {"patches.u8": n_kept * P * P * 3, **({"masks.bits": n_kept * P * packed_width(P)} if store else {})}
     for name, size in want.items():
         have = (tmp / name).stat().st_size
         if have != size:
