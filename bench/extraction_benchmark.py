@@ -144,6 +144,8 @@ def method_raw(folder, scale, strip, reader="helpers", **_):
     ``reader="helpers"`` reads as extraction does (``Slide.read_region``: its tile reader for
     tiled JPEG TIFFs); ``reader="openslide"`` forces OpenSlide's ``read_region``.
     """
+    import numpy as np
+
     from helpers.wsi.dataset import list_cases
     from helpers.wsi.slides import Slide
 
@@ -152,8 +154,10 @@ def method_raw(folder, scale, strip, reader="helpers", **_):
         ws, hs = _level_size(s, scale)
         t0 = time.perf_counter()
         nstrips = -(-hs // strip)
+        buf = np.empty((strip, ws, 3), np.uint8)  # reused, as extraction reuses its strip buffer
         for i, y in enumerate(range(0, hs, strip)):
-            a = s.read_region(0, y * scale, ws, min(strip, hs - y), downsample=scale)
+            h = min(strip, hs - y)
+            a = s.read_region(0, y * scale, ws, h, downsample=scale, out=buf[:h])
             del a
             if i % max(1, nstrips // 4) == 0:
                 log(f"  raw: strip {i + 1}/{nstrips}")
@@ -303,6 +307,7 @@ def method_profile(folder, scale, tmp_root, **_):
     from helpers.patching.maskcounts import mask_count_map
     from helpers.patching.patches import extract_rows, extract_slide, rows_per_task
     from helpers.wsi.dataset import list_cases
+    from helpers.wsi.slides import Slide
 
     case = list_cases(folder)[0]
     Path(tmp_root).mkdir(parents=True, exist_ok=True)
@@ -318,7 +323,9 @@ def method_profile(folder, scale, tmp_root, **_):
         prof.disable()
         total = time.perf_counter() - t0
         rows, cols = ps.meta["grid_rows"], ps.meta["grid_cols"]
-        step = rows_per_task((cols - 1) * params.stride + params.patch_size, params)
+        with Slide(case.slide, verify=False) as s:
+            period = s.aligned_rows(ps.meta["downsample"], params.stride)
+        step = rows_per_task((cols - 1) * params.stride + params.patch_size, params, period)
         n_tasks = -(-rows // step)
         del ps
         # What one task sends back to the parent (its patches go straight into the cache files).

@@ -358,6 +358,29 @@ def test_an_impossibly_large_read_is_refused_as_a_parameter_problem(cmu):
         cmu.read_region(0, 0, 100_000, 100_000)
 
 
+def test_read_region_into_a_reused_buffer(small_dataset):
+    from helpers.patching.caches import ExtractionParams
+    from helpers.patching.patches import rows_per_read, rows_per_task
+
+    with Slide(small_dataset / "tiny_t1.svs") as s:
+        want = s.read_region(100, 300, 500, 230)
+        buf = np.zeros((230, 500, 3), np.uint8)
+        got = s.read_region(100, 300, 500, 230, out=buf)
+        assert got is buf and np.array_equal(got, want)
+        edge = s.read_region(s.dimensions[0] - 50, 0, 100, 20)  # half outside: glass
+        assert np.array_equal(
+            s.read_region(s.dimensions[0] - 50, 0, 100, 20, out=np.zeros((20, 100, 3), np.uint8)), edge
+        )
+        with pytest.raises(InputError, match="out must be"):
+            s.read_region(0, 0, 10, 10, out=np.zeros((10, 11, 3), np.uint8))
+        # 224 px rows on 256 px tiles: 8 rows end on a tile row; tasks are cut there
+        th = s._tiff[0].th
+        assert s.aligned_rows(1, 224) == th // np.gcd(224, th)
+    p = ExtractionParams()
+    assert rows_per_task(32704, p, 8) == 8 and rows_per_read(32704, p) == 4  # 2**26 px a task, 2**25 a read
+    assert rows_per_task(65472, p, 8) == 4 and rows_per_task(8000, p, 3) == 6 and rows_per_task(200, p, 15) == 8
+
+
 def test_levels_a_fraction_of_a_percent_off_are_read_as_the_scale(small_dataset, tmp_path):
     """A slide whose side does not divide by 4 has a level 1 at 4.002x, not 4x: a 4x read must
     come from level 1 (not decode level 0, 16 times the pixels), and match it pixel for pixel."""
