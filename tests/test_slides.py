@@ -420,7 +420,9 @@ def test_tiled_block_counts_decode_each_distinct_tile_once_and_match_the_definit
         store = m._store
         decoded = []
         real_decode = store.decode_tile
-        monkeypatch.setattr(store, "decode_tile", lambda idx, data: decoded.append(idx) or real_decode(idx, data))
+        monkeypatch.setattr(
+            store, "decode_tile", lambda idx, data, **kw: decoded.append(idx) or real_decode(idx, data, **kw)
+        )
         want = _reference_block_counts(m0, 16)
         got = m.block_counts(0, want.shape[0])
         assert got.dtype == np.uint16 and np.array_equal(got, want)

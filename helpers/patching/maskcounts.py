@@ -7,6 +7,7 @@ cost of a scale fall with the scale as the image's does. The same map gives a sl
 from its masks. Used by ``patches`` and notebook 02.
 """
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -44,40 +45,55 @@ def _count_band_job(args):
     return r0, open_cached((mask_path, slide_path), "mask").block_counts(r0, r1, COUNT_BLOCK)
 
 
-def mask_count_map(case, kind, cache_root, pool=None, workers=1):
-    """The mask's pixel counts per 16 x 16 block, computed once (in parallel) and cached.
+def mask_count_maps(case, cache_root, pool=None, workers=1, kinds=MASK_KINDS):
+    """The masks' pixel counts per 16 x 16 block, computed once (in parallel) and cached.
 
     Every scale needs the tumour fraction of its windows (a 64x patch covers 14,336 px a side):
-    summing this map instead of re-reading the full-resolution mask at each scale makes the
-    mask cost of a scale fall with the scale. The map is small (two bytes per 256 mask pixels:
-    20 MB for a 50,000 px slide) and streamed to disk band by band as the workers finish them,
+    summing these maps instead of re-reading the full-resolution masks at each scale makes the
+    mask cost of a scale fall with the scale. A map is small (two bytes per 256 mask pixels:
+    20 MB for a 50,000 px slide). The bands of every mask are one stream of tasks (no wait
+    between masks), and each map is streamed to disk band by band as the workers finish them,
     with plain writes (a full disk is an error at the write that hit it, never a SIGBUS), so
-    memory holds only the bands in flight. It is saved atomically beside the caches, keyed by
+    memory holds only the bands in flight. Maps are saved atomically beside the caches, keyed by
     the mask's content.
 
     Returns:
-        The ``.npy`` path, or ``None`` when the case has no such mask or it is not level-0 size.
+        ``{kind: .npy path}`` for the ``kinds`` whose mask exists at level-0 size.
     """
-    mp = case.mask_path(kind)
-    if mp is None:
-        return None
-    with Slide(case.slide, verify=False) as s, Mask(mp, s.dimensions) as m:
-        if m.downsample != 1.0:
-            return None
-        h, w = m.height, m.width
-    dest = count_map_path(case, kind, cache_root)
-    if dest.exists():
-        return dest
-    nby, nbx = -(-h // COUNT_BLOCK), -(-w // COUNT_BLOCK)
-    step = max(1, (BAND_PIXELS // max(1, w)) // COUNT_BLOCK)
-    tasks = [(str(mp), str(case.slide), r, min(nby, r + step)) for r in range(0, nby, step)]
+    out, todo = {}, []
+    with Slide(case.slide, verify=False) as s:
+        for kind in kinds:
+            mp = case.mask_path(kind)
+            if mp is None:
+                continue
+            with Mask(mp, s.dimensions) as m:
+                if m.downsample != 1.0:
+                    continue
+                h, w = m.height, m.width
+            out[kind] = dest = count_map_path(case, kind, cache_root)
+            if not dest.exists():
+                todo.append((kind, mp, dest, -(-h // COUNT_BLOCK), -(-w // COUNT_BLOCK), w))
+    if not todo:
+        return out
+    tasks = []
+    for _, mp, _, nby, _, w in todo:
+        step = max(1, (BAND_PIXELS // max(1, w)) // COUNT_BLOCK)
+        tasks += [(str(mp), str(case.slide), r, min(nby, r + step)) for r in range(0, nby, step)]
     jobs = map(_count_band_job, tasks) if pool is None else ordered_map(_count_band_job, tasks, workers, executor=pool)
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint16)), "fortran_order": False, "shape": (nby, nbx)}
-    with atomic_path(dest, suffix=".npy") as tmp, open(tmp, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, header)
-        for _, part in jobs:  # in order: the bands follow one another in the file
+    with contextlib.ExitStack() as stack:
+        files = []
+        for _, _, dest, nby, nbx, _ in todo:
+            f = stack.enter_context(open(stack.enter_context(atomic_path(dest, suffix=".npy")), "wb"))
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint16)), "fortran_order": False}
+            np.lib.format.write_array_header_1_0(f, {**header, "shape": (nby, nbx)})
+            files.append((f, nby))
+        k = 0
+        for r0, part in jobs:  # in order: each map's bands follow one another in its file
+            f, nby = files[k]
             f.write(np.ascontiguousarray(part, np.uint16).data)
-    return dest
+            if r0 + len(part) >= nby:
+                k += 1
+    return out
 
 
 def mask_label(case, cache_root=None, kind="whole"):

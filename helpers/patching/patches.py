@@ -28,9 +28,9 @@ from patchify import patchify
 
 from ..core.atomic import atomic_dir, remove_stale_temporaries
 from ..core.errors import DiskFullError, InputError, check_positive, disk_full, is_disk_full
-from ..core.parallel import WorkerDied, ordered_map, process_pool, usable_cpus
+from ..core.parallel import WorkerDied, ordered_map, usable_cpus
 from ..core.progress import progress_bar
-from ..wsi.handles import forget_inherited, open_cached
+from ..wsi.handles import open_cached, reader_pool
 from ..wsi.slides import MASK_KINDS, Mask, Slide
 from ..wsi.tissue import slide_tissue_threshold, tissue_fractions, tissue_fractions_at, to_gray
 from .caches import (
@@ -47,7 +47,7 @@ from .caches import (
     stores_masks,
     too_small_reason,
 )
-from .maskcounts import COUNT_BLOCK, fractions_from_counts, mask_count_map
+from .maskcounts import COUNT_BLOCK, fractions_from_counts, mask_count_maps
 
 #: At most this many grid rows per worker task (neighbouring rows share tile rows, so one
 #: taller task decodes each tile once) ...
@@ -106,7 +106,7 @@ def extract_rows(
         r0, r1: the grid rows.
         params: :class:`helpers.patching.caches.ExtractionParams` (or its dict).
         masks: ``{"whole": path or None, "viable": path or None}``.
-        count_maps: ``{kind: path}`` of :func:`mask_count_map` files, used where the windows
+        count_maps: ``{kind: path}`` of :func:`mask_count_maps` files, used where the windows
             align with their blocks (else the masks are read).
         cache_dir: the cache being written: the kept patches (and masks) go straight into its
             ``patches.u8`` (and ``masks.bits``) at the offset that task ``task - 1`` hands on
@@ -298,7 +298,7 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
         scale: downscale factor (1, 4, 16, 64, ...).
         cache_root: the folder holding patch caches.
         params: :class:`helpers.patching.caches.ExtractionParams` (defaults: the paper's).
-        pool: a shared :func:`helpers.core.parallel.process_pool` (see :func:`extract_dataset`);
+        pool: a shared :func:`helpers.wsi.handles.reader_pool` (see :func:`extract_dataset`);
             without one, ``workers`` processes are started when the job is large enough.
         progress: a tqdm bar to advance by one per grid row, or ``None``.
         workers: processes to use when no pool is given.
@@ -328,7 +328,7 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
     step = rows_per_task((cols - 1) * params.stride + params.patch_size, params, period) if cols else 1
     own = None
     if pool is None and workers > 1 and -(-rows // step) >= 2 * workers:  # small jobs: this process
-        pool = own = process_pool(workers, forget_inherited)
+        pool = own = reader_pool(workers)
     t0 = time.perf_counter()
     try:
         with atomic_dir(folder) as tmp:
@@ -377,10 +377,7 @@ def _write_cache(case, scales, cache_root, params, pool, workers, rows, cols, st
     masks = {k: None if case.mask_path(k) is None else str(case.mask_path(k)) for k in MASK_KINDS}
     cmaps = {}
     if rows and isinstance(ds, int):  # a fractional downsample never aligns with the maps' blocks
-        for kind in MASK_KINDS:
-            cm = mask_count_map(case, kind, cache_root, pool, workers)
-            if cm is not None:
-                cmaps[kind] = str(cm)
+        cmaps = {k: str(v) for k, v in mask_count_maps(case, cache_root, pool, workers).items()}
     tasks = [
         (str(case.slide), scale, r, min(rows, r + step), asdict(params), masks, cmaps, str(tmp), level, i, ds)
         for i, r in enumerate(range(0, rows, step))
@@ -491,7 +488,7 @@ def extract_dataset(cases, scales, cache_root, params=None, workers=None, progre
             stacklevel=2,
         )
     bar = progress_bar(total, "patch rows", "row", progress)
-    pool = process_pool(workers, forget_inherited) if workers > 1 and len(todo) else None
+    pool = reader_pool(workers) if workers > 1 and len(todo) else None
     rows, sets = [], {}
     try:
         for c in cases:

@@ -3,8 +3,8 @@
 Extraction's workers each read many strips of one slide: opening the slide once per process
 instead of once per task saves the header parsing. A forked worker must not use the handles it
 inherited (file positions shared with the parent would interleave reads): it forgets them
-(:func:`forget_inherited`, the worker pool's initializer) and opens its own. Used by
-``patches`` and ``maskcounts``.
+(:func:`forget_inherited`, the worker pool's initializer) and opens its own; :func:`reader_pool`
+makes such a pool. Used by ``patches`` and ``maskcounts``.
 """
 
 import os
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
+from ..core.parallel import process_pool
 from .slides import Mask, Slide
 
 _OPEN = {}
@@ -23,6 +24,21 @@ def forget_inherited():
     """Drop handles inherited from another process, without closing the parent's."""
     _OPEN.clear()
     _OPEN_PID[0] = os.getpid()
+
+
+def reader_pool(workers):
+    """A pool of ``workers`` processes for slide work. The readers' libraries (tifffile, the
+    JPEG and deflate codecs, OpenSlide) are loaded here first, so the forked workers share them
+    instead of each loading them at its first task (~50 ms of a fresh 4x extraction's 0.7 s)."""
+    try:
+        import imagecodecs
+        import openslide  # noqa: F401
+        import tifffile  # noqa: F401
+
+        imagecodecs.jpeg8_decode, imagecodecs.deflate_decode  # noqa: B018 (codecs load on first access)
+    except ImportError:  # the worker that needs one says which (Slide's own message)
+        pass
+    return process_pool(workers, forget_inherited)
 
 
 def open_cached(path, kind):

@@ -522,16 +522,32 @@ class _TiffWindows:
         fh.seek(self.page.dataoffsets[idx])
         return fh.read(n)
 
-    def decode_tile(self, idx, data):
+    def raw_tiles(self, i0, i1):
+        """The compressed bytes of tiles ``i0`` to ``i1 - 1``: one read where they lie one after
+        another in the file (as writers store a tile row), else tile by tile."""
+        off = np.asarray(self.page.dataoffsets[i0:i1], np.int64)
+        cnt = np.asarray(self.page.databytecounts[i0:i1], np.int64)
+        if not len(off) or not (cnt > 0).all() or not np.array_equal(off[1:], off[:-1] + cnt[:-1]):
+            return [self.raw_tile(i) for i in range(i0, i1)]
+        fh = self.tif.filehandle
+        fh.seek(int(off[0]))
+        blob = fh.read(int(off[-1] + cnt[-1] - off[0]))
+        ends = np.cumsum(cnt)
+        return [blob[a:b] for a, b in zip((ends - cnt).tolist(), ends.tolist())]
+
+    def decode_tile(self, idx, data, out=None):
         """Tile ``idx`` decoded from its compressed ``data`` (zeros for an empty tile).
 
         Deflate tiles without a predictor (PAIP's masks) are inflated with libdeflate, about
-        twice as fast as the zlib path tifffile takes; the bytes are the same.
+        twice as fast as the zlib path tifffile takes; the bytes are the same. ``out``: a
+        contiguous array of the tile's bytes that libdeflate may inflate into (saves a copy).
         """
         if not data:
             return np.zeros((self.th, self.tw, self.samples), self.dtype)
         if self._inflate is not None:
-            raw = self._inflate(data, out=self.th * self.tw * self.samples * self.dtype.itemsize)
+            size = self.th * self.tw * self.samples * self.dtype.itemsize
+            into = out.reshape(-1).view(np.uint8) if out is not None and out.nbytes == size else size
+            raw = self._inflate(data, out=into)
             return np.frombuffer(raw, self.dtype).reshape(self.th, self.tw, self.samples)
         seg, _, _ = self.page.decode(data, idx, jpegtables=self.page.jpegtables)
         return np.asarray(seg).reshape(-1, self.tw, self.samples)
@@ -779,7 +795,7 @@ class Mask:
     def block_counts(self, r0, r1, block=16, max_pixels=2**25):
         """Mask pixels per ``block`` x ``block`` block, for block rows ``r0`` to ``r1``.
 
-        A map of these counts (see ``helpers.patching.maskcounts.mask_count_map``) answers the tumour
+        A map of these counts (see ``helpers.patching.maskcounts.mask_count_maps``) answers the tumour
         fraction of any block-aligned window without decoding the full-resolution mask again:
         at 16x, one map cell stands for 256 mask pixels.
 
@@ -816,8 +832,9 @@ class Mask:
         known = self._repeat_counts  # kept across calls: the next band has the same ones
         slot_of, entries = {}, []  # distinct tiles, first seen first: (key, idx, bytes)
         slots = np.empty((ty1 - ty0) * st.ntx, np.int64)
-        for i, idx in enumerate(range(ty0 * st.ntx, ty1 * st.ntx)):
-            data = st.raw_tile(idx)
+        first = ty0 * st.ntx
+        for i, data in enumerate(st.raw_tiles(first, ty1 * st.ntx)):
+            idx = first + i
             key = (data, idx // st.ntx == st.nty - 1, idx % st.ntx == st.ntx - 1, block) if st.repeats(data) else idx
             slot = slot_of.get(key)
             if slot is None:
@@ -850,7 +867,7 @@ class Mask:
         plain = not self._channels and st.dtype == np.uint8
         for i, (idx, data) in enumerate(tiles):
             try:
-                t = st.decode_tile(idx, data)
+                t = st.decode_tile(idx, data, out=stack[i] if plain else None)
             except Exception as exc:
                 raise InputError(
                     f"{self.path}: cannot decode tile {idx} of the mask ({type(exc).__name__}: {exc}); "
@@ -859,7 +876,9 @@ class Mask:
             ty, tx = divmod(idx, st.ntx)
             h, w = min(st.th, self.height - ty * st.th), min(st.tw, self.width - tx * st.tw)
             if plain:
-                stack[i, :h, :w] = t[:h, :w, 0]
+                if not np.shares_memory(t, stack[i]):
+                    stack[i, :h, :w] = t[:h, :w, 0]
+                stack[i, h:], stack[i, :, w:] = 0, 0  # an edge tile's part outside the mask
             else:
                 stack[i, :h, :w] = self._binary(t[:h, :w] if self._channels else t[:h, :w, 0], f"tile {idx}")
         if stack.size and stack.max() > 1:  # 0/255, or values a mask must not hold: tile by tile
