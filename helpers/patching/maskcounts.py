@@ -45,7 +45,7 @@ def _count_band_job(args):
     return r0, open_cached((mask_path, slide_path), "mask").block_counts(r0, r1, COUNT_BLOCK)
 
 
-def mask_count_maps(case, cache_root, pool=None, workers=1, kinds=MASK_KINDS):
+def mask_count_maps(case, cache_root, pool=None, workers=1):
     """The masks' pixel counts per 16 x 16 block, computed once (in parallel) and cached.
 
     Every scale needs the tumour fraction of its windows (a 64x patch covers 14,336 px a side):
@@ -58,11 +58,11 @@ def mask_count_maps(case, cache_root, pool=None, workers=1, kinds=MASK_KINDS):
     the mask's content.
 
     Returns:
-        ``{kind: .npy path}`` for the ``kinds`` whose mask exists at level-0 size.
+        ``{kind: .npy path}`` for the masks the case has at level-0 size.
     """
     out, todo = {}, []
     with Slide(case.slide, verify=False) as s:
-        for kind in kinds:
+        for kind in MASK_KINDS:
             mp = case.mask_path(kind)
             if mp is None:
                 continue
@@ -72,17 +72,17 @@ def mask_count_maps(case, cache_root, pool=None, workers=1, kinds=MASK_KINDS):
                 h, w = m.height, m.width
             out[kind] = dest = count_map_path(case, kind, cache_root)
             if not dest.exists():
-                todo.append((kind, mp, dest, -(-h // COUNT_BLOCK), -(-w // COUNT_BLOCK), w))
+                todo.append((mp, dest, -(-h // COUNT_BLOCK), -(-w // COUNT_BLOCK)))
     if not todo:
         return out
     tasks = []
-    for _, mp, _, nby, _, w in todo:
-        step = max(1, (BAND_PIXELS // max(1, w)) // COUNT_BLOCK)
+    for mp, _, nby, nbx in todo:
+        step = max(1, (BAND_PIXELS // (nbx * COUNT_BLOCK)) // COUNT_BLOCK)
         tasks += [(str(mp), str(case.slide), r, min(nby, r + step)) for r in range(0, nby, step)]
     jobs = map(_count_band_job, tasks) if pool is None else ordered_map(_count_band_job, tasks, workers, executor=pool)
     with contextlib.ExitStack() as stack:
         files = []
-        for _, _, dest, nby, nbx, _ in todo:
+        for _, dest, nby, nbx in todo:
             f = stack.enter_context(open(stack.enter_context(atomic_path(dest, suffix=".npy")), "wb"))
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint16)), "fortran_order": False}
             np.lib.format.write_array_header_1_0(f, {**header, "shape": (nby, nbx)})

@@ -59,9 +59,14 @@ READ_PIXELS = 2**25
 TASK_PIXELS = 2**26
 
 
+def _rows_within(pixels, width, params):
+    """Grid rows (1 to ROWS_PER_TASK_MAX) of a level ``width`` px wide that fit ``pixels``."""
+    return int(max(1, min(ROWS_PER_TASK_MAX, pixels // max(1, width * params.stride))))
+
+
 def rows_per_read(width, params):
     """Grid rows read at once for a level ``width`` px wide (at the patch's scale)."""
-    return int(max(1, min(ROWS_PER_TASK_MAX, READ_PIXELS // max(1, width * params.stride))))
+    return _rows_within(READ_PIXELS, width, params)
 
 
 def rows_per_task(width, params, period=1):
@@ -69,7 +74,7 @@ def rows_per_task(width, params, period=1):
     ``period`` rows (see :meth:`helpers.wsi.slides.Slide.aligned_rows`), so that no tile row is
     decoded by two tasks. At 1x on a 32k slide, 4-row tasks (3.5 tile rows of 256 px) made the
     other worker decode every other task's first tile row again: 14% more JPEG decoding."""
-    n = int(max(1, min(ROWS_PER_TASK_MAX, TASK_PIXELS // max(1, width * params.stride))))
+    n = _rows_within(TASK_PIXELS, width, params)
     return n // period * period if 1 < period <= n else n
 
 
