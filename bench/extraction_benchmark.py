@@ -284,10 +284,10 @@ def method_ours(folder, scale, workers, tmp_root, warm=False, **_):
     """``extract_slide`` with masks into a temporary cache, deleted afterwards.
 
     The timed section is everything a user waits for between "extract this slide" and its
-    cache being ready: the mask count maps (built once per slide, shared by every scale: a
-    fresh cache pays them here), the pool's start, the decode, tissue test, labels and the
-    cache write. The count maps' own time is reported beside it (``count_map_seconds``,
-    measured by building them first inside the timed section).
+    cache being ready: the pool's start, the mask count maps (built once per slide, shared by
+    every scale: on a fresh cache the row tasks build them, each its own band), the decode,
+    tissue test, labels and the cache write. ``warm``: the count maps are built before the
+    timed section, as a later scale of a multi-scale run finds them.
     """
 
     from helpers.patching.caches import ExtractionParams
@@ -305,8 +305,6 @@ def method_ours(folder, scale, workers, tmp_root, warm=False, **_):
         t0 = time.perf_counter()
         pool = reader_pool(workers) if workers > 1 else None
         try:
-            mask_count_maps(case, tmp, pool, workers)
-            cm_sec = round(time.perf_counter() - t0, 2)
             ps, cached = extract_slide(
                 case, scale, cache_root=tmp, params=ExtractionParams(), pool=pool, workers=workers
             )
@@ -328,7 +326,6 @@ def method_ours(folder, scale, workers, tmp_root, warm=False, **_):
         "n_neg": meta["n_neg"],
         "cache_MB": round(out_bytes / 2**20, 1),
         "workers": workers,
-        "count_map_seconds": 0.0 if warm else cm_sec,
         "warm": warm,
     }
 
@@ -725,11 +722,6 @@ def targets(rows, size):
             out.append(
                 f"  - {sc}x: with the slide's count maps already built (a later scale of a multi-scale run): "
                 f"{warm[sc]['ratio']:.2f}x"
-            )
-        if r.get("count_map_seconds"):
-            out.append(
-                f"  - {sc}x: of its {r['seconds']:.1f} s, the mask count maps took {r['count_map_seconds']:.1f} s "
-                "(counted in; built once per slide and shared by every scale)"
             )
     if 1 in ours:
         r = ours[1]

@@ -4,23 +4,28 @@ Every scale needs the tumour fraction of its patches' footprints (a 64x patch of
 14,336 level-0 pixels a side): summing a map of mask pixels per 16 x 16 block, built once per
 slide and mask, instead of re-reading the full-resolution mask at each scale, makes the mask's
 cost of a scale fall with the scale as the image's does. The same map gives a slide's label
-from its masks. Used by ``patches`` and notebook 02.
+from its masks.
+
+The first extraction of a slide builds its maps inside its row tasks: each task counts the band
+of mask rows under its own rows (which it needs for its labels anyway) and writes it into the
+map, so no step waits before the tasks (:func:`maps_being_built`, :func:`count_band`). Used by
+``patches`` and notebook 02.
 """
 
 import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
 
 from ..core.atomic import atomic_path
-from ..core.parallel import ordered_map
 from ..core.provenance import file_fingerprint, key_hash
 from ..wsi.handles import open_cached
 from ..wsi.slides import MASK_KINDS, Mask, Slide
 
 #: Side of the blocks of a mask count map (level-0 pixels).
 COUNT_BLOCK = 16
-#: Mask pixels per worker task (a band of whole block rows): bounds a worker's memory.
+#: Mask pixels counted at once (a band of whole block rows): bounds a worker's memory.
 BAND_PIXELS = 2**25
 
 
@@ -30,37 +35,21 @@ def count_map_path(case, kind, cache_root):
     return Path(cache_root) / case.case_id / f"{kind}_counts_b{COUNT_BLOCK}_{stamp}.npy"
 
 
-def fractions_from_counts(counts, y, xs, footprint):
-    """Tumour fractions of square windows (level-0 left edges ``xs``, top ``y``) from a count map."""
+def fractions_from_counts(counts, y, xs, footprint, row0=0):
+    """Tumour fractions of square windows (level-0 left edges ``xs``, top ``y``) from a count
+    map, or from its block rows ``row0`` on (a band)."""
     b = COUNT_BLOCK
-    band = np.asarray(counts[y // b : (y + footprint) // b]).sum(axis=0, dtype=np.int64)
+    band = np.asarray(counts[y // b - row0 : (y + footprint) // b - row0]).sum(axis=0, dtype=np.int64)
     cs = np.concatenate([[0], np.cumsum(band)])
     c0 = np.clip(np.asarray(xs) // b, 0, band.size)
     c1 = np.clip((np.asarray(xs) + footprint) // b, 0, band.size)
     return (cs[c1] - cs[c0]) / float(footprint * footprint)
 
 
-def _count_band_job(args):
-    mask_path, slide_path, r0, r1 = args
-    return r0, open_cached((mask_path, slide_path), "mask").block_counts(r0, r1, COUNT_BLOCK)
-
-
-def mask_count_maps(case, cache_root, pool=None, workers=1):
-    """The masks' pixel counts per 16 x 16 block, computed once (in parallel) and cached.
-
-    Every scale needs the tumour fraction of its windows (a 64x patch covers 14,336 px a side):
-    summing these maps instead of re-reading the full-resolution masks at each scale makes the
-    mask cost of a scale fall with the scale. A map is small (two bytes per 256 mask pixels:
-    20 MB for a 50,000 px slide). The bands of every mask are one stream of tasks (no wait
-    between masks), and each map is streamed to disk band by band as the workers finish them,
-    with plain writes (a full disk is an error at the write that hit it, never a SIGBUS), so
-    memory holds only the bands in flight. Maps are saved atomically beside the caches, keyed by
-    the mask's content.
-
-    Returns:
-        ``{kind: .npy path}`` for the masks the case has at level-0 size.
-    """
-    out, todo = {}, []
+def count_maps(case, cache_root):
+    """The count maps of ``case``'s level-0 masks: ``({kind: path}, {kind: (rows, cols)})``, the
+    second for those not built yet (masks at another downsample have none)."""
+    paths, missing = {}, {}
     with Slide(case.slide, verify=False) as s:
         for kind in MASK_KINDS:
             mp = case.mask_path(kind)
@@ -69,31 +58,62 @@ def mask_count_maps(case, cache_root, pool=None, workers=1):
             with Mask(mp, s.dimensions) as m:
                 if m.downsample != 1.0:
                     continue
-                h, w = m.height, m.width
-            out[kind] = dest = count_map_path(case, kind, cache_root)
-            if not dest.exists():
-                todo.append((mp, dest, -(-h // COUNT_BLOCK), -(-w // COUNT_BLOCK)))
-    if not todo:
-        return out
-    tasks = []
-    for mp, _, nby, nbx in todo:
-        step = max(1, (BAND_PIXELS // (nbx * COUNT_BLOCK)) // COUNT_BLOCK)
-        tasks += [(str(mp), str(case.slide), r, min(nby, r + step)) for r in range(0, nby, step)]
-    jobs = map(_count_band_job, tasks) if pool is None else ordered_map(_count_band_job, tasks, workers, executor=pool)
+                shape = (-(-m.height // COUNT_BLOCK), -(-m.width // COUNT_BLOCK))
+            paths[kind] = count_map_path(case, kind, cache_root)
+            if not paths[kind].exists():
+                missing[kind] = shape
+    return paths, missing
+
+
+@contextlib.contextmanager
+def maps_being_built(paths, shapes):
+    """Yield ``{kind: temporary path}`` of map files of ``shapes`` (``.npy``, counts not yet
+    written) for :func:`write_band`; each is put in place at ``paths[kind]`` when the block
+    ends without an error, removed otherwise (an interrupted run leaves no half-written map)."""
     with contextlib.ExitStack() as stack:
-        files = []
-        for _, dest, nby, nbx in todo:
-            f = stack.enter_context(open(stack.enter_context(atomic_path(dest, suffix=".npy")), "wb"))
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint16)), "fortran_order": False}
-            np.lib.format.write_array_header_1_0(f, {**header, "shape": (nby, nbx)})
-            files.append((f, nby))
-        k = 0
-        for r0, part in jobs:  # in order: each map's bands follow one another in its file
-            f, nby = files[k]
-            f.write(np.ascontiguousarray(part, np.uint16).data)
-            if r0 + len(part) >= nby:
-                k += 1
-    return out
+        tmps = {}
+        for kind, shape in shapes.items():
+            tmps[kind] = tmp = stack.enter_context(atomic_path(paths[kind], suffix=".npy"))
+            with open(tmp, "wb") as f:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint16)), "fortran_order": False}
+                np.lib.format.write_array_header_1_0(f, {**header, "shape": tuple(shape)})
+                f.truncate(f.tell() + int(np.prod(shape)) * 2)  # sparse: each band written once
+        yield {k: str(v) for k, v in tmps.items()}
+
+
+def count_band(mask_path, slide_path, b0, b1):
+    """Mask pixels per block for block rows ``b0`` to ``b1 - 1`` (uint16, one row per block
+    row), decoded in parts of at most ``BAND_PIXELS`` mask pixels."""
+    mask = open_cached((str(mask_path), str(slide_path)), "mask")
+    return mask.block_counts(b0, b1, COUNT_BLOCK, max_pixels=BAND_PIXELS)
+
+
+def write_band(map_path, b0, counts):
+    """Write block rows ``b0 ...`` of a map being built (plain ``pwrite``: a full disk is an
+    error at the write that hit it, never a SIGBUS)."""
+    with open(map_path, "r+b") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(f)
+        view = memoryview(np.ascontiguousarray(counts, np.uint16)).cast("B")
+        at = f.tell() + b0 * shape[1] * 2
+        while len(view):
+            n = os.pwrite(f.fileno(), view, at)
+            at, view = at + n, view[n:]
+
+
+def mask_count_maps(case, cache_root):
+    """The masks' count maps, built in this process where missing (extraction builds them in
+    its workers instead: :func:`helpers.patching.patches.extract_slide`).
+
+    Returns:
+        ``{kind: .npy path}`` for the masks the case has at level-0 size.
+    """
+    paths, missing = count_maps(case, cache_root)
+    with maps_being_built(paths, missing) as tmps:
+        for kind, tmp in tmps.items():
+            write_band(tmp, 0, count_band(case.mask_path(kind), case.slide, 0, missing[kind][0]))
+    return paths
 
 
 def mask_label(case, cache_root=None, kind="whole"):

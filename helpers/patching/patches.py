@@ -47,7 +47,7 @@ from .caches import (
     stores_masks,
     too_small_reason,
 )
-from .maskcounts import COUNT_BLOCK, fractions_from_counts, mask_count_maps
+from .maskcounts import COUNT_BLOCK, count_band, count_maps, fractions_from_counts, maps_being_built, write_band
 
 #: At most this many grid rows per worker task (neighbouring rows share tile rows, so one
 #: taller task decodes each tile once) ...
@@ -78,6 +78,13 @@ def rows_per_task(width, params, period=1):
     return n // period * period if 1 < period <= n else n
 
 
+def counts_align(downsample, params):
+    """Whether a scale's windows (their tops, steps and sides in level-0 px) fall on the count
+    maps' blocks, so that their tumour fractions can be summed from the maps."""
+    S, P = params.stride, params.patch_size
+    return isinstance(downsample, int) and (S * downsample) % COUNT_BLOCK == 0 and (P * downsample) % COUNT_BLOCK == 0
+
+
 #: A worker's strip buffer, reused read after read (a fresh one costs zeroed pages each time).
 _STRIP = [np.zeros(0, np.uint8)]
 
@@ -101,6 +108,7 @@ def extract_rows(
     tissue_level=None,
     task=0,
     downsample=None,
+    fill_maps=(),
 ):
     """Cut grid rows ``r0`` to ``r1 - 1``: read them as one strip, then for each row patchify,
     test tissue, measure tumour.
@@ -111,8 +119,8 @@ def extract_rows(
         r0, r1: the grid rows.
         params: :class:`helpers.patching.caches.ExtractionParams` (or its dict).
         masks: ``{"whole": path or None, "viable": path or None}``.
-        count_maps: ``{kind: path}`` of :func:`mask_count_maps` files, used where the windows
-            align with their blocks (else the masks are read).
+        count_maps: ``{kind: path}`` of count maps (:mod:`helpers.patching.maskcounts`), used
+            where the windows align with their blocks (else the masks are read).
         cache_dir: the cache being written: the kept patches (and masks) go straight into its
             ``patches.u8`` (and ``masks.bits``) at the offset that task ``task - 1`` hands on
             (see :func:`_take_offsets`), and only the small per-row arrays are returned (a
@@ -121,6 +129,9 @@ def extract_rows(
         task: this task's number in the slide's grid order (with ``cache_dir``).
         downsample: the level-0 pixels per pixel that ``scale`` means on this slide (default:
             ``scale``; see :func:`helpers.wsi.slides.scale_downsample`).
+        fill_maps: the kinds whose ``count_maps`` are being built (:func:`maps_being_built`):
+            this task counts the mask's block rows under its grid rows (the last task: down to
+            the mask's end), writes them into the map and takes its fractions from them.
 
     Returns:
         A list with, per row, a dict: ``row``, ``tissue_frac``, ``otsu``, ``kept``,
@@ -136,8 +147,11 @@ def extract_rows(
     width = (cols - 1) * S + P
     xs = np.arange(cols) * S * ds
     footprint = P * ds
-    aligned = isinstance(ds, int) and (S * ds) % COUNT_BLOCK == 0 and footprint % COUNT_BLOCK == 0
+    aligned = counts_align(ds, p)
     per_read = rows_per_read(width, p)
+    bands = {}
+    for kind in fill_maps if aligned else ():
+        bands[kind] = _fill_band(masks[kind], slide_path, count_maps[kind], r0, r1, rows, S * ds, footprint)
     results = []
     for row in range(r0, r1):
         if (row - r0) % per_read == 0:  # the next read: up to per_read rows, into the reused buffer
@@ -166,7 +180,9 @@ def extract_rows(
                 out[f"{kind}_frac"] = np.full(cols, np.nan)
                 continue
             cmap = (count_maps or {}).get(kind) if aligned else None
-            if cmap is not None:
+            if kind in bands:
+                out[f"{kind}_frac"] = fractions_from_counts(bands[kind][1], y, xs, footprint, row0=bands[kind][0])
+            elif cmap is not None:
                 out[f"{kind}_frac"] = fractions_from_counts(open_cached(cmap, "counts"), y, xs, footprint)
             else:
                 out[f"{kind}_frac"] = open_cached((mp, slide_path), "mask").window_fractions(y, xs, footprint)
@@ -176,6 +192,21 @@ def extract_rows(
     if cache_dir is not None:
         _write_kept(cache_dir, task, results)
     return results
+
+
+def _fill_band(mask_path, slide_path, map_path, r0, r1, rows, row_step, footprint):
+    """Count the block rows under grid rows ``r0`` to ``r1 - 1`` (``row_step`` and
+    ``footprint``: level-0 px), write this task's share into the map being built, and return
+    ``(first block row, counts)`` for the task's fractions. A task's share starts at its first
+    row and ends where the next task's begins (the last task's: at the mask's end)."""
+    b0 = r0 * row_step // COUNT_BLOCK
+    nby = open_cached((mask_path, slide_path), "mask").height
+    nby = -(-nby // COUNT_BLOCK)
+    share_end = nby if r1 >= rows else min(nby, r1 * row_step // COUNT_BLOCK)
+    need_end = min(nby, max(share_end, ((r1 - 1) * row_step + footprint) // COUNT_BLOCK))
+    counts = count_band(mask_path, slide_path, b0, need_end)
+    write_band(map_path, b0, counts[: share_end - b0])
+    return b0, counts
 
 
 def _mask_patches(mask_path, slide_path, y, xs, downsample, p, kept, fractions):
@@ -376,17 +407,26 @@ def extract_slide(case, scale, cache_root, params=None, pool=None, progress=None
 def _write_cache(case, scales, cache_root, params, pool, workers, rows, cols, step, level, tmp, progress):
     """Run the row tasks, which write their patches into ``tmp``; return ``(table, n_kept)``.
 
-    ``scales``: the nominal scale and the level-0 downsample it means on this slide.
+    ``scales``: the nominal scale and the level-0 downsample it means on this slide. The masks'
+    count maps not built yet are built by these tasks, band by band, when this scale's windows
+    align with their blocks (else a later scale builds them).
     """
     scale, ds = scales
     masks = {k: None if case.mask_path(k) is None else str(case.mask_path(k)) for k in MASK_KINDS}
-    cmaps = {}
-    if rows and isinstance(ds, int):  # a fractional downsample never aligns with the maps' blocks
-        cmaps = {k: str(v) for k, v in mask_count_maps(case, cache_root, pool, workers).items()}
-    tasks = [
-        (str(case.slide), scale, r, min(rows, r + step), asdict(params), masks, cmaps, str(tmp), level, i, ds)
-        for i, r in enumerate(range(0, rows, step))
-    ]
+    paths, missing = count_maps(case, cache_root) if rows and counts_align(ds, params) else ({}, {})
+    with maps_being_built(paths, missing) as building:
+        cmaps = {**{k: str(v) for k, v in paths.items()}, **building}
+        tasks = [
+            (str(case.slide), scale, r, min(rows, r + step), asdict(params), masks, cmaps, str(tmp), level, i, ds)
+            + (tuple(building),)
+            for i, r in enumerate(range(0, rows, step))
+        ]
+        return _run_tasks(tasks, case, scales, params, pool, workers, cols, tmp, progress)
+
+
+def _run_tasks(tasks, case, scales, params, pool, workers, cols, tmp, progress):
+    """The row tasks, run in the pool; their per-row results gathered into the slide's table."""
+    scale, ds = scales
     store = stores_masks(case, scale, params)
     cols_out = {k: [] for k in ("row", "col", "tissue_frac", "otsu", "kept", "whole_frac", "viable_frac", "index")}
     n_kept = 0

@@ -16,6 +16,8 @@ from ..core.errors import InputError
 from ..core.parallel import process_pool
 from .slides import Mask, Slide
 
+#: Files a process keeps open at most (a slide's handles: itself, two masks, two count maps).
+KEPT_OPEN = 8
 _OPEN = {}
 _OPEN_PID = [os.getpid()]
 
@@ -53,17 +55,17 @@ def open_cached(path, kind):
     except FileNotFoundError:
         raise InputError(f"{f}: no such file (was it moved or deleted during the run?)") from None
     key = (kind, str(path), st.st_size, st.st_mtime_ns)
-    obj = _OPEN.get(key)
+    obj = _OPEN.pop(key, None)  # put back last: the least recently used is closed first
     if obj is None:
-        if len(_OPEN) > 8:
-            close_all()
+        while len(_OPEN) >= KEPT_OPEN:  # a task uses a few (its slide, masks, maps): never these
+            getattr(_OPEN.pop(next(iter(_OPEN))), "close", lambda: None)()
         if kind == "slide":
             obj = Slide(path, verify=False)  # verified once by the caller
         elif kind == "mask":
             obj = Mask(path[0], open_cached(path[1], "slide").dimensions)
         else:
             obj = CountRows(path)
-        _OPEN[key] = obj
+    _OPEN[key] = obj
     return obj
 
 

@@ -599,6 +599,17 @@ class _TiffWindows:
         return out[..., 0] if self.samples == 1 else out
 
 
+#: The most bytes of decoded mask tiles a Mask keeps for reuse between count calls.
+STACK_BYTES = 16 << 20
+#: Block counts of mask tiles already counted, by their compressed bytes, per tile layout: a
+#: mask is mostly tiles of all background or all tumour, which compress to the same few byte
+#: strings, and the whole- and viable-tumour masks share most tiles where their edges agree
+#: (PAIP's viable tumour is the whole tumour less its necrosis): such tiles are decoded once.
+_TILE_COUNTS = {}
+#: ... at most this many of them (per layout; oldest dropped first: a band's tiles, both masks).
+TILE_COUNTS_KEPT = 4096
+
+
 def _block_sums(a, nby, nbx, block):
     """Sums of a 0/1 uint8 array over ``block`` x ``block`` blocks, zero-padded to
     ``(nby, nbx)`` blocks, as uint16.
@@ -644,7 +655,7 @@ class Mask:
             raise InputError(f"{self.path}: no such mask file")
         self._arr = None
         self._store = None
-        self._repeat_counts = {}  # block counts of repeating tiles, by (bytes, edge, block)
+        self._stack = np.zeros(0, np.uint8)  # decoded tiles being counted (see _stack_for)
         suffix = self.path.suffix.lower()
         try:
             if suffix in (".tif", ".tiff"):
@@ -798,21 +809,28 @@ class Mask:
     def block_counts(self, r0, r1, block=16, max_pixels=2**25):
         """Mask pixels per ``block`` x ``block`` block, for block rows ``r0`` to ``r1``.
 
-        A map of these counts (see ``helpers.patching.maskcounts.mask_count_maps``) answers the tumour
+        A map of these counts (see :mod:`helpers.patching.maskcounts`) answers the tumour
         fraction of any block-aligned window without decoding the full-resolution mask again:
         at 16x, one map cell stands for 256 mask pixels.
 
-        A tiled TIFF mask (PAIP's) is counted tile by tile, and repeating tiles (see
-        ``_TiffWindows.repeats``) are decoded and counted once: a mask is mostly tiles of all
-        background or all tumour, which compress to the same few byte strings, so only the tiles
-        on a boundary are decoded. Other masks are read in chunks of at most ``max_pixels`` pixels.
+        A tiled TIFF mask (PAIP's) is counted tile by tile, in parts of at most ``max_pixels``
+        pixels (whole tile rows), and each distinct tile is decoded and counted once, by its
+        compressed bytes (see ``_TILE_COUNTS``): only the tiles on a boundary are decoded, and
+        those the whole- and viable-tumour masks share, once for both. Other masks are read in
+        chunks of at most ``max_pixels`` pixels.
 
         Returns:
             A uint16 array of shape ``(r1 - r0, ceil(width / block))``.
         """
         st = self._store
         if st is not None and st.page.is_tiled and st.th % block == 0 and st.tw % block == 0:
-            return self._tile_block_counts(r0, r1, block)
+            per = st.th // block  # block rows per tile row: parts start on tile rows
+            step = max(1, max_pixels // (st.th * st.ntx * st.tw)) * per
+            parts = range(r0 // step * step, r1, step)
+            return np.concatenate(
+                [self._tile_block_counts(max(r0, b), min(r1, b + step), block) for b in parts]
+                or [np.zeros((0, -(-self.width // block)), np.uint16)]
+            )
         nbx = -(-self.width // block)
         out = np.zeros((r1 - r0, nbx), np.uint16)
         rows = max(1, (max_pixels // max(1, self.width)) // block)
@@ -830,31 +848,34 @@ class Mask:
         out = np.zeros((r1 - r0, nbx), np.uint16)
         if ty1 <= ty0:
             return out
-        # Each distinct tile once: a repeating tile (see ``_TiffWindows.repeats``) by its bytes
-        # and whether it is cut at the edge; a boundary tile by its index.
-        known = self._repeat_counts  # kept across calls: the next band has the same ones
-        slot_of, entries = {}, []  # distinct tiles, first seen first: (key, idx, bytes)
-        slots = np.empty((ty1 - ty0) * st.ntx, np.int64)
-        first = ty0 * st.ntx
-        for i, data in enumerate(st.raw_tiles(first, ty1 * st.ntx)):
-            idx = first + i
-            key = (data, idx // st.ntx == st.nty - 1, idx % st.ntx == st.ntx - 1, block) if st.repeats(data) else idx
-            slot = slot_of.get(key)
-            if slot is None:
-                slot = slot_of[key] = len(entries)
-                entries.append((key, idx, data))
-            slots[i] = slot
-        cached = [known.get(key) if isinstance(key, tuple) else None for key, _, _ in entries]
-        new = iter(self._counted_tiles([(i, d) for (_, i, d), c in zip(entries, cached) if c is None], block))
-        table = np.empty((len(entries), per_ty, per_tx), np.uint16)
-        for j, ((key, _, _), c) in enumerate(zip(entries, cached)):
+        # Each distinct tile once, by its bytes (and, for a tile cut at the mask's edge, its
+        # size): the same bytes hold the same pixels, whichever mask and band they are in.
+        first, n = ty0 * st.ntx, (ty1 - ty0) * st.ntx
+        keys = st.raw_tiles(first, first + n)
+        h = np.minimum(st.th, self.height - np.arange(ty0, ty1) * st.th)
+        w = np.minimum(st.tw, self.width - np.arange(st.ntx) * st.tw)
+        if h[-1] < st.th or w[-1] < st.tw:  # edge tiles: their size is part of what they hold
+            cut = [(hy, wx) for hy in h.tolist() for wx in w.tolist()]
+            keys = [k if c == (st.th, st.tw) else (k, c) for k, c in zip(keys, cut)]
+        slot_of = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+        slots = np.fromiter((slot_of[k] for k in keys), np.int64, count=n)
+        memo = _TILE_COUNTS.setdefault((st.th, st.tw, st.samples, st.dtype.str, self._channels, block), {})
+        table = np.empty((len(slot_of), per_ty, per_tx), np.uint16)
+        todo = []
+        for k, j in slot_of.items():
+            c = memo.get(k)
             if c is None:
-                c = next(new)
-                if isinstance(key, tuple):
-                    if len(known) >= 1024:
-                        known.pop(next(iter(known)))
-                    known[key] = c
-            table[j] = c
+                todo.append((j, k))
+            else:
+                table[j] = c
+        if todo:
+            at = first + np.unique(slots, return_index=True)[1]  # the first tile of each slot
+            counts = self._counted_tiles([(int(at[j]), k if isinstance(k, bytes) else k[0]) for j, k in todo], block)
+            for (j, k), c in zip(todo, counts):
+                table[j] = c
+                memo[k] = c
+            while len(memo) > TILE_COUNTS_KEPT:  # oldest first
+                memo.pop(next(iter(memo)))
         counts = table[slots]  # (tiles, per_ty, per_tx), grid order
         grid = counts.reshape(ty1 - ty0, st.ntx, per_ty, per_tx).swapaxes(1, 2)
         grid = grid.reshape((ty1 - ty0) * per_ty, st.ntx * per_tx)[r0 - ty0 * per_ty :, :nbx]
@@ -866,7 +887,7 @@ class Mask:
         (one pass of numpy over all of them, not a few small calls per tile); a tile's part
         outside the mask counts nothing."""
         st = self._store
-        stack = np.zeros((len(tiles), st.th, st.tw), np.uint8)
+        stack = self._stack_for(len(tiles))
         plain = not self._channels and st.dtype == np.uint8
         for i, (idx, data) in enumerate(tiles):
             try:
@@ -881,14 +902,27 @@ class Mask:
             if plain:
                 if not np.shares_memory(t, stack[i]):
                     stack[i, :h, :w] = t[:h, :w, 0]
-                stack[i, h:], stack[i, :, w:] = 0, 0  # an edge tile's part outside the mask
             else:
                 stack[i, :h, :w] = self._binary(t[:h, :w] if self._channels else t[:h, :w, 0], f"tile {idx}")
+            if h < st.th or w < st.tw:
+                stack[i, h:], stack[i, :, w:] = 0, 0  # an edge tile's part outside the mask
         if stack.size and stack.max() > 1:  # 0/255, or values a mask must not hold: tile by tile
             for i, (idx, _) in enumerate(tiles):
                 stack[i] = self._binary(stack[i], f"tile {idx}")
         n, per_ty, per_tx = len(tiles), st.th // block, st.tw // block
         return _block_sums(stack.reshape(n * st.th, st.tw), n * per_ty, per_tx, block).reshape(n, per_ty, per_tx)
+
+    def _stack_for(self, n):
+        """A ``(n, th, tw)`` uint8 array for ``n`` decoded tiles, reused call after call up to
+        STACK_BYTES: fresh pages cost the kernel a fault and a zeroing each (on a fresh 4x
+        extraction, about a quarter of the count maps' time)."""
+        st = self._store
+        size = n * st.th * st.tw
+        if size > STACK_BYTES:
+            return np.empty((n, st.th, st.tw), np.uint8)
+        if self._stack.size < size:
+            self._stack = np.empty(min(STACK_BYTES, max(size, 2 * self._stack.size)), np.uint8)
+        return self._stack[:size].reshape(n, st.th, st.tw)
 
     def count(self, step=1, max_pixels=2**25):
         """Number of mask pixels (every ``step``-th row and column), read in chunks."""
