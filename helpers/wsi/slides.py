@@ -599,8 +599,6 @@ class _TiffWindows:
         return out[..., 0] if self.samples == 1 else out
 
 
-#: The most bytes of decoded mask tiles a Mask keeps for reuse between count calls.
-STACK_BYTES = 16 << 20
 #: Block counts of mask tiles already counted, by their compressed bytes, per tile layout: a
 #: mask is mostly tiles of all background or all tumour, which compress to the same few byte
 #: strings, and the whole- and viable-tumour masks share most tiles where their edges agree
@@ -655,7 +653,6 @@ class Mask:
             raise InputError(f"{self.path}: no such mask file")
         self._arr = None
         self._store = None
-        self._stack = np.zeros(0, np.uint8)  # decoded tiles being counted (see _stack_for)
         suffix = self.path.suffix.lower()
         try:
             if suffix in (".tif", ".tiff"):
@@ -887,7 +884,7 @@ class Mask:
         (one pass of numpy over all of them, not a few small calls per tile); a tile's part
         outside the mask counts nothing."""
         st = self._store
-        stack = self._stack_for(len(tiles))
+        stack = np.empty((len(tiles), st.th, st.tw), np.uint8)
         plain = not self._channels and st.dtype == np.uint8
         for i, (idx, data) in enumerate(tiles):
             try:
@@ -911,18 +908,6 @@ class Mask:
                 stack[i] = self._binary(stack[i], f"tile {idx}")
         n, per_ty, per_tx = len(tiles), st.th // block, st.tw // block
         return _block_sums(stack.reshape(n * st.th, st.tw), n * per_ty, per_tx, block).reshape(n, per_ty, per_tx)
-
-    def _stack_for(self, n):
-        """A ``(n, th, tw)`` uint8 array for ``n`` decoded tiles, reused call after call up to
-        STACK_BYTES: fresh pages cost the kernel a fault and a zeroing each (on a fresh 4x
-        extraction, about a quarter of the count maps' time)."""
-        st = self._store
-        size = n * st.th * st.tw
-        if size > STACK_BYTES:
-            return np.empty((n, st.th, st.tw), np.uint8)
-        if self._stack.size < size:
-            self._stack = np.empty(min(STACK_BYTES, max(size, 2 * self._stack.size)), np.uint8)
-        return self._stack[:size].reshape(n, st.th, st.tw)
 
     def count(self, step=1, max_pixels=2**25):
         """Number of mask pixels (every ``step``-th row and column), read in chunks."""
