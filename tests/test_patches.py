@@ -350,6 +350,40 @@ def test_odd_sized_slide_fractions_at_coarse_scales(tmp_path, scale):
     assert t["whole_frac"].max() > 0.2
 
 
+def test_row_tasks_build_the_count_maps_band_by_band(small_dataset, tmp_path, monkeypatch):
+    """On a fresh cache the row tasks build the masks' count maps, each task its band (one-row
+    tasks in two workers here): the maps equal the serial builder's and the definition, and a
+    scale whose windows miss the maps' blocks builds none (a later scale does)."""
+    import helpers.patching.patches as hp
+    from helpers.patching.maskcounts import count_map_path, mask_count_maps
+
+    case = [c for c in list_cases(small_dataset) if c.case_id == "tiny_t2"][0]
+    monkeypatch.setattr(hp, "ROWS_PER_TASK_MAX", 1)
+    unaligned = ExtractionParams(stride=200)  # 200 px steps at 1x: not on 16 px blocks
+    extract_slide(case, 1, tmp_path / "cache", unaligned, workers=2)
+    assert not list((tmp_path / "cache").rglob("*_counts_*"))
+    forget_open_slides()
+    ps, _ = extract_slide(case, 4, tmp_path / "cache", workers=2)
+    assert ps.meta["grid_rows"] >= 2
+    serial = mask_count_maps(case, tmp_path / "serial")
+    with Slide(case.slide) as s:
+        for kind in ("whole", "viable"):
+            built = np.load(count_map_path(case, kind, tmp_path / "cache"))
+            assert np.array_equal(built, np.load(serial[kind]))
+            with Mask(case.mask_path(kind), s.dimensions) as m:
+                m0 = m.read_native(0, 0, m.width, m.height)
+            nby, nbx = built.shape
+            pad = np.zeros((nby * 16, nbx * 16), np.int64)
+            pad[: m0.shape[0], : m0.shape[1]] = m0
+            assert np.array_equal(built, pad.reshape(nby, 16, nbx, 16).sum(axis=(1, 3)))
+            assert built.sum() > 0
+    # The same fractions as when the maps were there before the extraction.
+    forget_open_slides()
+    mask_count_maps(case, tmp_path / "again")
+    again, _ = extract_slide(case, 4, tmp_path / "again", workers=1)
+    pd.testing.assert_frame_equal(ps.table, again.table)
+
+
 def test_workers_1_and_2_give_identical_caches(small_dataset, tmp_path):
     case = [c for c in list_cases(small_dataset) if c.case_id == "tiny_t2"][0]
     p = ExtractionParams(tissue_threshold=0.3)
@@ -408,6 +442,7 @@ def test_a_failed_task_ends_the_tasks_waiting_for_its_offsets(small_dataset, tmp
     assert time.monotonic() - t0 < 30
     assert not list((tmp_path / "cache").rglob("meta.json"))
     assert not [q for q in (tmp_path / "cache").rglob("*") if ".tmp" in q.name or q.name == ".handoff"]
+    assert not list((tmp_path / "cache").rglob("*_counts_*"))  # the tasks' maps: not put in place half built
     monkeypatch.setattr(hp, "_extract_rows_job", _REAL_ROWS_JOB)
     ps, cached = extract_slide(case, 1, tmp_path / "cache", workers=2)
     assert not cached and ps.meta["n_kept"] > 0
@@ -592,6 +627,32 @@ def test_fork_pool_after_serial_extraction(small_dataset, tmp_path):
         raise RuntimeError(f"the serial extraction failed: {res.stdout} {res.stderr[-2000:]}")
     # rc 3: hung (watchdog); rc 4: different pixels; rc 1: an exception in the fork pool.
     assert res.returncode == 0 and "OK" in res.stdout, (res.returncode, res.stdout, res.stderr[-2000:])
+
+
+def test_handles_kept_open_close_the_least_recently_used_first(small_dataset, tmp_path):
+    """A worker keeps a few files open between tasks; opening one more closes the one used
+    longest ago, never those the task in hand is using (closing them all at once once closed a
+    task's own slide under it)."""
+    import shutil
+
+    from helpers.wsi import handles
+
+    forget_open_slides()
+    src = next(Path(small_dataset).glob("*.svs"))
+    copies = [shutil.copy(src, tmp_path / f"s{i}.svs") for i in range(handles.KEPT_OPEN + 1)]
+    try:
+        first = handles.open_cached(copies[0], "slide")
+        second = handles.open_cached(copies[1], "slide")
+        for p in copies[2 : handles.KEPT_OPEN]:
+            handles.open_cached(p, "slide")
+        assert handles.open_cached(copies[0], "slide") is first  # in use again: now the most recent
+        handles.open_cached(copies[-1], "slide")  # one too many: the least recently used goes
+        assert first.read_region(0, 0, 8, 8).shape == (8, 8, 3)
+        with pytest.raises(Exception, match="closed"):
+            second.read_region(0, 0, 8, 8)
+        assert handles.open_cached(copies[1], "slide") is not second  # reopened when asked again
+    finally:
+        forget_open_slides()
 
 
 def test_tumour_fraction_never_exceeds_one_for_thumbnail_masks(tmp_path):

@@ -432,6 +432,31 @@ def test_tiled_block_counts_decode_each_distinct_tile_once_and_match_the_definit
         assert np.array_equal(m.block_counts(0, 3, block=32), _reference_block_counts(m0, 32)[:3])
 
 
+def test_tiles_the_two_masks_share_are_decoded_once_for_both(tmp_path, monkeypatch):
+    """Where the viable tumour's edge is the whole tumour's (no necrosis there), the two masks
+    hold tiles of the same bytes: counted once, for both, and the counts stay right."""
+    import helpers.wsi.slides as hs
+
+    monkeypatch.setattr(hs, "_TILE_COUNTS", {})
+    w, h = 1024, 768
+    yy, xx = np.mgrid[0:h, 0:w]
+    whole = ((((xx - 500) / 400.0) ** 2 + ((yy - 380) / 300.0) ** 2) < 1).astype(np.uint8)
+    viable = whole.copy()
+    viable[:, 512:] &= ((xx[:, 512:] + yy[:, 512:]) % 7 > 2).astype(np.uint8)  # necrosis on the right
+    decoded, raw = [], set()
+    paths = write_tiff_mask(tmp_path / "w.tif", whole, 128), write_tiff_mask(tmp_path / "v.tif", viable, 128)
+    with Mask(paths[0], (w, h)) as mw, Mask(paths[1], (w, h)) as mv:
+        for m in (mw, mv):
+            st, real = m._store, m._store.decode_tile
+            raw |= set(st.raw_tiles(0, st.ntx * st.nty))
+            monkeypatch.setattr(st, "decode_tile", lambda i, d, real=real, **kw: decoded.append(d) or real(i, d, **kw))
+        got_w, got_v = mw.block_counts(0, h // 16), mv.block_counts(0, h // 16)
+    assert np.array_equal(got_w, _reference_block_counts(whole, 16))
+    assert np.array_equal(got_v, _reference_block_counts(viable, 16))
+    assert len(decoded) == len(set(decoded)) == len(raw)  # each distinct tile once, both masks together
+    assert len(raw) < 2 * 48 * 0.75  # the left half's tiles are shared
+
+
 def test_tiled_block_counts_refuse_bad_values_naming_the_file(tmp_path):
     m0, _ = _blob_mask()
     bad = m0.copy()

@@ -856,7 +856,10 @@ class Mask:
             keys = [k if c == (st.th, st.tw) else (k, c) for k, c in zip(keys, cut)]
         slot_of = {k: i for i, k in enumerate(dict.fromkeys(keys))}
         slots = np.fromiter((slot_of[k] for k in keys), np.int64, count=n)
-        memo = _TILE_COUNTS.setdefault((st.th, st.tw, st.samples, st.dtype.str, self._channels, block), {})
+        page = st.page  # what, besides its bytes, decides what a tile holds
+        layout = (st.th, st.tw, st.samples, st.dtype.str, self._channels, block)
+        codec = (int(page.compression), int(page.predictor), int(page.fillorder), page.jpegtables)
+        memo = _TILE_COUNTS.setdefault(layout + codec, {})
         table = np.empty((len(slot_of), per_ty, per_tx), np.uint16)
         todo = []
         for k, j in slot_of.items():
