@@ -46,7 +46,7 @@ def fractions_from_counts(counts, y, xs, footprint, row0=0):
     return (cs[c1] - cs[c0]) / float(footprint * footprint)
 
 
-def count_maps(case, cache_root):
+def count_map_paths(case, cache_root):
     """The count maps of ``case``'s level-0 masks: ``({kind: path}, {kind: (rows, cols)})``, the
     second for those not built yet (masks at another downsample have none)."""
     paths, missing = {}, {}
@@ -109,7 +109,7 @@ def mask_count_maps(case, cache_root):
     Returns:
         ``{kind: .npy path}`` for the masks the case has at level-0 size.
     """
-    paths, missing = count_maps(case, cache_root)
+    paths, missing = count_map_paths(case, cache_root)
     with maps_being_built(paths, missing) as tmps:
         for kind, tmp in tmps.items():
             write_band(tmp, 0, count_band(case.mask_path(kind), case.slide, 0, missing[kind][0]))

@@ -47,7 +47,14 @@ from .caches import (
     stores_masks,
     too_small_reason,
 )
-from .maskcounts import COUNT_BLOCK, count_band, count_maps, fractions_from_counts, maps_being_built, write_band
+from .maskcounts import (
+    COUNT_BLOCK,
+    count_band,
+    count_map_paths,
+    fractions_from_counts,
+    maps_being_built,
+    write_band,
+)
 
 #: At most this many grid rows per worker task (neighbouring rows share tile rows, so one
 #: taller task decodes each tile once) ...
@@ -413,7 +420,7 @@ def _write_cache(case, scales, cache_root, params, pool, workers, rows, cols, st
     """
     scale, ds = scales
     masks = {k: None if case.mask_path(k) is None else str(case.mask_path(k)) for k in MASK_KINDS}
-    paths, missing = count_maps(case, cache_root) if rows and counts_align(ds, params) else ({}, {})
+    paths, missing = count_map_paths(case, cache_root) if rows and counts_align(ds, params) else ({}, {})
     with maps_being_built(paths, missing) as building:
         cmaps = {**{k: str(v) for k, v in paths.items()}, **building}
         tasks = [
