@@ -280,17 +280,6 @@ def method_paper(folder, scale, strip, glass_level, tissue_threshold, **_):
     return {"seconds": sec, "read_seconds": t_read, "kept": int(kept), "grid": rows * cols}
 
 
-def _load_readers(case):
-    """Load the slide readers' libraries (tifffile, the codecs, OpenSlide) as the raw rows do
-    before their clock starts: once per session, not per slide."""
-    import imagecodecs
-
-    from helpers.wsi.slides import Slide
-
-    Slide(case.slide, verify=False).close()
-    imagecodecs.jpeg8_decode, imagecodecs.deflate_decode  # noqa: B018 (codecs load on first access)
-
-
 def method_ours(folder, scale, workers, tmp_root, warm=False, **_):
     """``extract_slide`` with masks into a temporary cache, deleted afterwards.
 
@@ -305,12 +294,12 @@ def method_ours(folder, scale, workers, tmp_root, warm=False, **_):
     from helpers.patching.maskcounts import mask_count_maps
     from helpers.patching.patches import extract_slide
     from helpers.wsi.dataset import list_cases
-    from helpers.wsi.handles import reader_pool
+    from helpers.wsi.handles import load_readers, reader_pool
 
     case = list_cases(folder)[0]
     Path(tmp_root).mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="extract_", dir=tmp_root)
-    _load_readers(case)
+    load_readers()  # as the raw rows load them before their clock: once per session, not per slide
     try:
         if warm:  # a later scale of a multi-scale run: the slide's count maps are there already
             mask_count_maps(case, tmp)
@@ -349,12 +338,12 @@ def method_series(folder, scales, workers, tmp_root, **_):
     from helpers.patching.caches import ExtractionParams
     from helpers.patching.patches import extract_slide
     from helpers.wsi.dataset import list_cases
-    from helpers.wsi.handles import reader_pool
+    from helpers.wsi.handles import load_readers, reader_pool
 
     case = list_cases(folder)[0]
     Path(tmp_root).mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="series_", dir=tmp_root)
-    _load_readers(case)
+    load_readers()  # as the raw rows load them before their clock: once per session, not per slide
     try:
         t0 = time.perf_counter()
         pool = reader_pool(workers) if workers > 1 else None

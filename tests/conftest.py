@@ -181,6 +181,14 @@ def write_tiff_mask(path, array, tile=256):
     return Path(path)
 
 
+def reference_block_counts(m0, block):
+    """Mask pixels per block, straight from the array (the definition)."""
+    nby, nbx = -(-m0.shape[0] // block), -(-m0.shape[1] // block)
+    pad = np.zeros((nby * block, nbx * block), np.int64)
+    pad[: m0.shape[0], : m0.shape[1]] = m0
+    return pad.reshape(nby, block, nbx, block).sum(axis=(1, 3))
+
+
 def batches_from_arrays(images, labels, batch_size, shuffle=False, seed=0):
     """Batches of ``(x, y)`` CPU tensors from in-memory arrays, channels first: the
     ``train_batches`` of the small training tests (``fit`` takes any iterable of batches).

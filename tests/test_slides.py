@@ -4,7 +4,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import write_png, write_tiff_mask
+from conftest import reference_block_counts, write_png, write_tiff_mask
 from PIL import Image
 
 from helpers.core.errors import InputError
@@ -396,14 +396,6 @@ def test_levels_a_fraction_of_a_percent_off_are_read_as_the_scale(small_dataset,
         np.testing.assert_array_equal(a, s.read_region(0, 0, 512, 257, downsample=ds1)[59:107, 99:163])
 
 
-def _reference_block_counts(m0, block):
-    """Mask pixels per block, straight from the array (the definition)."""
-    nby, nbx = -(-m0.shape[0] // block), -(-m0.shape[1] // block)
-    pad = np.zeros((nby * block, nbx * block), np.int64)
-    pad[: m0.shape[0], : m0.shape[1]] = m0
-    return pad.reshape(nby, block, nbx, block).sum(axis=(1, 3))
-
-
 @pytest.mark.parametrize("hi", [1, 255])
 def test_tiled_block_counts_decode_each_distinct_tile_once_and_match_the_definition(tmp_path, hi, monkeypatch):
     # 1000 x 700: edge tiles are cut on both sides; the mask has uniform tiles (background, and
@@ -422,14 +414,14 @@ def test_tiled_block_counts_decode_each_distinct_tile_once_and_match_the_definit
         monkeypatch.setattr(
             store, "decode_tile", lambda idx, data, **kw: decoded.append(idx) or real_decode(idx, data, **kw)
         )
-        want = _reference_block_counts(m0, 16)
+        want = reference_block_counts(m0, 16)
         got = m.block_counts(0, want.shape[0])
         assert got.dtype == np.uint16 and np.array_equal(got, want)
         n_tiles = store.ntx * store.nty
         assert len(decoded) < n_tiles // 2, (len(decoded), n_tiles)  # uniform tiles decoded once
         # A band that starts and ends inside tile rows.
         assert np.array_equal(m.block_counts(5, 37), want[5:37])
-        assert np.array_equal(m.block_counts(0, 3, block=32), _reference_block_counts(m0, 32)[:3])
+        assert np.array_equal(m.block_counts(0, 3, block=32), reference_block_counts(m0, 32)[:3])
 
 
 def test_tiles_the_two_masks_share_are_decoded_once_for_both(tmp_path, monkeypatch):
@@ -451,8 +443,8 @@ def test_tiles_the_two_masks_share_are_decoded_once_for_both(tmp_path, monkeypat
             raw |= set(st.raw_tiles(0, st.ntx * st.nty))
             monkeypatch.setattr(st, "decode_tile", lambda i, d, real=real, **kw: decoded.append(d) or real(i, d, **kw))
         got_w, got_v = mw.block_counts(0, h // 16), mv.block_counts(0, h // 16)
-    assert np.array_equal(got_w, _reference_block_counts(whole, 16))
-    assert np.array_equal(got_v, _reference_block_counts(viable, 16))
+    assert np.array_equal(got_w, reference_block_counts(whole, 16))
+    assert np.array_equal(got_v, reference_block_counts(viable, 16))
     assert len(decoded) == len(set(decoded)) == len(raw)  # each distinct tile once, both masks together
     assert len(raw) < 2 * 48 * 0.75  # the left half's tiles are shared
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..core.atomic import atomic_path
 from ..core.provenance import file_fingerprint, key_hash
-from ..wsi.handles import open_cached
+from ..wsi.handles import count_map_layout, open_cached
 from ..wsi.slides import MASK_KINDS, Mask, Slide
 
 #: Side of the blocks of a mask count map (level-0 pixels).
@@ -92,11 +92,9 @@ def write_band(map_path, b0, counts):
     """Write block rows ``b0 ...`` of a map being built (plain ``pwrite``: a full disk is an
     error at the write that hit it, never a SIGBUS)."""
     with open(map_path, "r+b") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, _ = read_header(f)
+        shape, _, start = count_map_layout(f, map_path)
         view = memoryview(np.ascontiguousarray(counts, np.uint16)).cast("B")
-        at = f.tell() + b0 * shape[1] * 2
+        at = start + b0 * shape[1] * 2
         while len(view):
             n = os.pwrite(f.fileno(), view, at)
             at, view = at + n, view[n:]
